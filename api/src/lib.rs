@@ -1,0 +1,286 @@
+//! Types of Godwit's HTTP/JSON APIs.
+//!
+//! The agent serves these, the orchestrator and the CLI consume them, and the end-to-end tests
+//! use them to drive real processes. Every field is documented in `docs/agent-api.md`; keep the
+//! two in step. Validation lives with the server that accepts a request, not here.
+
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+/// Body of every error response: one sentence saying what was wrong.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `POST /v1/vms`: create and start a VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Unique on the host: 1-64 characters of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// Number of vCPUs, 1-4. Default 1.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Guest memory in MiB. Default 256.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// What runs inside.
+    pub guest: GuestSpec,
+    /// Start paused instead of running. Default false.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    256
+}
+
+/// A built-in guest workload (see `docs/guest-abi.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GuestSpec {
+    /// Sleeps; memory stays zero.
+    Idle,
+    /// Writes pages over a working set at a set rate and verifies them.
+    Dirty {
+        /// Working-set size in MiB; must fit in guest memory with the guest's own overhead.
+        working_set_mib: u64,
+        /// Total write rate over all vCPUs in MiB/s; 0 means as fast as it can.
+        rate_mib_s: f64,
+        /// `uniform` (default) or `hotcold`.
+        #[serde(default)]
+        pattern: DirtyPattern,
+        /// `hotcold`: size of the hot set in MiB. Default: an eighth of the working set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hot_mib: Option<u64>,
+        /// `hotcold`: percent of writes that go to the hot set. Default 90.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hot_percent: Option<u32>,
+    },
+    /// Burns CPU at a duty cycle on every vCPU.
+    Spin {
+        /// Busy percent of each 10 ms period, 0-100.
+        duty_percent: u32,
+    },
+    /// Prints `tick N` on the serial console every interval.
+    Ticker {
+        /// Interval between lines in milliseconds, 1-3,600,000.
+        interval_ms: u64,
+    },
+}
+
+impl GuestSpec {
+    /// The `kind` tag, for logs and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GuestSpec::Idle => "idle",
+            GuestSpec::Dirty { .. } => "dirty",
+            GuestSpec::Spin { .. } => "spin",
+            GuestSpec::Ticker { .. } => "ticker",
+        }
+    }
+}
+
+/// How the `dirty` guest picks the pages it writes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DirtyPattern {
+    /// Every page of the working set equally likely.
+    #[default]
+    Uniform,
+    /// Most writes go to a small hot set.
+    Hotcold,
+}
+
+/// Lifecycle state of a VM on an agent.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are stopped; memory and state are kept.
+    Paused,
+    /// The guest ended abnormally (triple fault, internal error, guest panic); see `crash_reason`.
+    Crashed,
+}
+
+/// What the built-in guest reports about itself (read from the ABI block in guest memory).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GuestInfo {
+    /// The workload as requested.
+    pub spec: GuestSpec,
+    /// Sum over vCPUs: pages written (`dirty`), busy milliseconds (`spin`), lines (`ticker`).
+    pub progress: u64,
+    /// Pages whose content did not match their recorded generation. Must stay 0.
+    pub verify_errors: u64,
+    /// Working-set index of the first page that failed verification, if any.
+    pub first_error_page: Option<u64>,
+    /// Pages verified so far.
+    pub verified_pages: u64,
+    /// Per-vCPU progress counters.
+    pub vcpu_progress: Vec<u64>,
+}
+
+/// `GET /v1/vms/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub guest: GuestInfo,
+    /// CPU time of the VM's vCPU threads on this host, seconds.
+    pub cpu_seconds: f64,
+    /// Per-vCPU CPU time, seconds.
+    pub vcpu_cpu_seconds: Vec<f64>,
+    /// CPU used over the last sampling interval, in cores (1.0 = one core busy).
+    pub cpu_usage_cores: f64,
+    /// When this VM instance was created on this host, Unix milliseconds.
+    pub created_unix_ms: u64,
+    /// Bytes written to the serial console so far.
+    pub console_bytes: u64,
+    /// Why the guest crashed, when `state` is `crashed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_reason: Option<String>,
+    /// The snapshot file this instance was restored from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
+}
+
+/// `GET /v1/host`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostInfo {
+    pub name: String,
+    pub version: String,
+    /// Logical CPUs of the host.
+    pub cores: u32,
+    /// Host memory, MiB.
+    pub memory_total_mib: u64,
+    /// Guest memory assigned to this agent's VMs, MiB.
+    pub memory_vms_mib: u64,
+    pub vm_count: u32,
+    /// CPU used by this agent's VMs over the last interval, as a ratio of all cores (0-1).
+    pub vms_cpu_load: f64,
+    /// CPU busy on the whole host over the last interval (from /proc/stat), ratio 0-1.
+    pub host_cpu_busy: f64,
+    /// Whether VMs can be created (the KVM device opened).
+    pub kvm_available: bool,
+    /// Why KVM is unavailable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_error: Option<String>,
+}
+
+/// `GET /v1/vms/{name}/digest`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DigestInfo {
+    /// `blake3:` and the hex digest of all guest memory in address order.
+    pub digest: String,
+    pub memory_bytes: u64,
+    /// Whether the VM was paused while hashing (a running guest's digest is a blur).
+    pub paused: bool,
+}
+
+/// `POST /v1/vms/{name}/snapshot`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// File to write; relative paths are under the agent's data dir. Overwritten atomically.
+    pub path: String,
+    /// Leave the VM paused after the snapshot instead of resuming it. Default false.
+    #[serde(default)]
+    pub leave_paused: bool,
+}
+
+/// Result of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotInfo {
+    /// Absolute path of the file written.
+    pub path: String,
+    /// Size of the file.
+    pub file_bytes: u64,
+    pub memory_bytes: u64,
+    /// Pages stored (non-zero) and elided (zero).
+    pub pages_stored: u64,
+    pub zero_pages: u64,
+    /// Memory digest at the snapshot point (the VM was paused).
+    pub digest: String,
+    /// Time to pause the vCPUs, save device and vCPU state, write the file, all milliseconds.
+    pub pause_ms: f64,
+    pub save_state_ms: f64,
+    pub write_ms: f64,
+    /// From the request to the VM running again (or left paused).
+    pub total_ms: f64,
+}
+
+/// `POST /v1/vms/restore`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Snapshot file; relative paths are under the agent's data dir.
+    pub path: String,
+    /// Name of the restored VM (unique on the host).
+    pub name: String,
+    /// Keep it paused after restoring (to inspect its digest first). Default false.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Result of a restore.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoreInfo {
+    pub vm: VmInfo,
+    /// Time to read the file into fresh memory, to restore vCPU/device state, all milliseconds.
+    pub read_ms: f64,
+    pub restore_state_ms: f64,
+    pub total_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_specs_parse_as_documented() {
+        let dirty: GuestSpec = serde_json::from_str(
+            r#"{"kind":"dirty","working_set_mib":64,"rate_mib_s":20,"pattern":"uniform"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            dirty,
+            GuestSpec::Dirty {
+                working_set_mib: 64,
+                rate_mib_s: 20.0,
+                pattern: DirtyPattern::Uniform,
+                hot_mib: None,
+                hot_percent: None
+            }
+        );
+        let spin: GuestSpec = serde_json::from_str(r#"{"kind":"spin","duty_percent":50}"#).unwrap();
+        assert_eq!(spin, GuestSpec::Spin { duty_percent: 50 });
+        let ticker: GuestSpec =
+            serde_json::from_str(r#"{"kind":"ticker","interval_ms":100}"#).unwrap();
+        assert_eq!(ticker.kind(), "ticker");
+        let idle: GuestSpec = serde_json::from_str(r#"{"kind":"idle"}"#).unwrap();
+        assert_eq!(idle, GuestSpec::Idle);
+    }
+
+    #[test]
+    fn unknown_kind_and_fields_are_rejected() {
+        assert!(serde_json::from_str::<GuestSpec>(r#"{"kind":"bitcoin"}"#).is_err());
+        assert!(
+            serde_json::from_str::<GuestSpec>(r#"{"kind":"spin","duty_percent":5,"x":1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn create_vm_defaults() {
+        let vm: CreateVm = serde_json::from_str(r#"{"name":"a","guest":{"kind":"idle"}}"#).unwrap();
+        assert_eq!((vm.vcpus, vm.memory_mib, vm.paused), (1, 256, false));
+    }
+}

@@ -1,0 +1,171 @@
+//! The agent's HTTP/JSON API (documented in `docs/agent-api.md`). Handlers parse and validate,
+//! then run the manager's blocking work on tokio's blocking pool.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use godwit_api::{CreateVm, RestoreRequest, SnapshotRequest};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::AgentError;
+use crate::manager::Manager;
+
+type Shared = Arc<Manager>;
+
+pub fn router(manager: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/host", get(host))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/restore", post(restore_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/digest", get(digest))
+        .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
+        .fallback(|| async {
+            AgentError::NotFound("No such API endpoint; see docs/agent-api.md".into())
+        })
+        .layer(middleware::from_fn_with_state(
+            manager.clone(),
+            count_requests,
+        ))
+        .with_state(manager)
+}
+
+async fn count_requests(State(m): State<Shared>, request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let class = match response.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    };
+    m.metrics
+        .api_requests
+        .with_label_values(&[&method, class])
+        .inc();
+    response
+}
+
+/// Parses a JSON body into `T`, answering a malformed one with a sentence instead of axum's
+/// default rejection.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
+    if body.is_empty() {
+        return Err(AgentError::BadRequest(
+            "The request needs a JSON body".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| AgentError::BadRequest(format!("Malformed JSON request body: {e}")))
+}
+
+/// Runs blocking manager work off the async workers.
+async fn blocking<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Manager) -> Result<T, AgentError> + Send + 'static,
+{
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || f(&m))
+        .await
+        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
+}
+
+async fn metrics(State(m): State<Shared>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.metrics.render(),
+    )
+}
+
+async fn host(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, |m| Ok(m.host_info())).await?))
+}
+
+async fn list_vms(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, |m| Ok(m.list())).await?))
+}
+
+async fn create_vm(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
+    let req: CreateVm = parse(&body)?;
+    let info = blocking(&m, move |m| m.create(&req)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn get_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.info(&name)).await?))
+}
+
+async fn delete_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    blocking(&m, move |m| m.delete(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.pause(&name)).await?))
+}
+
+async fn resume_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.resume(&name)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ConsoleQuery {
+    /// Return at most this many bytes from the end of the log. Default 1 MiB.
+    max_bytes: Option<u64>,
+}
+
+async fn console(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<impl IntoResponse, AgentError> {
+    let max = q.max_bytes.unwrap_or(1 << 20);
+    let bytes = blocking(&m, move |m| m.console(&name, max)).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes))
+}
+
+async fn digest(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.digest(&name)).await?))
+}
+
+async fn snapshot_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, AgentError> {
+    let req: SnapshotRequest = parse(&body)?;
+    Ok(Json(blocking(&m, move |m| m.snapshot(&name, &req)).await?))
+}
+
+async fn restore_vm(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
+    let req: RestoreRequest = parse(&body)?;
+    let info = blocking(&m, move |m| m.restore(&req)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}

@@ -1,0 +1,62 @@
+//! Godwit's per-host agent: a KVM microVM monitor running built-in guest workloads, with an
+//! HTTP/JSON API and Prometheus metrics. See `docs/architecture.md` for where it fits.
+
+pub mod api;
+pub mod error;
+pub mod guest;
+pub mod host;
+pub mod manager;
+pub mod metrics;
+pub mod microvm;
+pub mod sealed;
+pub mod snapshot;
+
+use std::time::Duration;
+
+/// How often the agent samples VM and host CPU use.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Serves the API on `listener` until `shutdown` completes, then stops every VM.
+///
+/// In-flight requests get `drain` to finish after the shutdown signal.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    manager: std::sync::Arc<manager::Manager>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let sampler_manager = manager.clone();
+    let sampler = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let m = sampler_manager.clone();
+            let _ = tokio::task::spawn_blocking(move || m.sample()).await;
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        axum::serve(listener, api::router(manager.clone())).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(());
+        });
+    let server = tokio::spawn(async move { server.await });
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            result.map_err(std::io::Error::other)??;
+        }
+        _ = stop_rx => {
+            tracing::info!("shutting down: draining requests");
+            if tokio::time::timeout(drain, &mut server).await.is_err() {
+                tracing::warn!(?drain, "requests still running after the drain timeout");
+            }
+        }
+    }
+    sampler.abort();
+    manager.metrics.up.set(0.0);
+    let m = manager.clone();
+    let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `hypervisor-agent`: the per-host Godwit daemon. Parses and checks its configuration, binds
+//! its API socket, serves until SIGTERM/SIGINT, then stops its VMs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use hypervisor_agent::manager::{Manager, ManagerConfig};
+
+/// Godwit per-host agent: runs KVM microVMs and serves their HTTP/JSON API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address of the HTTP API. Port 0 picks a free port (printed on startup).
+    #[arg(long, default_value = "127.0.0.1:7070", env = "GODWIT_AGENT_LISTEN")]
+    listen: String,
+    /// Name of this host in the cluster. Default: the system host name.
+    #[arg(long, env = "GODWIT_AGENT_NAME")]
+    name: Option<String>,
+    /// Directory for console logs and snapshots (created if missing).
+    #[arg(
+        long,
+        default_value = "godwit-agent-data",
+        env = "GODWIT_AGENT_DATA_DIR"
+    )]
+    data_dir: PathBuf,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// Host memory kept back from VMs, MiB.
+    #[arg(long, default_value_t = 1024)]
+    reserved_memory_mib: u64,
+    /// Do not ask for transparent huge pages for guest memory.
+    #[arg(long)]
+    no_huge_pages: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    drain_seconds: u64,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = ManagerConfig {
+        name: args.name.unwrap_or_else(host_name),
+        data_dir: args.data_dir,
+        kvm_device: args.kvm_device,
+        huge_pages: !args.no_huge_pages,
+        reserved_memory_bytes: args.reserved_memory_mib << 20,
+    };
+    let manager = Arc::new(
+        tokio::task::spawn_blocking(move || Manager::new(config))
+            .await?
+            .context("Cannot start the agent")?,
+    );
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("Cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read this line to find the port.
+    println!(
+        "hypervisor-agent {} listening on http://{addr}",
+        manager.config().name
+    );
+    tracing::info!(%addr, name = %manager.config().name, "agent started");
+    hypervisor_agent::run(
+        listener,
+        manager,
+        shutdown_signal(),
+        Duration::from_secs(args.drain_seconds),
+    )
+    .await
+    .context("The API server failed")?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

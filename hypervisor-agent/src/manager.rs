@@ -1,0 +1,643 @@
+//! The agent's VMs: a registry of named microVMs and the operations the API offers on them
+//! (create, inspect, pause/resume, snapshot/restore, delete), with the checks that keep bad
+//! requests from touching running VMs.
+//!
+//! Every method here blocks (KVM calls, memory copies, file I/O): the HTTP layer calls them on
+//! tokio's blocking pool. A VM's own mutex serialises operations on that VM; the registry lock
+//! is only held to look names up and to reserve them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use godwit_api::{
+    CreateVm, DigestInfo, HostInfo, RestoreInfo, RestoreRequest, SnapshotInfo, SnapshotRequest,
+    VmInfo, VmState as ApiVmState,
+};
+
+use crate::error::AgentError;
+use crate::guest;
+use crate::host::{self, CpuTicks};
+use crate::metrics::Metrics;
+use crate::microvm::layout::MIB;
+use crate::microvm::state::VmState;
+use crate::microvm::{memory, KvmHost, MicroVm, VmError, VmPlacement};
+use crate::snapshot::{self, SnapshotLimits, SnapshotReader};
+
+/// Agent settings that the manager needs.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub kvm_device: PathBuf,
+    pub huge_pages: bool,
+    /// Host memory kept back from VMs, bytes.
+    pub reserved_memory_bytes: u64,
+}
+
+/// One VM and what the agent tracks about it.
+#[derive(Debug)]
+struct VmEntry {
+    vm: Mutex<MicroVm>,
+    /// Fixed for the VM's life; kept outside the VM's lock so accounting never waits on it.
+    memory_bytes: u64,
+    created_unix_ms: u64,
+    restored_from: Option<String>,
+    usage: Mutex<CpuUsage>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuUsage {
+    last_cpu_seconds: f64,
+    cores: f64,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    vms: HashMap<String, Arc<VmEntry>>,
+    /// Names being created or restored, with their memory, so two requests cannot take the same
+    /// name or the same memory.
+    reserved: HashMap<String, u64>,
+}
+
+impl Registry {
+    fn memory_in_use(&self) -> u64 {
+        self.vms.values().map(|e| e.memory_bytes).sum::<u64>() + self.reserved.values().sum::<u64>()
+    }
+}
+
+#[derive(Debug, Default)]
+struct HostLoad {
+    last_ticks: Option<CpuTicks>,
+    busy: f64,
+}
+
+#[derive(Debug)]
+pub struct Manager {
+    config: ManagerConfig,
+    kvm: Mutex<Option<Arc<KvmHost>>>,
+    registry: Mutex<Registry>,
+    memory_total: u64,
+    cores: u32,
+    host_load: Mutex<HostLoad>,
+    pub metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Releases a name reservation however the creation ends.
+struct Reservation<'a> {
+    manager: &'a Manager,
+    name: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(&self.manager.registry).reserved.remove(&self.name);
+    }
+}
+
+impl Manager {
+    pub fn new(config: ManagerConfig) -> Result<Self, AgentError> {
+        std::fs::create_dir_all(config.data_dir.join("vms")).map_err(|e| {
+            AgentError::Internal(format!(
+                "Cannot create data directory {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let manager = Manager {
+            kvm: Mutex::new(None),
+            registry: Mutex::new(Registry::default()),
+            memory_total: host::memory_total_bytes(),
+            cores: host::cores(),
+            host_load: Mutex::new(HostLoad::default()),
+            metrics: Metrics::new(),
+            config,
+        };
+        // Open KVM now so a missing device shows in /v1/host from the start; creation retries.
+        if let Err(e) = manager.kvm() {
+            tracing::warn!(error = %e, "KVM unavailable; VMs cannot be created until it is");
+        }
+        manager.metrics.host_cores.set(f64::from(manager.cores));
+        manager
+            .metrics
+            .host_memory_bytes
+            .set(manager.memory_total as f64);
+        Ok(manager)
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    fn kvm(&self) -> Result<Arc<KvmHost>, AgentError> {
+        let mut kvm = lock(&self.kvm);
+        if let Some(host) = kvm.as_ref() {
+            return Ok(host.clone());
+        }
+        let host = Arc::new(
+            KvmHost::open(&self.config.kvm_device, self.config.huge_pages)
+                .map_err(|e| AgentError::KvmUnavailable(crate::error::chain(&e)))?,
+        );
+        *kvm = Some(host.clone());
+        Ok(host)
+    }
+
+    fn entry(&self, name: &str) -> Result<Arc<VmEntry>, AgentError> {
+        lock(&self.registry)
+            .vms
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("No VM named {name:?} on this host")))
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.config.data_dir.join("vms").join(name)
+    }
+
+    fn placement(&self, name: &str) -> Result<VmPlacement, AgentError> {
+        let dir = self.vm_dir(name);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            AgentError::Internal(format!("Cannot create VM directory {}: {e}", dir.display()))
+        })?;
+        let console_path = dir.join("console.log");
+        // A new instance starts a new console log.
+        let _ = std::fs::remove_file(&console_path);
+        Ok(VmPlacement {
+            name: name.to_owned(),
+            console_path,
+        })
+    }
+
+    /// Claims `name` and `memory_bytes` of host memory for a VM about to be built.
+    fn reserve(&self, name: &str, memory_bytes: u64) -> Result<Reservation<'_>, AgentError> {
+        validate_name(name)?;
+        let mut registry = lock(&self.registry);
+        if registry.vms.contains_key(name) || registry.reserved.contains_key(name) {
+            return Err(AgentError::Conflict(format!(
+                "A VM named {name:?} already exists on this host"
+            )));
+        }
+        let in_use = registry.memory_in_use();
+        let limit = self
+            .memory_total
+            .saturating_sub(self.config.reserved_memory_bytes);
+        if in_use + memory_bytes > limit {
+            return Err(AgentError::InsufficientMemory(format!(
+                "Not enough host memory for {} MiB: {} MiB of {} MiB usable are already assigned to VMs",
+                memory_bytes / MIB,
+                in_use / MIB,
+                limit / MIB
+            )));
+        }
+        registry.reserved.insert(name.to_owned(), memory_bytes);
+        Ok(Reservation {
+            manager: self,
+            name: name.to_owned(),
+        })
+    }
+
+    fn insert(&self, name: &str, entry: VmEntry) {
+        lock(&self.registry)
+            .vms
+            .insert(name.to_owned(), Arc::new(entry));
+        self.metrics.vms.inc();
+    }
+
+    pub fn create(&self, req: &CreateVm) -> Result<VmInfo, AgentError> {
+        if req.memory_mib == 0 {
+            return Err(AgentError::BadRequest(
+                "memory_mib must be at least 4".into(),
+            ));
+        }
+        let memory_bytes = req.memory_mib.checked_mul(MIB).ok_or_else(|| {
+            AgentError::BadRequest(format!("memory_mib {} is too large", req.memory_mib))
+        })?;
+        let _reservation = self.reserve(&req.name, memory_bytes)?;
+        let kvm = self.kvm()?;
+        let placement = self.placement(&req.name)?;
+        let started = Instant::now();
+        let vm = MicroVm::create(
+            &kvm,
+            &placement,
+            req.vcpus,
+            memory_bytes,
+            &req.guest,
+            req.paused,
+        )
+        .map_err(|e| vm_error(&req.name, "create", e))?;
+        tracing::info!(
+            vm = %req.name,
+            vcpus = req.vcpus,
+            memory_mib = req.memory_mib,
+            guest = req.guest.kind(),
+            ms = ms_since(started),
+            "VM created"
+        );
+        self.insert(
+            &req.name,
+            VmEntry {
+                vm: Mutex::new(vm),
+                memory_bytes,
+                created_unix_ms: now_unix_ms(),
+                restored_from: None,
+                usage: Mutex::new(CpuUsage::default()),
+            },
+        );
+        self.info(&req.name)
+    }
+
+    pub fn info(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let entry = self.entry(name)?;
+        vm_info(&entry)
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let entries: Vec<Arc<VmEntry>> = lock(&self.registry).vms.values().cloned().collect();
+        let mut infos: Vec<VmInfo> = entries.iter().filter_map(|e| vm_info(e).ok()).collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), AgentError> {
+        let entry = lock(&self.registry)
+            .vms
+            .remove(name)
+            .ok_or_else(|| AgentError::NotFound(format!("No VM named {name:?} on this host")))?;
+        self.metrics.vms.dec();
+        self.metrics.forget_vm(name);
+        // Dropping the last reference stops the vCPU threads and frees the memory. A request
+        // still holding the entry finishes first.
+        drop(entry);
+        let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        tracing::info!(vm = %name, "VM deleted");
+        Ok(())
+    }
+
+    pub fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let entry = self.entry(name)?;
+        {
+            let mut vm = lock(&entry.vm);
+            if !vm.is_paused() {
+                vm.pause().map_err(|e| vm_error(name, "pause", e))?;
+            }
+        }
+        vm_info(&entry)
+    }
+
+    pub fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let entry = self.entry(name)?;
+        {
+            let mut vm = lock(&entry.vm);
+            if let Some(reason) = vm.crash_reason() {
+                return Err(AgentError::Conflict(format!(
+                    "VM {name:?} crashed and cannot resume: {reason}"
+                )));
+            }
+            vm.resume();
+        }
+        vm_info(&entry)
+    }
+
+    pub fn console(&self, name: &str, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
+        let entry = self.entry(name)?;
+        let path = lock(&entry.vm).devices().console_path().to_owned();
+        read_tail(&path, max_bytes)
+            .map_err(|e| AgentError::Internal(format!("Cannot read console log: {e}")))
+    }
+
+    pub fn digest(&self, name: &str) -> Result<DigestInfo, AgentError> {
+        let entry = self.entry(name)?;
+        let vm = lock(&entry.vm);
+        Ok(DigestInfo {
+            digest: vm.digest().map_err(|e| vm_error(name, "hash", e))?,
+            memory_bytes: vm.config().memory_bytes,
+            paused: vm.is_paused(),
+        })
+    }
+
+    /// Resolves an API path: relative paths live under the data directory.
+    fn resolve(&self, path: &str) -> Result<PathBuf, AgentError> {
+        if path.is_empty() {
+            return Err(AgentError::BadRequest("path must not be empty".into()));
+        }
+        let p = Path::new(path);
+        Ok(if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.config.data_dir.join(p)
+        })
+    }
+
+    pub fn snapshot(&self, name: &str, req: &SnapshotRequest) -> Result<SnapshotInfo, AgentError> {
+        let path = self.resolve(&req.path)?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                AgentError::BadRequest(format!(
+                    "Cannot create directory {} for the snapshot: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let entry = self.entry(name)?;
+        let mut vm = lock(&entry.vm);
+        if let Some(reason) = vm.crash_reason() {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} crashed and cannot be snapshotted: {reason}"
+            )));
+        }
+        let started = Instant::now();
+        let was_paused = vm.is_paused();
+        if !was_paused {
+            vm.pause().map_err(|e| vm_error(name, "pause", e))?;
+        }
+        let pause_ms = ms_since(started);
+        let result = (|| {
+            let t = Instant::now();
+            let state = vm.save_state().map_err(|e| vm_error(name, "save", e))?;
+            let blob = state
+                .encode()
+                .map_err(|e| vm_error(name, "encode", e.into()))?;
+            let save_state_ms = ms_since(t);
+            let digest = vm.digest().map_err(|e| vm_error(name, "hash", e))?;
+            let t = Instant::now();
+            let summary = snapshot::write_snapshot(&path, &blob, vm.memory()).map_err(|e| {
+                AgentError::Internal(format!(
+                    "Cannot snapshot VM {name:?}: {}",
+                    crate::error::chain(&e)
+                ))
+            })?;
+            Ok::<_, AgentError>((summary, digest, save_state_ms, ms_since(t)))
+        })();
+        if !was_paused && !req.leave_paused {
+            vm.resume();
+        }
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .snapshots
+            .with_label_values(&["snapshot", outcome])
+            .inc();
+        let (summary, digest, save_state_ms, write_ms) = result?;
+        let info = SnapshotInfo {
+            path: path.display().to_string(),
+            file_bytes: summary.bytes_written,
+            memory_bytes: summary.memory_bytes,
+            pages_stored: summary.pages_stored,
+            zero_pages: summary.zero_pages,
+            digest,
+            pause_ms,
+            save_state_ms,
+            write_ms,
+            total_ms: ms_since(started),
+        };
+        tracing::info!(vm = %name, path = %info.path, total_ms = info.total_ms, "snapshot written");
+        Ok(info)
+    }
+
+    pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreInfo, AgentError> {
+        let started = Instant::now();
+        let path = self.resolve(&req.path)?;
+        validate_name(&req.name)?;
+        let limits = SnapshotLimits::new(self.memory_total);
+        let reader = SnapshotReader::open(&path, &limits).map_err(|e| {
+            AgentError::BadRequest(format!(
+                "Cannot restore from {}: {}",
+                path.display(),
+                crate::error::chain(&e)
+            ))
+        })?;
+        let state = VmState::decode(reader.state()).map_err(|e| {
+            AgentError::BadRequest(format!(
+                "Cannot restore from {}: {}",
+                path.display(),
+                crate::error::chain(&e)
+            ))
+        })?;
+        let memory_bytes = state.config.memory_bytes;
+        let _reservation = self.reserve(&req.name, memory_bytes)?;
+        let kvm = self.kvm()?;
+        let t = Instant::now();
+        let memory = memory::allocate(memory_bytes, kvm.huge_pages)
+            .map_err(|e| vm_error(&req.name, "restore", e.into()))?;
+        reader.read_memory_into(&memory).map_err(|e| {
+            AgentError::BadRequest(format!(
+                "Cannot restore from {}: {}",
+                path.display(),
+                crate::error::chain(&e)
+            ))
+        })?;
+        let read_ms = ms_since(t);
+        let t = Instant::now();
+        let placement = self.placement(&req.name)?;
+        let vm = MicroVm::restore(&kvm, &placement, &state, memory, req.paused)
+            .map_err(|e| vm_error(&req.name, "restore", e))?;
+        let restore_state_ms = ms_since(t);
+        self.insert(
+            &req.name,
+            VmEntry {
+                vm: Mutex::new(vm),
+                memory_bytes,
+                created_unix_ms: now_unix_ms(),
+                restored_from: Some(path.display().to_string()),
+                usage: Mutex::new(CpuUsage::default()),
+            },
+        );
+        self.metrics
+            .snapshots
+            .with_label_values(&["restore", "ok"])
+            .inc();
+        let info = RestoreInfo {
+            vm: self.info(&req.name)?,
+            read_ms,
+            restore_state_ms,
+            total_ms: ms_since(started),
+        };
+        tracing::info!(vm = %req.name, path = %path.display(), total_ms = info.total_ms, "VM restored");
+        Ok(info)
+    }
+
+    /// Samples VM and host CPU use; the agent's background loop calls this every interval.
+    pub fn sample(&self) {
+        let entries: Vec<(String, Arc<VmEntry>)> = lock(&self.registry)
+            .vms
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        for (name, entry) in &entries {
+            let cpu: f64 = lock(&entry.vm).vcpu_cpu_seconds().iter().sum();
+            let memory_bytes = entry.memory_bytes;
+            let mut usage = lock(&entry.usage);
+            let delta = (cpu - usage.last_cpu_seconds).max(0.0);
+            self.metrics
+                .vm_cpu_seconds
+                .with_label_values(&[name])
+                .inc_by(delta);
+            self.metrics
+                .vm_memory_bytes
+                .with_label_values(&[name])
+                .set(memory_bytes as f64);
+            usage.cores = delta / crate::SAMPLE_INTERVAL.as_secs_f64();
+            usage.last_cpu_seconds = cpu;
+        }
+        let mut load = lock(&self.host_load);
+        if let Some(now) = CpuTicks::read() {
+            if let Some(before) = load.last_ticks {
+                load.busy = now.busy_since(&before);
+            }
+            load.last_ticks = Some(now);
+        }
+        let info = self.host_info_locked(&load);
+        self.metrics.host_vms_cpu_load.set(info.vms_cpu_load);
+        self.metrics.host_cpu_busy.set(info.host_cpu_busy);
+        self.metrics
+            .host_vm_memory_bytes
+            .set((info.memory_vms_mib * MIB) as f64);
+    }
+
+    pub fn host_info(&self) -> HostInfo {
+        let load = lock(&self.host_load);
+        self.host_info_locked(&load)
+    }
+
+    fn host_info_locked(&self, load: &HostLoad) -> HostInfo {
+        let entries: Vec<Arc<VmEntry>> = lock(&self.registry).vms.values().cloned().collect();
+        let memory_vms: u64 = entries.iter().map(|e| e.memory_bytes).sum();
+        let used_cores: f64 = entries.iter().map(|e| lock(&e.usage).cores).sum();
+        let (kvm_available, kvm_error) = match self.kvm() {
+            Ok(_) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        HostInfo {
+            name: self.config.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            cores: self.cores,
+            memory_total_mib: self.memory_total / MIB,
+            memory_vms_mib: memory_vms / MIB,
+            vm_count: entries.len() as u32,
+            vms_cpu_load: (used_cores / f64::from(self.cores.max(1))).clamp(0.0, 1.0),
+            host_cpu_busy: load.busy,
+            kvm_available,
+            kvm_error,
+        }
+    }
+
+    /// Stops every VM (agent shutdown).
+    pub fn shutdown(&self) {
+        let entries: Vec<Arc<VmEntry>> = lock(&self.registry).vms.drain().map(|(_, e)| e).collect();
+        let n = entries.len();
+        drop(entries);
+        tracing::info!(vms = n, "all VMs stopped");
+    }
+}
+
+fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
+    let vm = lock(&entry.vm);
+    let status = vm
+        .guest_status()
+        .map_err(|e| vm_error(vm.name(), "inspect", e))?;
+    let crash_reason = vm.crash_reason();
+    let state = if crash_reason.is_some() {
+        ApiVmState::Crashed
+    } else if vm.is_paused() {
+        ApiVmState::Paused
+    } else {
+        ApiVmState::Running
+    };
+    let vcpu_cpu_seconds = vm.vcpu_cpu_seconds();
+    Ok(VmInfo {
+        name: vm.name().to_owned(),
+        state,
+        vcpus: vm.config().vcpus,
+        memory_mib: vm.config().memory_bytes / MIB,
+        guest: guest::summarize(vm.guest(), &status),
+        cpu_seconds: vcpu_cpu_seconds.iter().sum(),
+        vcpu_cpu_seconds,
+        cpu_usage_cores: lock(&entry.usage).cores,
+        created_unix_ms: entry.created_unix_ms,
+        console_bytes: vm.devices().console_bytes(),
+        crash_reason,
+        restored_from: entry.restored_from.clone(),
+    })
+}
+
+/// Maps a monitor error to the API: the caller's mistakes are 4xx, the host's are 5xx.
+fn vm_error(name: &str, what: &str, e: VmError) -> AgentError {
+    let message = format!("Cannot {what} VM {name:?}: {}", crate::error::chain(&e));
+    match e {
+        VmError::Invalid(_) | VmError::Guest(_) => AgentError::BadRequest(message),
+        VmError::NotPaused => AgentError::Conflict(message),
+        VmError::KvmUnavailable { .. } => AgentError::KvmUnavailable(message),
+        VmError::Memory(memory::MemoryError::Map { .. }) => AgentError::InsufficientMemory(message),
+        _ => AgentError::Internal(message),
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), AgentError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::BadRequest(format!(
+            "VM name {name:?} is invalid: use 1-64 characters of A-Z a-z 0-9 _ . -"
+        )))
+    }
+}
+
+fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len > max_bytes {
+        file.seek(SeekFrom::Start(len - max_bytes))?;
+    }
+    let mut buf = Vec::with_capacity(len.min(max_bytes) as usize);
+    file.take(max_bytes).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("web-1.prod_a").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn console_tail_reads_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        std::fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(read_tail(&path, 4).unwrap(), b"6789");
+        assert_eq!(read_tail(&path, 100).unwrap(), b"0123456789");
+        assert!(read_tail(&dir.path().join("none"), 4).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,249 @@
+//! Helpers for Godwit's end-to-end tests: build and start the real binaries on free ports,
+//! talk to them over HTTP, stop them with SIGTERM, and decide whether KVM tests run.
+//!
+//! The tests in `tests/tests/` are thin `#[test]` wrappers over these helpers.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Whether tests that need KVM should run. Without `/dev/kvm` they are skipped with a printed
+/// reason, unless `GODWIT_REQUIRE_KVM=1` (as in CI), where a missing KVM is a failure.
+pub fn kvm_available(test: &str) -> bool {
+    let present = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if present {
+        return true;
+    }
+    if std::env::var("GODWIT_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{test}: /dev/kvm cannot be opened and GODWIT_REQUIRE_KVM=1");
+    }
+    eprintln!(
+        "SKIPPED {test}: /dev/kvm cannot be opened (set GODWIT_REQUIRE_KVM=1 to fail instead)"
+    );
+    false
+}
+
+/// The directory holding this build's binaries (`target/<profile>`), with the workspace's
+/// binaries built once per test process so a test never runs a stale agent.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test binary>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps")
+            .to_owned();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--bins", "-p", "hypervisor-agent"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the binaries failed");
+        dir
+    })
+}
+
+/// A real `hypervisor-agent` process on a free loopback port.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    pub url: String,
+    pub name: String,
+    pub data_dir: tempfile::TempDir,
+    http: reqwest::blocking::Client,
+}
+
+impl Agent {
+    pub fn start(name: &str) -> Result<Agent> {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts an agent with extra command-line arguments.
+    pub fn start_with(name: &str, extra: &[&str]) -> Result<Agent> {
+        let data_dir = tempfile::Builder::new()
+            .prefix(&format!("godwit-{name}-"))
+            .tempdir()?;
+        let mut child = Command::new(bin_dir().join("hypervisor-agent"))
+            .args(["--listen", "127.0.0.1:0", "--name", name, "--data-dir"])
+            .arg(data_dir.path())
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("Cannot start hypervisor-agent")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .ok_or_else(|| anyhow!("agent did not print its address, said {line:?}"))?
+            .to_owned();
+        let agent = Agent {
+            child: Some(child),
+            url,
+            name: name.to_owned(),
+            data_dir,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()?,
+        };
+        agent.wait_healthy()?;
+        Ok(agent)
+    }
+
+    fn wait_healthy(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.http.get(format!("{}/healthz", self.url)).send() {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent {} did not become healthy", self.name)
+    }
+
+    /// Sends a request; returns the status and the body parsed as JSON (Null when empty).
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send()?;
+        let status = resp.status().as_u16();
+        let text = resp.text()?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, value))
+    }
+
+    /// Sends raw bytes as a JSON body (for malformed-input tests).
+    pub fn post_raw(&self, path: &str, body: &'static [u8]) -> Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().unwrap_or(Value::Null)))
+    }
+
+    /// GET that must succeed, parsed into `T`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (status, value) = self.request(reqwest::Method::GET, path, None)?;
+        if status != 200 {
+            bail!("GET {path} answered {status}: {value}");
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// POST that must succeed (2xx), parsed into `T`.
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        let body = serde_json::to_value(body)?;
+        let (status, value) = self.request(reqwest::Method::POST, path, Some(&body))?;
+        if !(200..300).contains(&status) {
+            bail!("POST {path} answered {status}: {value}");
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    pub fn text(&self, path: &str) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()?
+            .error_for_status()?
+            .text()?)
+    }
+
+    pub fn vm(&self, name: &str) -> Result<godwit_api::VmInfo> {
+        self.get(&format!("/v1/vms/{name}"))
+    }
+
+    /// Polls a VM until `pred` holds, or fails after `timeout` with the last state seen.
+    pub fn wait_vm(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&godwit_api::VmInfo) -> bool,
+    ) -> Result<godwit_api::VmInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.vm(name)?;
+            if pred(&info) {
+                return Ok(info);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "VM {name} on {}: timed out waiting for {what}; last: {info:?}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process; returns its exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent {} ignored SIGTERM for {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
