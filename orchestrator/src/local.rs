@@ -26,6 +26,11 @@ pub struct LocalAgent {
 impl LocalAgent {
     /// Starts `hypervisor-agent` on a free loopback port with its data under `data_dir`.
     pub fn start(name: &str, data_dir: &Path, log: &Path) -> Result<Self> {
+        Self::start_with(name, data_dir, log, &[])
+    }
+
+    /// As `start`, with extra agent arguments.
+    pub fn start_with(name: &str, data_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
         let agent = bin_dir()?.join("hypervisor-agent");
         if !agent.exists() {
             bail!(
@@ -38,6 +43,7 @@ impl LocalAgent {
         let mut child = Command::new(&agent)
             .args(["--listen", "127.0.0.1:0", "--name", name, "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()

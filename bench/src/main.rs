@@ -1,0 +1,193 @@
+//! `godwit-bench`: measurements on real agents and real KVM guests, printed as tables.
+//! Benchmarks report; they never assert timings (this machine is noisy: compare ratios
+//! measured side by side in one run).
+//!
+//! `godwit-bench agent`: VM start, snapshot and restore times for small and large guests.
+
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use godwit_api::{CreateVm, DirtyPattern, GuestSpec, RestoreRequest, SnapshotRequest};
+use orchestrator::agent_client::AgentClient;
+use orchestrator::local::LocalAgent;
+
+#[derive(Debug, Parser)]
+#[command(about = "Godwit benchmarks on real agents and guests")]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// VM start, snapshot and restore times.
+    Agent {
+        /// Guest sizes to measure, MiB.
+        #[arg(long, value_delimiter = ',', default_value = "64,1024")]
+        sizes: Vec<u64>,
+        /// Repetitions per size (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Start agents with --no-huge-pages.
+        #[arg(long)]
+        no_huge_pages: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Bench::Agent {
+            sizes,
+            runs,
+            no_huge_pages,
+        } => agent_bench(&sizes, runs, no_huge_pages),
+    };
+    if let Err(e) = result {
+        eprintln!("godwit-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+#[derive(Debug, Default)]
+struct Row {
+    create_idle: Vec<f64>,
+    create_dirty: Vec<f64>,
+    first_progress: Vec<f64>,
+    fill: Vec<f64>,
+    snapshot: Vec<f64>,
+    snapshot_write: Vec<f64>,
+    file_mib: Vec<f64>,
+    restore: Vec<f64>,
+    restore_read: Vec<f64>,
+    restored_progress: Vec<f64>,
+}
+
+fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("godwit-bench-").tempdir()?;
+    let mut extra = vec![];
+    if no_huge_pages {
+        extra.push("--no-huge-pages");
+    }
+    let agent = LocalAgent::start_with(
+        "bench",
+        &dir.path().join("agent"),
+        &dir.path().join("agent.log"),
+        &extra,
+    )?;
+    let a = AgentClient::new(&agent.url)?;
+    let mut rows = vec![];
+    for &mib in sizes {
+        let mut row = Row::default();
+        for run in 0..runs {
+            let name = format!("idle-{mib}-{run}");
+            let t = Instant::now();
+            a.create_vm(&CreateVm {
+                name: name.clone(),
+                vcpus: 1,
+                memory_mib: mib,
+                guest: GuestSpec::Idle,
+                paused: false,
+            })?;
+            row.create_idle.push(ms(t));
+            a.delete_vm(&name)?;
+
+            // A dirty guest that fills (nearly) all its memory as fast as it can.
+            let name = format!("dirty-{mib}-{run}");
+            let ws = mib - 8;
+            let t = Instant::now();
+            a.create_vm(&CreateVm {
+                name: name.clone(),
+                vcpus: 1,
+                memory_mib: mib,
+                guest: GuestSpec::Dirty {
+                    working_set_mib: ws,
+                    rate_mib_s: 0.0,
+                    pattern: DirtyPattern::Uniform,
+                    hot_mib: None,
+                    hot_percent: None,
+                },
+                paused: false,
+            })?;
+            row.create_dirty.push(ms(t));
+            while a.vm(&name)?.guest.progress == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            row.first_progress.push(ms(t));
+            let target_pages = ws * 256 * 2;
+            let t = Instant::now();
+            while a.vm(&name)?.guest.progress < target_pages {
+                if t.elapsed() > Duration::from_secs(120) {
+                    bail!("guest {name} did not write {target_pages} pages in 120 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            row.fill.push(ms(t));
+            let path = dir.path().join(format!("{name}.snap"));
+            let snap = a.snapshot(
+                &name,
+                &SnapshotRequest {
+                    path: path.display().to_string(),
+                    leave_paused: true,
+                },
+            )?;
+            row.snapshot.push(snap.total_ms);
+            row.snapshot_write.push(snap.write_ms);
+            row.file_mib.push(snap.file_bytes as f64 / (1 << 20) as f64);
+            a.delete_vm(&name)?;
+            let t = Instant::now();
+            let restored = a.restore(&RestoreRequest {
+                path: path.display().to_string(),
+                name: name.clone(),
+                paused: false,
+            })?;
+            row.restore.push(restored.total_ms);
+            row.restore_read.push(restored.read_ms);
+            let p0 = restored.vm.guest.progress;
+            while a.vm(&name)?.guest.progress <= p0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            row.restored_progress.push(ms(t));
+            a.delete_vm(&name)?;
+            std::fs::remove_file(&path)?;
+        }
+        rows.push((mib, row));
+    }
+    println!(
+        "agent benchmark: medians of {runs} runs, huge pages {}",
+        if no_huge_pages { "off" } else { "on" }
+    );
+    println!(
+        "| guest | create idle | create dirty | first progress | fill 2x | snapshot (write) | file | restore (read) | restored to progress |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (mib, r) in rows {
+        println!(
+            "| {mib} MiB | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms | {:.0} ms ({:.0}) | {:.0} MiB | {:.0} ms ({:.0}) | {:.0} ms |",
+            median(r.create_idle),
+            median(r.create_dirty),
+            median(r.first_progress),
+            median(r.fill),
+            median(r.snapshot),
+            median(r.snapshot_write),
+            median(r.file_mib),
+            median(r.restore),
+            median(r.restore_read),
+            median(r.restored_progress),
+        );
+    }
+    agent.stop()?;
+    Ok(())
+}
