@@ -308,8 +308,10 @@ static void write_one_page(struct dirty *d)
 	/* Generation 0 means "never written" (all zeros): skip it when the counter wraps. */
 	if (g == 0)
 		g = 1;
-	/* Table first, then the page, as docs/guest-abi.md describes. */
+	/* Table first, then the page, as docs/guest-abi.md describes; the barrier keeps the
+	 * compiler from reordering the two. */
 	d->gen[p] = g;
+	__asm__ volatile("" ::: "memory");
 	fill_page(page_ptr(d, p), p, g);
 	d->written++;
 }

@@ -35,6 +35,11 @@ pub fn router(manager: Shared) -> Router {
         .fallback(|| async {
             AgentError::NotFound("No such API endpoint; see docs/agent-api.md".into())
         })
+        .method_not_allowed_fallback(|| async {
+            AgentError::MethodNotAllowed(
+                "This endpoint does not accept that method; see docs/agent-api.md".into(),
+            )
+        })
         .layer(middleware::from_fn_with_state(
             manager.clone(),
             count_requests,
@@ -43,7 +48,13 @@ pub fn router(manager: Shared) -> Router {
 }
 
 async fn count_requests(State(m): State<Shared>, request: Request, next: Next) -> Response {
-    let method = request.method().as_str().to_owned();
+    // Bounded label values: the methods the API uses, everything else as "other".
+    let method = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        _ => "other",
+    };
     let response = next.run(request).await;
     let class = match response.status().as_u16() {
         200..=299 => "2xx",
@@ -53,7 +64,7 @@ async fn count_requests(State(m): State<Shared>, request: Request, next: Next) -
     };
     m.metrics
         .api_requests
-        .with_label_values(&[&method, class])
+        .with_label_values(&[method, class])
         .inc();
     response
 }
@@ -135,7 +146,7 @@ async fn resume_vm(
 #[derive(Debug, Deserialize)]
 struct ConsoleQuery {
     /// Return at most this many bytes from the end of the log. Default 1 MiB.
-    max_bytes: Option<u64>,
+    max_bytes: Option<String>,
 }
 
 async fn console(
@@ -143,7 +154,14 @@ async fn console(
     Path(name): Path<String>,
     Query(q): Query<ConsoleQuery>,
 ) -> Result<impl IntoResponse, AgentError> {
-    let max = q.max_bytes.unwrap_or(1 << 20);
+    let max = match q.max_bytes {
+        None => 1 << 20,
+        Some(text) => text.parse::<u64>().map_err(|_| {
+            AgentError::BadRequest(format!(
+                "max_bytes must be a whole number of bytes, not {text:?}"
+            ))
+        })?,
+    };
     let bytes = blocking(&m, move |m| m.console(&name, max)).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes))
 }

@@ -12,6 +12,8 @@ pub enum AgentError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The request clashes with current state (duplicate name, crashed VM).
     #[error("{0}")]
     Conflict(String),
@@ -30,6 +32,7 @@ impl AgentError {
         match self {
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AgentError::Conflict(_) => StatusCode::CONFLICT,
             AgentError::InsufficientMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
             AgentError::KvmUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

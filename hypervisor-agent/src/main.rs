@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         kvm_device: args.kvm_device,
         huge_pages: !args.no_huge_pages,
-        reserved_memory_bytes: args.reserved_memory_mib << 20,
+        reserved_memory_bytes: args.reserved_memory_mib.saturating_mul(1 << 20),
     };
     let manager = Arc::new(
         tokio::task::spawn_blocking(move || Manager::new(config))

@@ -112,10 +112,17 @@ impl Drop for Reservation<'_> {
 }
 
 impl Manager {
-    pub fn new(config: ManagerConfig) -> Result<Self, AgentError> {
+    pub fn new(mut config: ManagerConfig) -> Result<Self, AgentError> {
         std::fs::create_dir_all(config.data_dir.join("vms")).map_err(|e| {
             AgentError::Internal(format!(
                 "Cannot create data directory {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        // Paths the API reports are absolute, whatever the agent was started with.
+        config.data_dir = config.data_dir.canonicalize().map_err(|e| {
+            AgentError::Internal(format!(
+                "Cannot resolve data directory {}: {e}",
                 config.data_dir.display()
             ))
         })?;
@@ -212,10 +219,20 @@ impl Manager {
     }
 
     fn insert(&self, name: &str, entry: VmEntry) {
+        let memory_bytes = entry.memory_bytes;
         lock(&self.registry)
             .vms
             .insert(name.to_owned(), Arc::new(entry));
         self.metrics.vms.inc();
+        // The VM's series exist from its first moment, not from the next sample.
+        self.metrics
+            .vm_cpu_seconds
+            .with_label_values(&[name])
+            .inc_by(0.0);
+        self.metrics
+            .vm_memory_bytes
+            .with_label_values(&[name])
+            .set(memory_bytes as f64);
     }
 
     pub fn create(&self, req: &CreateVm) -> Result<VmInfo, AgentError> {
@@ -227,6 +244,9 @@ impl Manager {
         let memory_bytes = req.memory_mib.checked_mul(MIB).ok_or_else(|| {
             AgentError::BadRequest(format!("memory_mib {} is too large", req.memory_mib))
         })?;
+        validate_name(&req.name)?;
+        MicroVm::validate(req.vcpus, memory_bytes, &req.guest)
+            .map_err(|e| vm_error(&req.name, "create", e))?;
         let _reservation = self.reserve(&req.name, memory_bytes)?;
         let kvm = self.kvm()?;
         let placement = self.placement(&req.name)?;
@@ -281,9 +301,9 @@ impl Manager {
         self.metrics.vms.dec();
         self.metrics.forget_vm(name);
         // Dropping the last reference stops the vCPU threads and frees the memory. A request
-        // still holding the entry finishes first.
+        // still holding the entry finishes first. The console log stays for post-mortems until
+        // a VM of the same name replaces it.
         drop(entry);
-        let _ = std::fs::remove_dir_all(self.vm_dir(name));
         tracing::info!(vm = %name, "VM deleted");
         Ok(())
     }
@@ -344,6 +364,21 @@ impl Manager {
     }
 
     pub fn snapshot(&self, name: &str, req: &SnapshotRequest) -> Result<SnapshotInfo, AgentError> {
+        let result = self.snapshot_inner(name, req);
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .snapshots
+            .with_label_values(&["snapshot", outcome])
+            .inc();
+        result
+    }
+
+    fn snapshot_inner(
+        &self,
+        name: &str,
+        req: &SnapshotRequest,
+    ) -> Result<SnapshotInfo, AgentError> {
+        let entry = self.entry(name)?;
         let path = self.resolve(&req.path)?;
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
@@ -353,7 +388,6 @@ impl Manager {
                 ))
             })?;
         }
-        let entry = self.entry(name)?;
         let mut vm = lock(&entry.vm);
         if let Some(reason) = vm.crash_reason() {
             return Err(AgentError::Conflict(format!(
@@ -386,11 +420,6 @@ impl Manager {
         if !was_paused && !req.leave_paused {
             vm.resume();
         }
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .snapshots
-            .with_label_values(&["snapshot", outcome])
-            .inc();
         let (summary, digest, save_state_ms, write_ms) = result?;
         let info = SnapshotInfo {
             path: path.display().to_string(),
@@ -409,6 +438,17 @@ impl Manager {
     }
 
     pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreInfo, AgentError> {
+        let result = self.restore_inner(req);
+        if result.is_err() {
+            self.metrics
+                .snapshots
+                .with_label_values(&["restore", "error"])
+                .inc();
+        }
+        result
+    }
+
+    fn restore_inner(&self, req: &RestoreRequest) -> Result<RestoreInfo, AgentError> {
         let started = Instant::now();
         let path = self.resolve(&req.path)?;
         validate_name(&req.name)?;
@@ -482,6 +522,13 @@ impl Manager {
             let memory_bytes = entry.memory_bytes;
             let mut usage = lock(&entry.usage);
             let delta = (cpu - usage.last_cpu_seconds).max(0.0);
+            usage.cores = delta / crate::SAMPLE_INTERVAL.as_secs_f64();
+            usage.last_cpu_seconds = cpu;
+            // Holding the registry lock: a VM deleted meanwhile must not get its series back.
+            let registry = lock(&self.registry);
+            if !registry.vms.contains_key(name) {
+                continue;
+            }
             self.metrics
                 .vm_cpu_seconds
                 .with_label_values(&[name])
@@ -490,8 +537,7 @@ impl Manager {
                 .vm_memory_bytes
                 .with_label_values(&[name])
                 .set(memory_bytes as f64);
-            usage.cores = delta / crate::SAMPLE_INTERVAL.as_secs_f64();
-            usage.last_cpu_seconds = cpu;
+            drop(registry);
         }
         let mut load = lock(&self.host_load);
         if let Some(now) = CpuTicks::read() {
@@ -593,7 +639,9 @@ fn validate_name(name: &str) -> Result<(), AgentError> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
         && name != "."
-        && name != "..";
+        && name != ".."
+        // `/v1/vms/restore` is an endpoint, so a VM of that name could not be addressed.
+        && name != "restore";
     if ok {
         Ok(())
     } else {

@@ -249,6 +249,11 @@ fn bad_requests_get_clear_errors_and_running_vms_are_unaffected() {
         ),
         (
             json!({"name":"x","memory_mib":100_000_000u64,"guest":{"kind":"idle"}}),
+            400,
+            "between 2 MiB and 64 GiB",
+        ),
+        (
+            json!({"name":"x","memory_mib":65_536,"guest":{"kind":"idle"}}),
             507,
             "Not enough host memory",
         ),
@@ -294,6 +299,25 @@ fn bad_requests_get_clear_errors_and_running_vms_are_unaffected() {
     assert_eq!(status, 404);
     let (status, _) = agent.request(Method::GET, "/v2/whatever", None).unwrap();
     assert_eq!(status, 404);
+    let (status, resp) = agent.request(Method::PUT, "/v1/vms", None).unwrap();
+    assert_eq!(status, 405, "{resp}");
+    assert!(resp["error"].as_str().is_some(), "{resp}");
+    let (status, resp) = agent
+        .request(Method::GET, "/v1/vms/ok/console?max_bytes=lots", None)
+        .unwrap();
+    assert_eq!(status, 400, "{resp}");
+    assert!(
+        resp["error"].as_str().unwrap().contains("max_bytes"),
+        "{resp}"
+    );
+    let (status, resp) = agent
+        .request(
+            Method::POST,
+            "/v1/vms",
+            Some(&json!({"name":"restore","guest":{"kind":"idle"}})),
+        )
+        .unwrap();
+    assert_eq!(status, 400, "{resp}");
 
     // Restoring garbage, a truncated snapshot, or a missing file.
     let garbage = agent.data_dir.path().join("garbage.snap");

@@ -84,7 +84,7 @@ pub fn params(
                 return Err(InvalidGuest(format!(
                     "a working set of {working_set_mib} MiB needs memory_mib of at least {} \
                      (generation table and guest overhead included)",
-                    needed.div_ceil(MIB)
+                    layout::align_up(needed, 2 * MIB) / MIB
                 )));
             }
             if !rate_mib_s.is_finite() || *rate_mib_s < 0.0 {

@@ -33,8 +33,9 @@ use vcpu::{VcpuError, VcpuHandle, VcpuStatus};
 
 /// How long a pause may take before it is an error (a kick answers in well under 1 ms).
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The TSS KVM needs on Intel hosts for real-mode emulation: three pages just below 4 GiB,
-/// where no guest RAM of ours lives unless the VM is larger than that.
+/// The TSS KVM needs on Intel hosts for real-mode emulation: three pages just below 4 GiB.
+/// Only real-mode code uses it, which the built-in guests never run, so overlapping the RAM of
+/// a VM above 4 GiB does no harm.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +183,13 @@ pub struct MicroVm {
 }
 
 impl MicroVm {
+    /// Checks a VM shape and workload without touching KVM or memory.
+    pub fn validate(vcpus: u32, memory_bytes: u64, guest: &GuestSpec) -> Result<(), VmError> {
+        check_shape(vcpus, memory_bytes)?;
+        guest::params(guest, vcpus, memory_bytes, 1, 0)?;
+        Ok(())
+    }
+
     /// Creates a VM running the built-in guest `guest`.
     pub fn create(
         host: &KvmHost,
@@ -504,6 +512,12 @@ fn spawn_vcpus(
             host.msr_indices.clone(),
             start_paused,
         )?);
+    }
+    if start_paused {
+        // A VM reported paused must be paused: state can be saved right away.
+        for vcpu in &handles {
+            vcpu.wait_parked(PAUSE_TIMEOUT)?;
+        }
     }
     Ok(handles)
 }
