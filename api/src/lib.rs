@@ -284,3 +284,185 @@ mod tests {
         assert_eq!((vm.vcpus, vm.memory_mib, vm.paused), (1, 256, false));
     }
 }
+
+/// How a migration moves memory (see DESIGN.md section 1).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    /// Copy memory while the guest runs, resend what it dirtied, pause for the rest.
+    #[default]
+    Precopy,
+    /// Pause, copy everything, resume on the target.
+    StopAndCopy,
+    /// Pause, move vCPU/device state, resume on the target at once; pages follow on demand and
+    /// in the background.
+    Postcopy,
+    /// Pre-copy, switching to post-copy when rounds stop shrinking.
+    Auto,
+}
+
+/// Page compression on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressMode {
+    /// zstd where pages compress, raw where they do not (adaptive).
+    #[default]
+    Auto,
+    Zstd,
+    None,
+}
+
+/// `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `HOST:PORT` of the target agent's API.
+    pub target: String,
+    #[serde(default)]
+    pub mode: MigrationMode,
+    /// Longest acceptable pause, milliseconds (pre-copy's convergence target). Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Bandwidth cap in MiB/s; absent or 0 = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib_s: Option<f64>,
+    /// Bulk TCP connections. Default: the number of host cores (at least 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u32>,
+    #[serde(default)]
+    pub compress: CompressMode,
+    /// Pre-copy rounds after the first full pass before giving up (fail, or switch in auto).
+    /// Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+    /// Give up on pre-copy after this many seconds (fail, or switch in auto). Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_timeout_s: Option<u64>,
+    /// Hash every page on both sides and compare (costs CPU). Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+}
+
+/// `{"id": ...}` answer to a migrate request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationStarted {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationStatus {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Connecting, handshaking, the target preparing memory.
+    Setup,
+    /// Copying memory while the guest runs.
+    Precopy,
+    /// The guest is paused; the last pages and the state are moving.
+    StopAndCopy,
+    /// The guest runs on the target; missing pages are served on demand and pushed.
+    Postcopy,
+    /// Waiting for the target's final confirmation.
+    Completing,
+    Done,
+}
+
+/// Pages and bytes sent, by page encoding.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageCounts {
+    pub zero_pages: u64,
+    pub raw_pages: u64,
+    pub compressed_pages: u64,
+    /// Payload bytes of raw pages (zero pages carry none).
+    pub raw_bytes: u64,
+    /// Payload bytes of compressed pages.
+    pub compressed_bytes: u64,
+    /// Everything written to the sockets, headers included.
+    pub wire_bytes: u64,
+}
+
+/// Downtime and what it was spent on, milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DowntimeBreakdown {
+    /// Stopping the vCPUs.
+    pub pause_ms: f64,
+    /// Sending the pages still dirty (pre-copy) or all memory (stop-and-copy).
+    pub final_pages_ms: f64,
+    /// Saving and sending vCPU/device state.
+    pub state_ms: f64,
+    /// From sending the switchover to the target reporting the VM running.
+    pub target_resume_ms: f64,
+}
+
+/// Post-copy fault service as the target saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaultStats {
+    /// Guest page faults on missing pages.
+    pub faults: u64,
+    /// Page requests sent to the source (a request covers a chunk around the fault).
+    pub requests: u64,
+    /// Fault to page installed, microseconds: median, 99th percentile, max.
+    pub latency_p50_us: f64,
+    pub latency_p99_us: f64,
+    pub latency_max_us: f64,
+    /// Histogram: upper bounds in microseconds, and counts per bucket (one more count than
+    /// bounds: the last counts samples above the last bound).
+    pub latency_buckets_us: Vec<f64>,
+    pub latency_counts: Vec<u64>,
+}
+
+/// `GET /v1/migrations/{id}`: live while running, final afterwards. In the spirit of QEMU's
+/// `query-migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationInfo {
+    pub id: String,
+    pub vm: String,
+    /// Agent names.
+    pub source: String,
+    pub target: String,
+    pub mode: MigrationMode,
+    pub status: MigrationStatus,
+    pub phase: MigrationPhase,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Auto mode switched from pre-copy to post-copy.
+    pub switched_to_postcopy: bool,
+    pub started_unix_ms: u64,
+    /// Connect, handshake and target preparation.
+    pub setup_ms: f64,
+    /// From start to now (running) or to the end.
+    pub total_ms: f64,
+    /// Guest paused on the source until running on the target; absent before switchover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    pub downtime: DowntimeBreakdown,
+    pub memory_bytes: u64,
+    /// Completed pre-copy passes (the first full pass counts as round 1).
+    pub rounds: u32,
+    pub pages: PageCounts,
+    /// Wire bytes by phase.
+    pub precopy_bytes: u64,
+    pub downtime_bytes: u64,
+    pub postcopy_bytes: u64,
+    /// Guest dirty rate measured in the last pre-copy round, bytes/s.
+    pub dirty_rate_bytes_s: f64,
+    /// Wire throughput over the migration so far, bytes/s.
+    pub throughput_bytes_s: f64,
+    /// Memory still to send, bytes (best estimate).
+    pub remaining_bytes: u64,
+    pub faults: FaultStats,
+    /// Per-page digests of source memory at switchover and of what the target received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_digest: Option<String>,
+}

@@ -506,7 +506,11 @@ impl Userfault {
                 start: dst,
                 len: len as u64,
             },
-            mode: if wake { 0 } else { UFFDIO_ZEROPAGE_MODE_DONTWAKE },
+            mode: if wake {
+                0
+            } else {
+                UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            },
             zeropage: 0,
         };
         // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`, which `zero` is. It maps the
@@ -581,7 +585,13 @@ impl Userfault {
             let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
             match ret {
                 0 => return Ok(false),
-                1.. => return Ok(true),
+                1.. if pfd.revents & libc::POLLIN != 0 => return Ok(true),
+                // POLLERR: the fd is blocking or not initialised, neither of which `new` makes.
+                1.. => {
+                    let revents = pfd.revents;
+                    let source = io::Error::other(format!("poll revents {revents:#x}"));
+                    return Err(UffdError::Poll { source });
+                }
                 _ => {
                     let source = io::Error::last_os_error();
                     if source.kind() != io::ErrorKind::Interrupted {
@@ -702,3 +712,638 @@ unsafe fn uffd_ioctl<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Re
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::mem::offset_of;
+    use std::ptr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::thread;
+
+    use super::*;
+
+    const PAGE: usize = 4096;
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// An anonymous private mapping like the target's guest memory, unmapped on drop.
+    struct Anon {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl Anon {
+        fn new(len: usize) -> Self {
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            // SAFETY: a fresh anonymous mapping at an address of the kernel's choice.
+            let ptr = unsafe { libc::mmap(ptr::null_mut(), len, prot, flags, -1, 0) };
+            assert_ne!(ptr, libc::MAP_FAILED, "{}", io::Error::last_os_error());
+            Self {
+                ptr: ptr.cast(),
+                len,
+            }
+        }
+
+        fn base(&self) -> u64 {
+            self.ptr as u64
+        }
+
+        fn page(&self, index: usize) -> u64 {
+            self.base() + (index * PAGE) as u64
+        }
+
+        /// Which pages are present (mincore), so the test never reads a missing page from a
+        /// thread that would then wait forever.
+        fn resident(&self) -> Vec<bool> {
+            let mut vec = vec![0u8; self.len / PAGE];
+            // SAFETY: the mapping is ours and `vec` has one byte per page.
+            let ret = unsafe { libc::mincore(self.ptr.cast(), self.len, vec.as_mut_ptr()) };
+            assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+            vec.iter().map(|b| b & 1 != 0).collect()
+        }
+
+        /// Registers the whole mapping.
+        fn register(&self, uffd: &Userfault) {
+            // SAFETY: the mapping is ours, private anonymous, outlives its registration (the
+            // fd or the mapping goes first, either ends it) and holds no Rust value: the tests
+            // access it only through `read`/`write` below.
+            unsafe { uffd.register_missing(self.ptr, self.len) }.unwrap();
+        }
+    }
+
+    impl Drop for Anon {
+        fn drop(&mut self) {
+            // SAFETY: unmaps exactly the mapping created in `new`, which nothing references.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    /// Reads the `word`th u64 of the page at `page` (may block on a missing page).
+    fn read(page: u64, word: usize) -> u64 {
+        // SAFETY: the tests pass addresses inside a live `Anon` mapping, aligned to 8.
+        unsafe { ptr::read_volatile((page as *const u64).add(word)) }
+    }
+
+    fn write(page: u64, word: usize, value: u64) {
+        // SAFETY: as in `read`.
+        unsafe { ptr::write_volatile((page as *mut u64).add(word), value) }
+    }
+
+    /// The content the handler installs at page `index` of the mapping.
+    fn pattern(index: usize, word: usize) -> u64 {
+        (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ word as u64
+    }
+
+    fn fill_pattern(buf: &mut [u8], first_page: usize) {
+        for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+            let value = pattern(first_page + i * 8 / PAGE, i % (PAGE / 8));
+            word.copy_from_slice(&value.to_ne_bytes());
+        }
+    }
+
+    fn uffd_or_skip(test: &str) -> Option<Userfault> {
+        match Userfault::new() {
+            Ok(uffd) => Some(uffd),
+            Err(e) => {
+                let cause = e.source().map(ToString::to_string).unwrap_or_default();
+                println!("skipping {test}: userfaultfd not permitted here ({e}: {cause})");
+                None
+            }
+        }
+    }
+
+    /// Reads `addr` on another thread; the value read arrives on the channel.
+    fn touch_in_thread(addr: u64) -> mpsc::Receiver<u64> {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || tx.send(read(addr, 0)).unwrap());
+        rx
+    }
+
+    /// Writes `value` at `addr` on another thread and reads back the page's word 1.
+    fn write_in_thread(addr: u64, value: u64) -> mpsc::Receiver<u64> {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            write(addr, 0, value);
+            tx.send(read(addr, 1)).unwrap();
+        });
+        rx
+    }
+
+    fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    }
+
+    #[test]
+    fn abi_layout_matches_the_kernel() {
+        assert_eq!(size_of::<UffdioApi>(), 24);
+        assert_eq!(size_of::<UffdioRange>(), 16);
+        assert_eq!(size_of::<UffdioRegister>(), 32);
+        assert_eq!(offset_of!(UffdioRegister, mode), 16);
+        assert_eq!(offset_of!(UffdioRegister, ioctls), 24);
+        assert_eq!(size_of::<UffdioCopy>(), 40);
+        assert_eq!(offset_of!(UffdioCopy, mode), 24);
+        assert_eq!(offset_of!(UffdioCopy, copy), 32);
+        assert_eq!(size_of::<UffdioZeropage>(), 32);
+        assert_eq!(offset_of!(UffdioZeropage, zeropage), 24);
+        assert_eq!(size_of::<UffdMsg>(), 32);
+        assert_eq!(offset_of!(UffdMsg, event), 0);
+        assert_eq!(offset_of!(UffdMsg, pagefault.flags), 8);
+        assert_eq!(offset_of!(UffdMsg, pagefault.address), 16);
+        assert_eq!(offset_of!(UffdMsg, pagefault._ptid), 24);
+    }
+
+    #[test]
+    fn ioctl_numbers_match_their_ioc_encoding() {
+        // _IOC(dir, 0xAA, nr, size) with dir 1 = write, 2 = read, 3 = both.
+        fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+            dir << 30 | (size as u64) << 16 | 0xAA << 8 | nr
+        }
+        assert_eq!(UFFDIO_API, ioc(3, 0x3F, size_of::<UffdioApi>()));
+        assert_eq!(UFFDIO_REGISTER, ioc(3, 0x00, size_of::<UffdioRegister>()));
+        assert_eq!(UFFDIO_UNREGISTER, ioc(2, 0x01, size_of::<UffdioRange>()));
+        assert_eq!(UFFDIO_WAKE, ioc(2, 0x02, size_of::<UffdioRange>()));
+        assert_eq!(UFFDIO_COPY, ioc(3, 0x03, size_of::<UffdioCopy>()));
+        assert_eq!(UFFDIO_ZEROPAGE, ioc(3, 0x04, size_of::<UffdioZeropage>()));
+        assert_eq!(USERFAULTFD_IOC_NEW, ioc(0, 0x00, 0));
+        assert_eq!(page_size(), PAGE);
+    }
+
+    #[test]
+    fn userfault_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Userfault>();
+    }
+
+    #[test]
+    fn device_node_gives_a_working_userfaultfd() {
+        let Ok(fd) = open_device() else {
+            println!("skipping: /dev/userfaultfd cannot be opened here");
+            return;
+        };
+        let uffd = Userfault::handshake(fd).unwrap();
+        assert_ne!(uffd.supported_features(), 0);
+        let mem = Anon::new(4 * PAGE);
+        mem.register(&uffd);
+        let outcome = uffd.copy(mem.page(1), &[7u8; PAGE], true).unwrap();
+        assert_eq!(outcome.installed, PAGE);
+        assert_eq!(read(mem.page(1), 0), u64::from_ne_bytes([7; 8]));
+    }
+
+    /// 8 threads touch every page of 16 MiB in different orders (so they meet on pages), some
+    /// pages written by one owner; one handler serves each fault with the 64 KiB chunk around
+    /// it, every fourth chunk with the zero page.
+    #[test]
+    fn threads_see_the_pages_the_handler_installs() {
+        const PAGES: usize = 4096;
+        const CHUNK: usize = 16;
+        const THREADS: usize = 8;
+        let Some(uffd) = uffd_or_skip("threads_see_the_pages_the_handler_installs") else {
+            return;
+        };
+        let uffd = Arc::new(uffd);
+        let mem = Anon::new(PAGES * PAGE);
+        mem.register(&uffd);
+        let base = mem.base();
+        fn zero_chunk(page: usize) -> bool {
+            (page / CHUNK) % 4 == 3
+        }
+        fn expected(page: usize, word: usize) -> u64 {
+            if zero_chunk(page) {
+                0
+            } else {
+                pattern(page, word)
+            }
+        }
+        fn written(page: usize) -> bool {
+            page % 8 == 0
+        }
+        fn owner(page: usize) -> usize {
+            (page / 8) % THREADS
+        }
+        fn marker(page: usize) -> u64 {
+            0xFFFF_0000_0000_0000 | page as u64
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let (uffd, stop) = (Arc::clone(&uffd), Arc::clone(&stop));
+            thread::spawn(move || {
+                let mut installed = vec![false; PAGES / CHUNK];
+                let (mut latencies, mut faults, mut duplicates, mut writes) =
+                    (vec![], vec![], 0, 0);
+                let mut buf = vec![0u8; CHUNK * PAGE];
+                let result = (|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        faults.clear();
+                        uffd.read_faults(&mut faults, Duration::from_millis(20))?;
+                        let read_at = Instant::now();
+                        for fault in &faults {
+                            let page = ((fault.addr - base) as usize) / PAGE;
+                            let chunk = page / CHUNK;
+                            let first = chunk * CHUNK;
+                            writes += usize::from(fault.write);
+                            if installed[chunk] {
+                                // Another thread's fault on a page served already.
+                                let outcome = uffd.copy(fault.addr, &[0xEE; PAGE], true)?;
+                                assert_eq!(
+                                    outcome,
+                                    CopyOutcome {
+                                        installed: 0,
+                                        present: PAGE
+                                    }
+                                );
+                                duplicates += 1;
+                            } else {
+                                let dst = base + (first * PAGE) as u64;
+                                let outcome = if zero_chunk(page) {
+                                    uffd.zeropage(dst, CHUNK * PAGE, true)?
+                                } else {
+                                    fill_pattern(&mut buf, first);
+                                    uffd.copy(dst, &buf, true)?
+                                };
+                                assert_eq!(outcome.installed, CHUNK * PAGE);
+                                installed[chunk] = true;
+                            }
+                            latencies.push(read_at.elapsed());
+                        }
+                    }
+                    Ok::<_, UffdError>(())
+                })();
+                if result.is_err() {
+                    // Release the touchers (they get zero pages and fail their checks).
+                    let _ = uffd.unregister(base as *mut u8, PAGES * PAGE);
+                }
+                result.map(|()| (latencies, duplicates, writes))
+            })
+        };
+
+        let touchers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                thread::spawn(move || {
+                    for k in 0..PAGES {
+                        let page = (k * 1021 + t * 512) % PAGES;
+                        let addr = base + (page * PAGE) as u64;
+                        if written(page) {
+                            if owner(page) != t {
+                                continue;
+                            }
+                            // A blind write: the first touch of a chunk is a write fault.
+                            write(addr, 0, marker(page));
+                            assert_eq!(read(addr, 0), marker(page));
+                        }
+                        let words: &[usize] = if written(page) {
+                            &[255, 511]
+                        } else {
+                            &[0, 255, 511]
+                        };
+                        for &word in words {
+                            let value = read(addr, word);
+                            assert_eq!(value, expected(page, word), "page {page} word {word}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for toucher in touchers {
+            toucher.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (mut latencies, duplicates, writes) = handler.join().unwrap().unwrap();
+
+        assert!(mem.resident().iter().all(|&r| r));
+        for page in 0..PAGES {
+            let want = if written(page) {
+                marker(page)
+            } else {
+                expected(page, 0)
+            };
+            assert_eq!(read(mem.page(page), 0), want, "page {page}");
+            assert_eq!(
+                read(mem.page(page), 511),
+                expected(page, 511),
+                "page {page}"
+            );
+        }
+        assert!(latencies.len() >= PAGES / CHUNK);
+        latencies.sort();
+        println!(
+            "{} faults ({duplicates} on served pages, {writes} writes), handler p50 {:?} p99 {:?}",
+            latencies.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+        );
+    }
+
+    #[test]
+    fn copy_into_a_present_page_reports_it_and_wakes_the_waiter() {
+        let Some(uffd) = uffd_or_skip("copy_into_a_present_page_reports_it_and_wakes_the_waiter")
+        else {
+            return;
+        };
+        let mem = Anon::new(4 * PAGE);
+        mem.register(&uffd);
+        let toucher = touch_in_thread(mem.page(1));
+        let fault = uffd.wait_fault(WAIT).unwrap().expect("a fault");
+        assert_eq!(
+            fault,
+            Fault {
+                addr: mem.page(1),
+                write: false
+            }
+        );
+
+        // Installed without a wake: the toucher keeps waiting.
+        let outcome = uffd.copy(mem.page(1), &[0x11; PAGE], false).unwrap();
+        assert_eq!(
+            outcome,
+            CopyOutcome {
+                installed: PAGE,
+                present: 0
+            }
+        );
+        assert!(toucher.recv_timeout(Duration::from_millis(100)).is_err());
+
+        // A second copy finds the page present, leaves it alone and wakes the toucher.
+        let outcome = uffd.copy(mem.page(1), &[0x22; PAGE], true).unwrap();
+        assert!(outcome.all_present());
+        assert_eq!(
+            toucher.recv_timeout(WAIT),
+            Ok(u64::from_ne_bytes([0x11; 8]))
+        );
+    }
+
+    #[test]
+    fn copy_installs_many_pages_and_skips_present_ones() {
+        let Some(uffd) = uffd_or_skip("copy_installs_many_pages_and_skips_present_ones") else {
+            return;
+        };
+        let mem = Anon::new(512 * PAGE);
+        mem.register(&uffd);
+        let mut buf = vec![0u8; 256 * PAGE];
+        fill_pattern(&mut buf, 0);
+        let outcome = uffd.copy(mem.base(), &buf, false).unwrap();
+        assert_eq!(
+            outcome,
+            CopyOutcome {
+                installed: 256 * PAGE,
+                present: 0
+            }
+        );
+
+        // Pages 261 and 265 arrive first; the chunk 256..272 then copies around them.
+        for page in [261, 265] {
+            uffd.copy(mem.page(page), &[0xAB; PAGE], false).unwrap();
+        }
+        let mut chunk = vec![0u8; 16 * PAGE];
+        fill_pattern(&mut chunk, 256);
+        let outcome = uffd.copy(mem.page(256), &chunk, true).unwrap();
+        assert_eq!(
+            outcome,
+            CopyOutcome {
+                installed: 14 * PAGE,
+                present: 2 * PAGE
+            }
+        );
+        let zero = uffd.zeropage(mem.page(256), 32 * PAGE, false).unwrap();
+        assert_eq!(
+            zero,
+            CopyOutcome {
+                installed: 16 * PAGE,
+                present: 16 * PAGE
+            }
+        );
+
+        let resident = mem.resident();
+        assert!(resident[..288].iter().all(|&r| r) && !resident[288]);
+        for page in 0..288 {
+            let want = match page {
+                261 | 265 => u64::from_ne_bytes([0xAB; 8]),
+                272.. => 0,
+                _ => pattern(page, 7),
+            };
+            assert_eq!(read(mem.page(page), 7), want, "page {page}");
+        }
+    }
+
+    #[test]
+    fn discarded_page_faults_again() {
+        let Some(uffd) = uffd_or_skip("discarded_page_faults_again") else {
+            return;
+        };
+        let mem = Anon::new(4 * PAGE);
+        mem.register(&uffd);
+        uffd.copy(mem.page(2), &[0x33; PAGE], true).unwrap();
+        assert_eq!(read(mem.page(2), 0), u64::from_ne_bytes([0x33; 8]));
+
+        // SAFETY: page 2 of our registered mapping, which holds no Rust value.
+        unsafe { discard(mem.page(2) as *mut u8, PAGE) }.unwrap();
+        assert!(!mem.resident()[2]);
+        let toucher = write_in_thread(mem.page(2), 0x55);
+        let fault = uffd
+            .wait_fault(WAIT)
+            .unwrap()
+            .expect("a fault after discard");
+        assert_eq!(
+            fault,
+            Fault {
+                addr: mem.page(2),
+                write: true
+            }
+        );
+        uffd.copy(fault.addr, &[0x44; PAGE], true).unwrap();
+        assert_eq!(
+            toucher.recv_timeout(WAIT),
+            Ok(u64::from_ne_bytes([0x44; 8]))
+        );
+        assert_eq!(read(mem.page(2), 0), 0x55);
+
+        // SAFETY: as above; the call fails on the misaligned address before touching anything.
+        let misaligned = unsafe { discard((mem.page(2) + 1) as *mut u8, PAGE) };
+        assert!(matches!(misaligned, Err(UffdError::BadRange { .. })));
+    }
+
+    #[test]
+    fn unregistered_range_no_longer_faults() {
+        let Some(uffd) = uffd_or_skip("unregistered_range_no_longer_faults") else {
+            return;
+        };
+        let mem = Anon::new(4 * PAGE);
+        mem.register(&uffd);
+        let waiter = touch_in_thread(mem.page(0));
+        assert!(uffd.wait_fault(WAIT).unwrap().is_some());
+        uffd.unregister(mem.ptr, mem.len).unwrap();
+        // Unregistering woke the waiter onto a zero page, and new touches do not fault.
+        assert_eq!(waiter.recv_timeout(WAIT), Ok(0));
+        assert_eq!(touch_in_thread(mem.page(1)).recv_timeout(WAIT), Ok(0));
+        assert_eq!(uffd.wait_fault(Duration::ZERO).unwrap(), None);
+        match uffd.copy(mem.page(3), &[1; PAGE], true) {
+            Err(UffdError::Copy { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+            }
+            other => panic!("copy into an unregistered range gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let Some(uffd) = uffd_or_skip("bad_arguments_are_errors") else {
+            return;
+        };
+        let mem = Anon::new(4 * PAGE);
+        mem.register(&uffd);
+        let bad = |r: Result<CopyOutcome, UffdError>| matches!(r, Err(UffdError::BadRange { .. }));
+        assert!(bad(uffd.copy(mem.base() + 8, &[0; PAGE], true)));
+        assert!(bad(uffd.copy(mem.base(), &[0; 100], true)));
+        assert!(bad(uffd.copy(mem.base(), &[], true)));
+        assert!(bad(uffd.copy(
+            u64::MAX - PAGE as u64 + 1,
+            &[0; 2 * PAGE],
+            true
+        )));
+        assert!(bad(uffd.zeropage(mem.base() + 1, PAGE, true)));
+        assert!(bad(uffd.zeropage(mem.base(), 0, true)));
+        assert!(uffd.wake(mem.base(), 0).is_err());
+        assert!(uffd.wake(mem.base() + 4, PAGE).is_err());
+        assert!(uffd.unregister(mem.ptr.wrapping_add(1), PAGE).is_err());
+        // SAFETY: the calls fail on the argument check, before the kernel sees the range.
+        let misaligned = unsafe { uffd.register_missing(mem.ptr.wrapping_add(8), PAGE) };
+        assert!(matches!(misaligned, Err(UffdError::BadRange { .. })));
+        let err = uffd.copy(mem.base() + 8, &[0; PAGE], true).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("UFFDIO_COPY of 4096 bytes at 0x"),
+            "{err}"
+        );
+
+        // The kernel's own refusals come back as errors too: a copy overrunning the mapping.
+        let outcome = uffd.copy(mem.page(3), &[0; 2 * PAGE], true);
+        assert!(
+            matches!(outcome, Err(UffdError::Copy { .. })),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn wait_fault_times_out_without_faults() {
+        let Some(uffd) = uffd_or_skip("wait_fault_times_out_without_faults") else {
+            return;
+        };
+        let start = Instant::now();
+        assert_eq!(uffd.wait_fault(Duration::from_millis(30)).unwrap(), None);
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        let mut faults = Vec::new();
+        assert_eq!(uffd.read_faults(&mut faults, Duration::ZERO).unwrap(), 0);
+    }
+
+    // Measurements, not tests: run with
+    // `cargo test --release -- --ignored --nocapture --test-threads=1 uffd::tests::measure`.
+
+    const BENCH_BYTES: usize = 64 << 20;
+
+    /// One thread reads 64 MiB in order; the handler serves each fault with a copy of `chunk`
+    /// pages. Prints handler latency (event read to copy done), the toucher's wait per fault,
+    /// and the whole run.
+    #[test]
+    #[ignore = "measurement"]
+    fn measure_fault_service() {
+        let Some(uffd) = uffd_or_skip("measure_fault_service") else {
+            return;
+        };
+        let uffd = Arc::new(uffd);
+        println!("chunk pages | faults | run ms | handler p50 / p99 us | toucher p50 / p99 us");
+        for chunk in [1usize, 16, 64] {
+            let mem = Anon::new(BENCH_BYTES);
+            mem.register(&uffd);
+            let (base, pages) = (mem.base(), BENCH_BYTES / PAGE);
+            let stop = Arc::new(AtomicBool::new(false));
+            let handler = {
+                let (uffd, stop) = (Arc::clone(&uffd), Arc::clone(&stop));
+                thread::spawn(move || {
+                    let src = vec![0x5Au8; chunk * PAGE];
+                    let (mut faults, mut latencies) = (Vec::new(), Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        faults.clear();
+                        uffd.read_faults(&mut faults, Duration::from_millis(10))
+                            .unwrap();
+                        let read_at = Instant::now();
+                        for fault in &faults {
+                            let first = (fault.addr - base) & !((chunk * PAGE) as u64 - 1);
+                            uffd.copy(base + first, &src, true).unwrap();
+                            latencies.push(read_at.elapsed());
+                        }
+                    }
+                    latencies
+                })
+            };
+            let start = Instant::now();
+            let mut waits = Vec::with_capacity(pages / chunk);
+            for page in 0..pages {
+                let t = Instant::now();
+                read(mem.page(page), 0);
+                if page % chunk == 0 {
+                    waits.push(t.elapsed());
+                }
+            }
+            let run = start.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            let mut latencies = handler.join().unwrap();
+            latencies.sort();
+            waits.sort();
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            println!(
+                "{chunk:>11} | {:>6} | {:>6.1} | {:>8.1} / {:>8.1} | {:>8.1} / {:>8.1}",
+                latencies.len(),
+                run.as_secs_f64() * 1e3,
+                us(percentile(&latencies, 0.5)),
+                us(percentile(&latencies, 0.99)),
+                us(percentile(&waits, 0.5)),
+                us(percentile(&waits, 0.99)),
+            );
+        }
+    }
+
+    /// Installs 64 MiB with no one waiting (the background push), per call size.
+    #[test]
+    #[ignore = "measurement"]
+    fn measure_bulk_install() {
+        let Some(uffd) = uffd_or_skip("measure_bulk_install") else {
+            return;
+        };
+        let mut src = vec![0u8; BENCH_BYTES];
+        fill_pattern(&mut src, 0);
+        println!("operation              | ms     | pages/s");
+        let cases: [(&str, usize, bool, bool); 5] = [
+            ("copy 1 page", 1, false, false),
+            ("copy 16 pages", 16, false, false),
+            ("copy 64 pages", 64, false, false),
+            ("copy 64 pages, wake", 64, true, false),
+            ("zeropage 64 pages", 64, false, true),
+        ];
+        for (name, pages, wake, zero) in cases {
+            let mem = Anon::new(BENCH_BYTES);
+            mem.register(&uffd);
+            let step = pages * PAGE;
+            let start = Instant::now();
+            for offset in (0..BENCH_BYTES).step_by(step) {
+                let dst = mem.base() + offset as u64;
+                let outcome = if zero {
+                    uffd.zeropage(dst, step, wake).unwrap()
+                } else {
+                    uffd.copy(dst, &src[offset..offset + step], wake).unwrap()
+                };
+                assert_eq!(outcome.installed, step);
+            }
+            let elapsed = start.elapsed();
+            assert_eq!(
+                read(mem.page(1000), 3),
+                if zero { 0 } else { pattern(1000, 3) }
+            );
+            println!(
+                "{name:<22} | {:>6.1} | {:>9.0}",
+                elapsed.as_secs_f64() * 1e3,
+                (BENCH_BYTES / PAGE) as f64 / elapsed.as_secs_f64(),
+            );
+        }
+    }
+}

@@ -1,0 +1,728 @@
+//! The source side of a migration: stop-and-copy, pre-copy, post-copy and auto.
+//!
+//! The caller gives a VM (through [`SourceVm`]), the target's migration address and a config;
+//! [`migrate`] returns when the VM runs on the target with every page there (then the caller
+//! frees its copy), or with an error. Before switchover an error leaves the VM running here;
+//! after switchover the VM belongs to the target and is never resumed here.
+
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use godwit_api::{MigrationMode, MigrationPhase};
+
+use crate::bitmap::{AtomicPageBitmap, PageBitmap, PageMap};
+use crate::codec::{Compression, PageEncoder};
+use crate::digest::PageDigests;
+use crate::error::MigrationError;
+use crate::limiter::Limiter;
+use crate::progress::{Progress, Stage};
+use crate::protocol::{read_message, write_message, Message, PagesWriter, MAX_RUNS, PAGE_SIZE};
+use crate::transport::{self, CONTROL, FIRST_BULK, URGENT};
+use crate::vm::{SourceVm, VmAccessError, PEER_TIMEOUT};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Pages read from guest memory at once by a sender.
+const CHUNK_PAGES: u64 = 64;
+/// A page batch is flushed at this many pages.
+const BATCH_PAGES: usize = 256;
+/// Auto switches to post-copy when a round keeps at least this share of the previous one.
+const NOT_SHRINKING: f64 = 0.9;
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub mode: MigrationMode,
+    /// Longest acceptable pause (pre-copy convergence target).
+    pub downtime: Duration,
+    /// Bandwidth cap, bytes/s; None = unlimited.
+    pub bandwidth: Option<u64>,
+    /// Bulk channels.
+    pub channels: u16,
+    pub compression: Compression,
+    /// Pre-copy rounds after the full pass before giving up.
+    pub max_rounds: u32,
+    pub precopy_timeout: Duration,
+    /// Hash every page on both sides and compare.
+    pub verify: bool,
+    pub migration_id: [u8; 16],
+    pub connect_timeout: Duration,
+}
+
+/// Control messages the reader thread passes on.
+enum Event {
+    Resumed,
+    Done { digest: String, report: String },
+    Remote(String),
+    Closed(String),
+}
+
+struct Source<'a> {
+    vm: &'a dyn SourceVm,
+    cfg: &'a SourceConfig,
+    progress: &'a Progress,
+    cancel: &'a AtomicBool,
+    map: PageMap,
+    limiter: Limiter,
+    control: Mutex<TcpStream>,
+    urgent: TcpStream,
+    bulk: Vec<TcpStream>,
+    events: Mutex<Receiver<Event>>,
+    requests: Mutex<Receiver<(u64, u32)>>,
+    phase: u32,
+    paused_at: Option<Instant>,
+    switched: bool,
+}
+
+/// Migrates `vm` to the target agent's migration listener at `addr`.
+pub fn migrate(
+    vm: &dyn SourceVm,
+    addr: &str,
+    cfg: &SourceConfig,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<(), MigrationError> {
+    let regions = vm.regions();
+    let map = PageMap::new(regions.clone());
+    progress.update(|i| i.memory_bytes = map.total_pages() * PAGE);
+    progress.set_remaining_pages(map.total_pages());
+
+    let mut streams =
+        transport::connect(addr, cfg.migration_id, cfg.channels, cfg.connect_timeout)?;
+    let bulk = streams.split_off(FIRST_BULK as usize);
+    let urgent = streams
+        .pop()
+        .ok_or_else(|| MigrationError::Failed("no urgent channel".into()))?;
+    let mut control = streams
+        .pop()
+        .ok_or_else(|| MigrationError::Failed("no control channel".into()))?;
+
+    write_message(
+        &mut control,
+        &Message::Setup {
+            mode: mode_code(cfg.mode),
+            verify: cfg.verify,
+            regions: regions.iter().map(|r| (r.gpa, r.size)).collect(),
+            vm: vm.config_blob(),
+        },
+    )
+    .map_err(MigrationError::channel(CONTROL))?;
+    match read_message(&mut control).map_err(MigrationError::channel(CONTROL))? {
+        Message::SetupAck => {}
+        Message::Error { message } | Message::Abort { reason: message } => {
+            return Err(MigrationError::Remote(message))
+        }
+        other => {
+            return Err(MigrationError::channel(CONTROL)(
+                crate::protocol::ProtocolError::unexpected("SetupAck", &other),
+            ))
+        }
+    }
+    progress.update(|i| i.setup_ms = progress.elapsed_ms());
+
+    let (event_tx, events) = mpsc::channel();
+    let (request_tx, requests) = mpsc::channel();
+    let reader = control
+        .try_clone()
+        .map_err(|e| MigrationError::Failed(format!("Cannot clone the control socket: {e}")))?;
+    let reader_thread = std::thread::Builder::new()
+        .name("migrate-ctl".into())
+        .spawn(move || read_control(reader, event_tx, request_tx))
+        .map_err(|e| MigrationError::Failed(format!("Cannot start a thread: {e}")))?;
+
+    let mut source = Source {
+        vm,
+        cfg,
+        progress,
+        cancel,
+        map,
+        limiter: Limiter::new(cfg.bandwidth),
+        control: Mutex::new(control),
+        urgent,
+        bulk,
+        events: Mutex::new(events),
+        requests: Mutex::new(requests),
+        phase: 0,
+        paused_at: None,
+        switched: false,
+    };
+    let result = source.run();
+    if let Err(e) = &result {
+        source.recover(e);
+    }
+    // Closing the sockets ends the reader thread.
+    if let Ok(c) = source.control.lock() {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+    let _ = reader_thread.join();
+    result
+}
+
+fn mode_code(mode: MigrationMode) -> u8 {
+    match mode {
+        MigrationMode::Precopy => 0,
+        MigrationMode::StopAndCopy => 1,
+        MigrationMode::Postcopy => 2,
+        MigrationMode::Auto => 3,
+    }
+}
+
+fn read_control(mut s: TcpStream, events: Sender<Event>, requests: Sender<(u64, u32)>) {
+    loop {
+        let event = match read_message(&mut s) {
+            Ok(Message::Resumed) => Event::Resumed,
+            Ok(Message::PageRequest { gpa, pages }) => {
+                let _ = requests.send((gpa, pages));
+                continue;
+            }
+            Ok(Message::Done { digest, report }) => Event::Done { digest, report },
+            Ok(Message::Error { message }) => Event::Remote(message),
+            Ok(Message::Abort { reason }) => Event::Remote(reason),
+            Ok(other) => Event::Remote(format!(
+                "the target sent an unexpected {} message",
+                other.command()
+            )),
+            Err(e) => Event::Closed(e.to_string()),
+        };
+        let stop = matches!(
+            event,
+            Event::Closed(_) | Event::Remote(_) | Event::Done { .. }
+        );
+        if events.send(event).is_err() || stop {
+            return;
+        }
+    }
+}
+
+impl Source<'_> {
+    fn run(&mut self) -> Result<(), MigrationError> {
+        match self.cfg.mode {
+            MigrationMode::StopAndCopy => self.stop_and_copy(),
+            MigrationMode::Precopy | MigrationMode::Auto => self.precopy(),
+            MigrationMode::Postcopy => self.postcopy(),
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        // A target that gave up says so on the control channel.
+        match self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_recv()
+        {
+            Ok(Event::Remote(m)) => Err(MigrationError::Remote(m)),
+            Ok(Event::Closed(m)) => Err(MigrationError::Failed(format!(
+                "The control connection to the target broke: {m}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn all_pages(&self) -> Vec<PageBitmap> {
+        (0..self.map.regions().len())
+            .map(|i| PageBitmap::full(self.map.pages(i)))
+            .collect()
+    }
+
+    fn pause(&mut self) -> Result<(), MigrationError> {
+        let t = Instant::now();
+        self.paused_at = Some(t);
+        self.vm.pause()?;
+        let ms = ms(t);
+        self.progress.update(|i| {
+            i.phase = MigrationPhase::StopAndCopy;
+            i.downtime.pause_ms = ms;
+        });
+        Ok(())
+    }
+
+    fn send_control(&self, msg: &Message) -> Result<(), MigrationError> {
+        let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = Vec::new();
+        msg.encode(&mut buf)?;
+        self.progress.wire(Stage::Downtime, buf.len());
+        c.write_all(&buf)
+            .map_err(|e| MigrationError::Failed(format!("Cannot send {}: {e}", msg.command())))
+    }
+
+    /// Sends the state and the switchover, then waits for the target to run the VM.
+    fn switchover(&mut self, postcopy: bool, markers_phase: u32) -> Result<(), MigrationError> {
+        let t = Instant::now();
+        let state = self.vm.save_state()?;
+        self.send_control(&Message::State { blob: state })?;
+        self.send_control(&Message::Switchover {
+            postcopy,
+            markers_phase,
+        })?;
+        // From here on the VM belongs to the target: never resume it here.
+        self.switched = true;
+        let state_ms = ms(t);
+        let t = Instant::now();
+        match self.wait_event(PEER_TIMEOUT)? {
+            Event::Resumed => {}
+            _ => unreachable_event()?,
+        }
+        let resume_ms = ms(t);
+        let downtime = self.paused_at.map(ms).unwrap_or(0.0);
+        self.progress.update(|i| {
+            i.downtime.state_ms = state_ms;
+            i.downtime.target_resume_ms = resume_ms;
+            i.downtime_ms = Some(downtime);
+            i.phase = if postcopy {
+                MigrationPhase::Postcopy
+            } else {
+                MigrationPhase::Completing
+            };
+        });
+        Ok(())
+    }
+
+    /// Waits for the next control event; Done and Resumed are returned, anything else is an
+    /// error.
+    fn wait_event(&self, timeout: Duration) -> Result<Event, MigrationError> {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        match events.recv_timeout(timeout) {
+            Ok(Event::Remote(m)) => Err(MigrationError::Remote(m)),
+            Ok(Event::Closed(m)) => Err(MigrationError::Failed(format!(
+                "The control connection to the target broke: {m}"
+            ))),
+            Ok(e) => Ok(e),
+            Err(RecvTimeoutError::Timeout) => Err(MigrationError::Timeout(
+                "the target did not answer on the control channel".into(),
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err(MigrationError::Failed(
+                "The control connection to the target broke".into(),
+            )),
+        }
+    }
+
+    /// Tells the target everything is sent and waits for its confirmation and digest.
+    fn complete(&mut self, phase: u32) -> Result<(), MigrationError> {
+        self.send_control(&Message::AllSent { phase })?;
+        self.progress
+            .update(|i| i.phase = MigrationPhase::Completing);
+        let (digest, report) = loop {
+            match self.wait_event(PEER_TIMEOUT)? {
+                Event::Done { digest, report } => break (digest, report),
+                Event::Resumed => continue,
+                _ => unreachable_event()?,
+            }
+        };
+        let total = self.progress.elapsed_ms();
+        if let Ok(faults) = serde_json::from_str(&report) {
+            self.progress.update(|i| i.faults = faults);
+        }
+        self.progress.update(|i| i.total_ms = total);
+        if self.cfg.verify {
+            let ours = PageDigests::of_source(self.vm, &self.map)?.finish();
+            self.progress.update(|i| {
+                i.source_digest = Some(ours.clone());
+                i.target_digest = Some(digest.clone());
+            });
+            if ours != digest {
+                return Err(MigrationError::DigestMismatch {
+                    source_digest: ours,
+                    target_digest: digest,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_and_copy(&mut self) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        self.pause()?;
+        let t = Instant::now();
+        self.phase = 1;
+        let all = self.all_pages();
+        self.send_pages(&all, Stage::Downtime, None)?;
+        let final_ms = ms(t);
+        self.progress
+            .update(|i| i.downtime.final_pages_ms = final_ms);
+        self.switchover(false, self.phase)?;
+        self.complete(self.phase)
+    }
+
+    fn precopy(&mut self) -> Result<(), MigrationError> {
+        let started = Instant::now();
+        self.vm.start_dirty_tracking()?;
+        self.progress.update(|i| i.phase = MigrationPhase::Precopy);
+        // Round 1: everything.
+        self.phase = 1;
+        let mut round_start = Instant::now();
+        let mut wire_before = self.progress.wire_bytes();
+        let all = self.all_pages();
+        let mut pages_sent = self.send_pages(&all, Stage::Precopy, None)?;
+        self.progress.update(|i| i.rounds = 1);
+        let mut previous_dirty: Option<u64> = None;
+        let mut stalled_rounds = 0;
+        loop {
+            self.check_cancel()?;
+            let round_time = round_start.elapsed().as_secs_f64().max(1e-6);
+            let round_wire = (self.progress.wire_bytes() - wire_before) as f64;
+            let dirty = self.vm.harvest_dirty()?;
+            let n: u64 = dirty.iter().map(PageBitmap::count).sum();
+            let mut bandwidth = round_wire / round_time;
+            if let Some(cap) = self.cfg.bandwidth {
+                bandwidth = bandwidth.min(cap as f64);
+            }
+            let bytes_per_page = (round_wire / pages_sent.max(1) as f64).max(64.0);
+            let dirty_rate = n as f64 * PAGE as f64 / round_time;
+            let predicted = Duration::from_secs_f64(n as f64 * bytes_per_page / bandwidth.max(1.0));
+            let rounds = self.phase;
+            self.progress.set_remaining_pages(n);
+            self.progress.update(|i| {
+                i.rounds = rounds;
+                i.dirty_rate_bytes_s = dirty_rate;
+            });
+            if predicted <= self.cfg.downtime {
+                return self.precopy_finish(dirty);
+            }
+            if previous_dirty.is_some_and(|p| n as f64 >= p as f64 * NOT_SHRINKING) {
+                stalled_rounds += 1;
+            } else {
+                stalled_rounds = 0;
+            }
+            previous_dirty = Some(n);
+            let out_of_rounds = self.phase > self.cfg.max_rounds;
+            let out_of_time = started.elapsed() >= self.cfg.precopy_timeout;
+            let hopeless = dirty_rate >= bandwidth && self.phase >= 2;
+            if self.cfg.mode == MigrationMode::Auto
+                && (stalled_rounds >= 2 || hopeless || out_of_rounds || out_of_time)
+            {
+                return self.switch_to_postcopy(dirty);
+            }
+            if out_of_rounds || out_of_time {
+                return Err(MigrationError::NotConverged(format!(
+                    "after {} rounds in {:.1} s the guest still dirtied {:.1} MiB/s; {} pages remain, \
+                     predicted to take {:.0} ms against a downtime target of {} ms at {:.1} MiB/s",
+                    self.phase,
+                    started.elapsed().as_secs_f64(),
+                    dirty_rate / (1 << 20) as f64,
+                    n,
+                    predicted.as_secs_f64() * 1000.0,
+                    self.cfg.downtime.as_millis(),
+                    bandwidth / (1 << 20) as f64,
+                )));
+            }
+            self.phase += 1;
+            round_start = Instant::now();
+            wire_before = self.progress.wire_bytes();
+            pages_sent = self.send_pages(&dirty, Stage::Precopy, None)?;
+        }
+    }
+
+    fn precopy_finish(&mut self, mut dirty: Vec<PageBitmap>) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        self.pause()?;
+        let t = Instant::now();
+        let last = self.vm.harvest_dirty()?;
+        self.vm.stop_dirty_tracking();
+        for (d, l) in dirty.iter_mut().zip(&last) {
+            d.union(l);
+        }
+        self.phase += 1;
+        self.send_pages(&dirty, Stage::Downtime, None)?;
+        let final_ms = ms(t);
+        self.progress
+            .update(|i| i.downtime.final_pages_ms = final_ms);
+        self.switchover(false, self.phase)?;
+        self.complete(self.phase)
+    }
+
+    /// Auto: pre-copy is not converging. Pause, tell the target which pages are stale, run
+    /// the VM there and push the stale pages while serving faults.
+    fn switch_to_postcopy(&mut self, mut dirty: Vec<PageBitmap>) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        self.pause()?;
+        let last = self.vm.harvest_dirty()?;
+        self.vm.stop_dirty_tracking();
+        for (d, l) in dirty.iter_mut().zip(&last) {
+            d.union(l);
+        }
+        self.progress.update(|i| i.switched_to_postcopy = true);
+        let mut runs = Vec::new();
+        for (region, bitmap) in dirty.iter().enumerate() {
+            for (page, n) in bitmap.runs(u64::from(u32::MAX)) {
+                runs.push((self.map.gpa(region, page), n as u32));
+            }
+        }
+        for chunk in runs.chunks(MAX_RUNS) {
+            self.send_control(&Message::Discard {
+                runs: chunk.to_vec(),
+            })?;
+        }
+        let precopy_phase = self.phase;
+        self.switchover(true, precopy_phase)?;
+        self.postcopy_push(dirty)
+    }
+
+    fn postcopy(&mut self) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        self.pause()?;
+        self.switchover(true, 0)?;
+        let all = self.all_pages();
+        self.postcopy_push(all)
+    }
+
+    /// Pushes `pages` on the bulk channels while the urgent channel serves the target's
+    /// fault requests first.
+    fn postcopy_push(&mut self, pages: Vec<PageBitmap>) -> Result<(), MigrationError> {
+        self.phase += 1;
+        let total: u64 = pages.iter().map(PageBitmap::count).sum();
+        self.progress.set_remaining_pages(total);
+        let sent: Vec<AtomicPageBitmap> = (0..self.map.regions().len())
+            .map(|i| AtomicPageBitmap::new(self.map.pages(i)))
+            .collect();
+        let bulk_done = AtomicBool::new(false);
+        let phase = self.phase;
+        let urgent_result = std::thread::scope(|scope| {
+            let urgent = scope.spawn(|| self.serve_requests(phase, &sent, &bulk_done));
+            let bulk = self.send_pages_inner(&pages, Stage::Postcopy, Some(&sent));
+            bulk_done.store(true, Ordering::Release);
+            let urgent = urgent.join().unwrap_or_else(|_| {
+                Err(MigrationError::Failed("the urgent sender panicked".into()))
+            });
+            bulk.and(urgent)
+        });
+        urgent_result?;
+        self.complete(phase)
+    }
+
+    /// The urgent channel: answers page requests until the bulk push is over, then marks the
+    /// phase on its channel.
+    fn serve_requests(
+        &self,
+        phase: u32,
+        sent: &[AtomicPageBitmap],
+        bulk_done: &AtomicBool,
+    ) -> Result<(), MigrationError> {
+        let mut stream = &self.urgent;
+        let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut encoder = self.encoder()?;
+        let mut writer = PagesWriter::new();
+        let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
+        let mut count = 0u64;
+        loop {
+            let (gpa, pages) = match requests.recv_timeout(Duration::from_millis(5)) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    if bulk_done.load(Ordering::Acquire) {
+                        break;
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let Some((region, first)) = self.map.locate(gpa) else {
+                continue;
+            };
+            let n = u64::from(pages)
+                .min(CHUNK_PAGES)
+                .min(self.map.pages(region) - first);
+            if n == 0 {
+                continue;
+            }
+            let bytes = (n * PAGE) as usize;
+            self.vm
+                .read(self.map.gpa(region, first), &mut buf[..bytes])?;
+            writer.clear();
+            for i in 0..n {
+                let page = first + i;
+                if !sent[region].test_and_set(page) {
+                    self.progress.sub_remaining_pages(1);
+                }
+                let data = &buf[(i * PAGE) as usize..((i + 1) * PAGE) as usize];
+                let (kind, encoded) = encoder.encode(data);
+                self.progress.page(kind, encoded.len());
+                writer.push(self.map.gpa(region, page), kind, encoded)?;
+            }
+            count += n;
+            let frame = writer.finish();
+            self.progress.wire(Stage::Postcopy, frame.len());
+            // Fault answers skip the bandwidth cap's queue: they are what the guest waits on.
+            crate::protocol::write_frame(&mut stream, frame)
+                .map_err(MigrationError::channel(URGENT))?;
+        }
+        write_message(
+            &mut stream,
+            &Message::Marker {
+                phase,
+                pages: count,
+            },
+        )
+        .map_err(MigrationError::channel(URGENT))?;
+        Ok(())
+    }
+
+    /// Sends `pages` over the bulk channels as phase `self.phase` (and marks the phase on the
+    /// urgent channel too, so the target can wait on every data channel alike). Returns pages
+    /// sent.
+    fn send_pages(
+        &mut self,
+        pages: &[PageBitmap],
+        stage: Stage,
+        skip: Option<&[AtomicPageBitmap]>,
+    ) -> Result<u64, MigrationError> {
+        let n = self.send_pages_inner(pages, stage, skip)?;
+        let mut urgent = &self.urgent;
+        write_message(
+            &mut urgent,
+            &Message::Marker {
+                phase: self.phase,
+                pages: 0,
+            },
+        )
+        .map_err(MigrationError::channel(URGENT))?;
+        Ok(n)
+    }
+
+    fn send_pages_inner(
+        &self,
+        pages: &[PageBitmap],
+        stage: Stage,
+        skip: Option<&[AtomicPageBitmap]>,
+    ) -> Result<u64, MigrationError> {
+        // Every page always travels on the same channel (by its 64-page chunk): a channel
+        // delivers in order, so a newer version of a page can never be overtaken by an older
+        // one sent in an earlier round on another channel.
+        let channels = self.bulk.len().max(1);
+        let mut work: Vec<Vec<(usize, u64, u64)>> = vec![Vec::new(); channels];
+        for (region, bitmap) in pages.iter().enumerate() {
+            for (first, n) in bitmap.aligned_runs(CHUNK_PAGES) {
+                let chunk = self.map.global(region, first) / CHUNK_PAGES;
+                work[(chunk % channels as u64) as usize].push((region, first, n));
+            }
+        }
+        let phase = self.phase;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .bulk
+                .iter()
+                .enumerate()
+                .zip(&work)
+                .map(|((i, stream), work)| {
+                    let channel = FIRST_BULK + i as u16;
+                    scope.spawn(move || self.bulk_sender(stream, channel, work, phase, stage, skip))
+                })
+                .collect();
+            let mut total = 0;
+            let mut first_error = None;
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(n)) => total += n,
+                    Ok(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_error
+                            .get_or_insert(MigrationError::Failed("a page sender panicked".into()));
+                    }
+                }
+            }
+            match first_error {
+                Some(e) => Err(e),
+                None => Ok(total),
+            }
+        })
+    }
+
+    fn bulk_sender(
+        &self,
+        mut stream: &TcpStream,
+        channel: u16,
+        work: &[(usize, u64, u64)],
+        phase: u32,
+        stage: Stage,
+        skip: Option<&[AtomicPageBitmap]>,
+    ) -> Result<u64, MigrationError> {
+        let mut encoder = self.encoder()?;
+        let mut writer = PagesWriter::new();
+        let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
+        let mut count = 0u64;
+        let flush =
+            |writer: &mut PagesWriter, stream: &mut &TcpStream| -> Result<(), MigrationError> {
+                if writer.is_empty() {
+                    return Ok(());
+                }
+                let frame = writer.finish();
+                self.progress.wire(stage, frame.len());
+                transport::send_frame(stream, frame, &self.limiter)
+                    .map_err(MigrationError::channel(channel))?;
+                writer.clear();
+                Ok(())
+            };
+        for &(region, first, n) in work {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(MigrationError::Cancelled);
+            }
+            let bytes = (n * PAGE) as usize;
+            self.vm
+                .read(self.map.gpa(region, first), &mut buf[..bytes])?;
+            for p in 0..n {
+                let page = first + p;
+                if let Some(skip) = skip {
+                    if skip[region].test_and_set(page) {
+                        continue;
+                    }
+                }
+                let data = &buf[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+                let (kind, encoded) = encoder.encode(data);
+                self.progress.page(kind, encoded.len());
+                writer.push(self.map.gpa(region, page), kind, encoded)?;
+                count += 1;
+                if writer.len() >= BATCH_PAGES {
+                    flush(&mut writer, &mut stream)?;
+                }
+            }
+            self.progress.sub_remaining_pages(n);
+        }
+        flush(&mut writer, &mut stream)?;
+        write_message(
+            &mut stream,
+            &Message::Marker {
+                phase,
+                pages: count,
+            },
+        )
+        .map_err(MigrationError::channel(channel))?;
+        Ok(count)
+    }
+
+    fn encoder(&self) -> Result<PageEncoder, MigrationError> {
+        PageEncoder::new(self.cfg.compression)
+            .map_err(|e| MigrationError::Failed(format!("Cannot set up compression: {e}")))
+    }
+
+    /// After a failure: before switchover the VM goes on here and the target drops its copy.
+    fn recover(&mut self, error: &MigrationError) {
+        let _ = self.send_control(&Message::abort(error.to_string()));
+        if self.switched {
+            return;
+        }
+        self.vm.stop_dirty_tracking();
+        if self.paused_at.is_some() {
+            if let Err(e) = self.vm.resume() {
+                // Nothing more can be done here; the caller reports the migration error.
+                let _: VmAccessError = e;
+            }
+        }
+    }
+}
+
+fn unreachable_event<T>() -> Result<T, MigrationError> {
+    Err(MigrationError::Failed(
+        "The target sent its messages out of order".into(),
+    ))
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}

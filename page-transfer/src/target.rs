@@ -1,0 +1,601 @@
+//! The target side of a migration: accepts the source's channels, builds the VM through a
+//! [`TargetFactory`], writes arriving pages (or, in post-copy, installs them and asks the
+//! source for pages the guest faults on), starts the VM at switchover and confirms when every
+//! page is present.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use godwit_api::{FaultStats, MigrationPhase};
+
+use crate::bitmap::{AtomicPageBitmap, PageMap};
+use crate::codec::PageDecoder;
+use crate::digest::{zero_page_hash, PageDigests};
+use crate::error::MigrationError;
+use crate::progress::{LatencyRecorder, Progress, Stage};
+use crate::protocol::{
+    read_frame, read_message, write_message, Command, Message, PageKind, PagesView, ProtocolError,
+    PAGE_SIZE,
+};
+use crate::transport;
+use crate::vm::{IncomingSetup, Region, TargetFactory, TargetVm, VmAccessError};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Pages requested per fault: the faulting page and the missing ones after it.
+const FAULT_CHUNK: u64 = 16;
+/// Contiguous pages installed with one call.
+const RUN_PAGES: usize = 64;
+
+/// What the target knows and shares between its channel threads.
+struct Shared {
+    vm: Arc<dyn TargetVm>,
+    map: PageMap,
+    received: Vec<AtomicPageBitmap>,
+    /// Pages written with data at least once (backed by memory; zero pages are not written).
+    populated: Vec<AtomicPageBitmap>,
+    requested: Vec<AtomicPageBitmap>,
+    digests: Option<PageDigests>,
+    postcopy: AtomicBool,
+    markers: Mutex<Vec<u32>>,
+    markers_changed: Condvar,
+    failure: Mutex<Option<String>>,
+    control: TcpStream,
+    pending: Mutex<HashMap<u64, Instant>>,
+    pending_count: AtomicUsize,
+    latency: LatencyRecorder,
+    faults: AtomicU64,
+    requests: AtomicU64,
+    stop: AtomicBool,
+    progress: Arc<Progress>,
+}
+
+impl Shared {
+    fn fail(&self, message: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(message);
+        }
+        drop(f);
+        self.markers_changed.notify_all();
+        // Wake the control loop out of its read.
+        let _ = self.control.shutdown(Shutdown::Read);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn received_pages(&self) -> u64 {
+        self.received.iter().map(AtomicPageBitmap::count).sum()
+    }
+
+    /// Waits until every data channel has marked `phase`.
+    fn wait_markers(&self, phase: u32) -> Result<(), MigrationError> {
+        let mut markers = self.markers.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(f) = self.failure() {
+                return Err(MigrationError::Failed(f));
+            }
+            if markers.iter().all(|&m| m >= phase) {
+                return Ok(());
+            }
+            markers = self
+                .markers_changed
+                .wait_timeout(markers, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Records pages as present and notes fault latencies.
+    fn mark_received(&self, region: usize, first: u64, n: u64, data: bool) {
+        for p in first..first + n {
+            if data {
+                self.populated[region].test_and_set(p);
+            }
+            self.received[region].test_and_set(p);
+        }
+        if self.pending_count.load(Ordering::Acquire) > 0 {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for p in first..first + n {
+                if let Some(t) = pending.remove(&self.map.global(region, p)) {
+                    self.latency.record(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            self.pending_count.store(pending.len(), Ordering::Release);
+        }
+    }
+}
+
+/// Contiguous pages waiting to be written with one call.
+struct Run {
+    region: usize,
+    first: u64,
+    data: Vec<u8>,
+    zeros: u64,
+}
+
+impl Run {
+    fn pages(&self) -> u64 {
+        if self.zeros > 0 {
+            self.zeros
+        } else {
+            (self.data.len() / PAGE_SIZE) as u64
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) -> Result<(), VmAccessError> {
+        let n = self.pages();
+        if n == 0 {
+            return Ok(());
+        }
+        let gpa = shared.map.gpa(self.region, self.first);
+        let postcopy = shared.postcopy.load(Ordering::Acquire);
+        if self.zeros > 0 {
+            if postcopy {
+                shared.vm.install_zero(gpa, n)?;
+            } else {
+                // Fresh memory is zero: only pages that held data need zeroing.
+                let zero = [0u8; PAGE_SIZE];
+                for p in self.first..self.first + n {
+                    if shared.populated[self.region].get(p) {
+                        shared.vm.write(shared.map.gpa(self.region, p), &zero)?;
+                    }
+                }
+            }
+            shared.mark_received(self.region, self.first, n, false);
+        } else {
+            if postcopy {
+                shared.vm.install(gpa, &self.data)?;
+            } else {
+                shared.vm.write(gpa, &self.data)?;
+            }
+            shared.mark_received(self.region, self.first, n, true);
+        }
+        self.data.clear();
+        self.zeros = 0;
+        Ok(())
+    }
+
+    /// Adds a page, flushing first when it does not extend the run.
+    fn push(
+        &mut self,
+        shared: &Shared,
+        region: usize,
+        page: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), VmAccessError> {
+        let n = self.pages();
+        let contiguous = n > 0 && region == self.region && page == self.first + n;
+        let same_kind = (self.zeros > 0) == data.is_none();
+        if n > 0 && (!contiguous || !same_kind || n as usize >= RUN_PAGES) {
+            self.flush(shared)?;
+        }
+        if self.pages() == 0 {
+            self.region = region;
+            self.first = page;
+        }
+        match data {
+            Some(d) => self.data.extend_from_slice(d),
+            None => self.zeros += 1,
+        }
+        Ok(())
+    }
+}
+
+/// Receives pages on one data channel until it closes or the migration ends.
+fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
+    let mut payload = Vec::new();
+    let mut decoder = match PageDecoder::new() {
+        Ok(d) => d,
+        Err(e) => return shared.fail(format!("Cannot set up decompression: {e}")),
+    };
+    let mut page = [0u8; PAGE_SIZE];
+    let zero_hash = zero_page_hash();
+    let mut run = Run {
+        region: 0,
+        first: 0,
+        data: Vec::with_capacity(RUN_PAGES * PAGE_SIZE),
+        zeros: 0,
+    };
+    let result: Result<(), String> = (|| loop {
+        let command = match read_frame(&mut stream, &mut payload) {
+            Ok(c) => c,
+            Err(e) => {
+                if shared.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                return Err(format!("data channel {}: {e}", slot + 1));
+            }
+        };
+        match command {
+            Command::Pages => {
+                let view = PagesView::parse(&payload).map_err(|e| e.to_string())?;
+                for (gpa, kind, data) in view {
+                    let (region, index) = shared.map.locate(gpa).ok_or_else(|| {
+                        format!("the source sent a page at {gpa:#x}, outside guest memory")
+                    })?;
+                    let global = shared.map.global(region, index);
+                    if kind == PageKind::Zero {
+                        if let Some(d) = &shared.digests {
+                            d.set_hash(global, zero_hash);
+                        }
+                        run.push(shared, region, index, None)
+                            .map_err(|e| e.to_string())?;
+                    } else {
+                        decoder
+                            .decode(kind, data, &mut page)
+                            .map_err(|e| format!("page at {gpa:#x}: {e}"))?;
+                        if let Some(d) = &shared.digests {
+                            d.set(global, &page);
+                        }
+                        run.push(shared, region, index, Some(&page))
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                run.flush(shared).map_err(|e| e.to_string())?;
+            }
+            Command::Marker => {
+                run.flush(shared).map_err(|e| e.to_string())?;
+                let Ok(Message::Marker { phase, .. }) = Message::decode(command, &payload) else {
+                    return Err("a malformed phase marker".into());
+                };
+                let mut markers = shared.markers.lock().unwrap_or_else(|e| e.into_inner());
+                markers[slot] = phase;
+                shared.markers_changed.notify_all();
+            }
+            Command::Abort | Command::Error => {
+                let text = match Message::decode(command, &payload) {
+                    Ok(Message::Abort { reason }) => reason,
+                    Ok(Message::Error { message }) => message,
+                    _ => "no reason given".into(),
+                };
+                return Err(format!("the source aborted: {text}"));
+            }
+            other => return Err(format!("unexpected {other} message on a data channel")),
+        }
+    })();
+    if let Err(message) = result {
+        shared.fail(message);
+    }
+}
+
+/// Post-copy: turns guest faults into page requests.
+fn serve_faults(shared: &Shared) {
+    let mut faults = Vec::new();
+    let mut control = match shared.control.try_clone() {
+        Ok(c) => c,
+        Err(e) => return shared.fail(format!("Cannot clone the control socket: {e}")),
+    };
+    while !shared.stop.load(Ordering::Acquire) {
+        faults.clear();
+        if let Err(e) = shared
+            .vm
+            .wait_faults(&mut faults, Duration::from_millis(20))
+        {
+            return shared.fail(format!("Cannot read guest faults: {e}"));
+        }
+        for &gpa in &faults {
+            shared.faults.fetch_add(1, Ordering::Relaxed);
+            let Some((region, page)) = shared.map.locate(gpa) else {
+                continue;
+            };
+            if shared.received[region].get(page) {
+                // It arrived between the fault and now.
+                if let Err(e) = shared.vm.wake(gpa & !(PAGE - 1), 1) {
+                    return shared.fail(format!("Cannot wake a vCPU: {e}"));
+                }
+                continue;
+            }
+            {
+                let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                pending
+                    .entry(shared.map.global(region, page))
+                    .or_insert_with(Instant::now);
+                shared.pending_count.store(pending.len(), Ordering::Release);
+            }
+            if shared.requested[region].test_and_set(page) {
+                continue;
+            }
+            let mut n = 1;
+            while n < FAULT_CHUNK
+                && page + n < shared.map.pages(region)
+                && !shared.received[region].get(page + n)
+                && !shared.requested[region].test_and_set(page + n)
+            {
+                n += 1;
+            }
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+            let msg = Message::PageRequest {
+                gpa: shared.map.gpa(region, page),
+                pages: n as u32,
+            };
+            if let Err(e) = write_message(&mut control, &msg) {
+                return shared.fail(format!("Cannot request pages: {e}"));
+            }
+        }
+    }
+}
+
+/// Accepts one migration on `listener` and runs it to the end. On success the VM runs here
+/// with all its pages; on failure before the VM started, it has been thrown away.
+pub fn receive(
+    listener: &TcpListener,
+    migration_id: [u8; 16],
+    factory: &dyn TargetFactory,
+    progress: Arc<Progress>,
+    accept_timeout: Duration,
+) -> Result<Arc<dyn TargetVm>, MigrationError> {
+    let mut streams = transport::accept(listener, migration_id, accept_timeout)?;
+    let data = streams.split_off(1);
+    let mut control = streams
+        .pop()
+        .ok_or_else(|| MigrationError::Failed("no control channel".into()))?;
+    // The control channel may stay quiet for a whole pre-copy.
+    let _ = control.set_read_timeout(None);
+    for s in &data {
+        let _ = s.set_read_timeout(None);
+    }
+
+    let (setup, verify) = match read_message(&mut control)? {
+        Message::Setup {
+            mode,
+            verify,
+            regions,
+            vm,
+        } => {
+            if mode > 3 {
+                let text = format!("unknown migration mode {mode}");
+                let _ = write_message(&mut control, &Message::error(text.clone()));
+                return Err(MigrationError::Failed(text));
+            }
+            (
+                IncomingSetup {
+                    postcopy_from_start: mode == 2,
+                    regions: regions
+                        .into_iter()
+                        .map(|(gpa, size)| Region { gpa, size })
+                        .collect(),
+                    config_blob: vm,
+                },
+                verify,
+            )
+        }
+        other => {
+            let e = ProtocolError::unexpected("Setup", &other);
+            let _ = write_message(&mut control, &Message::error(e.to_string()));
+            return Err(e.into());
+        }
+    };
+    let vm = match factory.prepare(&setup) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let _ = write_message(&mut control, &Message::error(e.to_string()));
+            return Err(e.into());
+        }
+    };
+    let map = PageMap::new(setup.regions.clone());
+    progress.update(|i| i.memory_bytes = map.total_pages() * PAGE);
+    let bitmaps = || -> Vec<AtomicPageBitmap> {
+        (0..map.regions().len())
+            .map(|i| AtomicPageBitmap::new(map.pages(i)))
+            .collect()
+    };
+    let shared = Shared {
+        vm: vm.clone(),
+        received: bitmaps(),
+        populated: bitmaps(),
+        requested: bitmaps(),
+        digests: verify.then(|| PageDigests::new(map.total_pages())),
+        postcopy: AtomicBool::new(false),
+        markers: Mutex::new(vec![0; data.len()]),
+        markers_changed: Condvar::new(),
+        failure: Mutex::new(None),
+        control: control
+            .try_clone()
+            .map_err(|e| MigrationError::Failed(format!("Cannot clone the control socket: {e}")))?,
+        pending: Mutex::new(HashMap::new()),
+        pending_count: AtomicUsize::new(0),
+        latency: LatencyRecorder::default(),
+        faults: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        progress,
+        map,
+    };
+    if setup.postcopy_from_start {
+        if let Err(e) = vm.enable_postcopy() {
+            let _ = write_message(&mut control, &Message::error(e.to_string()));
+            vm.abort();
+            return Err(e.into());
+        }
+        shared.postcopy.store(true, Ordering::Release);
+    }
+    write_message(&mut control, &Message::SetupAck)?;
+    shared
+        .progress
+        .update(|i| i.phase = MigrationPhase::Precopy);
+
+    let mut started = false;
+    let result = std::thread::scope(|scope| {
+        let data_threads: Vec<_> = data
+            .into_iter()
+            .enumerate()
+            .map(|(slot, stream)| {
+                let shared = &shared;
+                scope.spawn(move || receive_pages(shared, stream, slot))
+            })
+            .collect();
+        let mut fault_thread = None;
+        let result = control_loop(&shared, &mut control, &mut started, &mut |shared| {
+            fault_thread = Some(scope.spawn(move || serve_faults(shared)));
+        });
+        shared.stop.store(true, Ordering::Release);
+        let _ = control.shutdown(Shutdown::Both);
+        if let Some(t) = fault_thread {
+            let _ = t.join();
+        }
+        // Data channels end when the source closes them.
+        for t in data_threads {
+            let _ = t.join();
+        }
+        result
+    });
+    match result {
+        Ok(()) => Ok(vm),
+        Err(e) => {
+            if !started {
+                vm.abort();
+            }
+            Err(e)
+        }
+    }
+}
+
+fn control_loop<'s>(
+    shared: &'s Shared,
+    control: &mut TcpStream,
+    started: &mut bool,
+    spawn_fault_thread: &mut dyn FnMut(&'s Shared),
+) -> Result<(), MigrationError> {
+    let total_pages = shared.map.total_pages();
+    let mut state: Option<Vec<u8>> = None;
+    let mut discards: Vec<(u64, u32)> = Vec::new();
+    loop {
+        let msg = match read_message(control) {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(match shared.failure() {
+                    Some(f) => MigrationError::Failed(f),
+                    None => MigrationError::Failed(format!("The control channel broke: {e}")),
+                })
+            }
+        };
+        match msg {
+            Message::State { blob } => state = Some(blob),
+            Message::Discard { runs } => {
+                if discards.len() + runs.len() > total_pages as usize {
+                    return Err(MigrationError::Failed(
+                        "the source discarded more runs than there are pages".into(),
+                    ));
+                }
+                discards.extend(runs);
+            }
+            Message::Switchover {
+                postcopy,
+                markers_phase,
+            } => {
+                shared.wait_markers(markers_phase)?;
+                let blob = state.take().ok_or_else(|| {
+                    MigrationError::Failed("switchover without the VM state".into())
+                })?;
+                if postcopy {
+                    enter_postcopy(shared, &discards)?;
+                } else {
+                    let have = shared.received_pages();
+                    if have != total_pages {
+                        return Err(MigrationError::Failed(format!(
+                            "switchover with {} of {total_pages} pages received",
+                            have
+                        )));
+                    }
+                }
+                shared.vm.start(&blob)?;
+                *started = true;
+                write_message(control, &Message::Resumed)?;
+                shared.progress.update(|i| {
+                    i.phase = if postcopy {
+                        MigrationPhase::Postcopy
+                    } else {
+                        MigrationPhase::Completing
+                    }
+                });
+                if postcopy {
+                    spawn_fault_thread(shared);
+                }
+            }
+            Message::AllSent { phase } => {
+                shared.wait_markers(phase)?;
+                let have = shared.received_pages();
+                if have != total_pages {
+                    return Err(MigrationError::Failed(format!(
+                        "all sent, yet {} of {total_pages} pages are missing",
+                        total_pages - have
+                    )));
+                }
+                shared.stop.store(true, Ordering::Release);
+                if shared.postcopy.load(Ordering::Acquire) {
+                    shared.vm.finish_postcopy()?;
+                }
+                let digest = shared
+                    .digests
+                    .as_ref()
+                    .map(PageDigests::finish)
+                    .unwrap_or_default();
+                let mut stats = FaultStats {
+                    faults: shared.faults.load(Ordering::Relaxed),
+                    requests: shared.requests.load(Ordering::Relaxed),
+                    ..FaultStats::default()
+                };
+                shared.latency.fill(&mut stats);
+                let report = serde_json::to_string(&stats).unwrap_or_default();
+                shared.progress.update(|i| {
+                    i.faults = stats.clone();
+                    i.target_digest = Some(digest.clone());
+                });
+                write_message(control, &Message::Done { digest, report })?;
+                return Ok(());
+            }
+            Message::Abort { reason } => return Err(MigrationError::Remote(reason)),
+            Message::Error { message } => return Err(MigrationError::Remote(message)),
+            other => {
+                let e = ProtocolError::unexpected("a control message", &other);
+                let _ = write_message(control, &Message::error(e.to_string()));
+                return Err(e.into());
+            }
+        }
+        shared.progress.wire(Stage::Precopy, 0);
+    }
+}
+
+/// Drops stale pages and registers memory for faults; pages known to be zero but never
+/// written get zero pages so they do not fault.
+fn enter_postcopy(shared: &Shared, discards: &[(u64, u32)]) -> Result<(), MigrationError> {
+    for &(gpa, pages) in discards {
+        let Some((region, first)) = shared.map.locate(gpa) else {
+            return Err(MigrationError::Failed(format!(
+                "the source discarded pages at {gpa:#x}, outside guest memory"
+            )));
+        };
+        let n = u64::from(pages).min(shared.map.pages(region) - first);
+        shared.vm.discard(gpa, n)?;
+        for p in first..first + n {
+            shared.received[region].clear(p);
+            shared.populated[region].clear(p);
+        }
+    }
+    if !shared.postcopy.load(Ordering::Acquire) {
+        shared.vm.enable_postcopy()?;
+        for region in 0..shared.map.regions().len() {
+            let received = shared.received[region].snapshot();
+            let populated = shared.populated[region].snapshot();
+            let mut zero_only = crate::bitmap::PageBitmap::new(received.pages());
+            for p in 0..received.pages() {
+                if received.get(p) && !populated.get(p) {
+                    zero_only.set(p);
+                }
+            }
+            for (first, n) in zero_only.runs(u64::from(u32::MAX)) {
+                shared.vm.install_zero(shared.map.gpa(region, first), n)?;
+            }
+        }
+        shared.postcopy.store(true, Ordering::Release);
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The TCP connections of one migration: channel 0 carries control messages both ways,
+//! channel 1 carries pages that a post-copy fault waits for (so they never queue behind bulk
+//! pages), channels 2.. carry bulk pages. Each is opened by the source and starts with a
+//! version handshake.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crate::error::MigrationError;
+use crate::protocol::{
+    self, read_message, write_message, Message, ProtocolError, MAX_CHANNELS, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
+
+pub const CONTROL: u16 = 0;
+pub const URGENT: u16 = 1;
+pub const FIRST_BULK: u16 = 2;
+
+/// Connects `bulk + 2` channels to `addr` and handshakes on each. Returns them by index.
+pub fn connect(
+    addr: &str,
+    migration_id: [u8; 16],
+    bulk: u16,
+    timeout: Duration,
+) -> Result<Vec<TcpStream>, MigrationError> {
+    let channels = bulk.saturating_add(FIRST_BULK);
+    if bulk == 0 || channels > MAX_CHANNELS {
+        return Err(MigrationError::Failed(format!(
+            "channels must be 1-{}, not {bulk}",
+            MAX_CHANNELS - FIRST_BULK
+        )));
+    }
+    let sockaddr: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|source| MigrationError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| MigrationError::Failed(format!("{addr} resolves to no address")))?;
+    let mut streams = Vec::with_capacity(channels as usize);
+    for channel in 0..channels {
+        let mut s = TcpStream::connect_timeout(&sockaddr, timeout).map_err(|source| {
+            MigrationError::Connect {
+                addr: addr.to_owned(),
+                source,
+            }
+        })?;
+        s.set_nodelay(channel < FIRST_BULK)
+            .and_then(|()| s.set_read_timeout(Some(timeout)))
+            .and_then(|()| s.set_write_timeout(Some(crate::vm::PEER_TIMEOUT)))
+            .map_err(|e| {
+                MigrationError::Failed(format!("Cannot configure channel {channel}: {e}"))
+            })?;
+        write_message(
+            &mut s,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                min_version: MIN_PROTOCOL_VERSION,
+                migration_id,
+                channel,
+                channels,
+            },
+        )
+        .map_err(MigrationError::channel(channel))?;
+        match read_message(&mut s).map_err(MigrationError::channel(channel))? {
+            Message::HelloAck { version } => {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+                    return Err(MigrationError::Remote(format!(
+                        "the target chose protocol version {version}, which this source does not speak"
+                    )));
+                }
+            }
+            Message::Error { message } | Message::Abort { reason: message } => {
+                return Err(MigrationError::Remote(message))
+            }
+            other => {
+                return Err(MigrationError::channel(channel)(ProtocolError::unexpected(
+                    "HelloAck", &other,
+                )))
+            }
+        }
+        streams.push(s);
+    }
+    Ok(streams)
+}
+
+/// Accepts the source's channels for migration `migration_id` on `listener`, handshaking each;
+/// returns them ordered by channel index. A connection with the wrong id or a bad hello is
+/// answered with an error and dropped; it does not end the wait.
+pub fn accept(
+    listener: &TcpListener,
+    migration_id: [u8; 16],
+    timeout: Duration,
+) -> Result<Vec<TcpStream>, MigrationError> {
+    let deadline = Instant::now() + timeout;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| MigrationError::Failed(format!("Cannot poll the migration listener: {e}")))?;
+    let mut slots: Vec<Option<TcpStream>> = Vec::new();
+    let mut expected: Option<u16> = None;
+    loop {
+        if let Some(n) = expected {
+            if slots.iter().filter(|s| s.is_some()).count() == n as usize {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(MigrationError::Timeout(
+                "the source did not open all migration channels".into(),
+            ));
+        }
+        let mut s = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => {
+                return Err(MigrationError::Failed(format!(
+                    "Cannot accept a migration channel: {e}"
+                )))
+            }
+        };
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        match handshake(&mut s, migration_id, expected) {
+            Ok((channel, channels)) => {
+                expected = Some(channels);
+                slots.resize_with(channels as usize, || None);
+                let _ = s.set_nodelay(channel < FIRST_BULK);
+                let _ = s.set_read_timeout(Some(crate::vm::PEER_TIMEOUT));
+                let _ = s.set_write_timeout(Some(crate::vm::PEER_TIMEOUT));
+                if slots[channel as usize].is_some() {
+                    let _ = write_message(
+                        &mut s,
+                        &Message::error(format!("channel {channel} is already open")),
+                    );
+                    continue;
+                }
+                slots[channel as usize] = Some(s);
+            }
+            Err(message) => {
+                tracing_free_log(&message);
+                let _ = write_message(&mut s, &Message::error(message));
+            }
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+fn tracing_free_log(message: &str) {
+    // The engine has no logger of its own; the agent logs the migration's outcome.
+    let _ = message;
+}
+
+fn handshake(
+    s: &mut TcpStream,
+    migration_id: [u8; 16],
+    expected: Option<u16>,
+) -> Result<(u16, u16), String> {
+    let msg = read_message(s).map_err(|e| format!("bad hello: {e}"))?;
+    let Message::Hello {
+        version,
+        min_version,
+        migration_id: id,
+        channel,
+        channels,
+    } = msg
+    else {
+        return Err(format!("expected Hello, got {}", msg.command()));
+    };
+    if id != migration_id {
+        return Err("this target expects another migration".into());
+    }
+    if !(FIRST_BULK + 1..=MAX_CHANNELS).contains(&channels) || channel >= channels {
+        return Err(format!("channel {channel} of {channels} is out of range"));
+    }
+    if expected.is_some_and(|n| n != channels) {
+        return Err(format!("channel count changed to {channels}"));
+    }
+    let version = protocol::negotiate(version, min_version).map_err(|e| e.to_string())?;
+    write_message(s, &Message::HelloAck { version }).map_err(|e| e.to_string())?;
+    Ok((channel, channels))
+}
+
+/// Writes a whole frame, counting it against the bandwidth cap first.
+pub fn send_frame(
+    s: &mut impl Write,
+    frame: &[u8],
+    limiter: &crate::limiter::Limiter,
+) -> Result<(), ProtocolError> {
+    limiter.take(frame.len());
+    protocol::write_frame(s, frame)
+}
+
+/// Reads one message, with a clear error when the peer is gone.
+pub fn recv(s: &mut impl Read) -> Result<Message, ProtocolError> {
+    read_message(s)
+}

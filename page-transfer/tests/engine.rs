@@ -1,0 +1,466 @@
+//! The engine against in-memory VMs over real loopback TCP: every mode moves memory exactly,
+//! pre-copy resends what a writing "guest" dirtied, post-copy serves a reading guest's faults,
+//! cancel leaves the source running, and a refused setup reaches the source as text.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use godwit_api::MigrationMode;
+use page_transfer::bitmap::PageBitmap;
+use page_transfer::codec::Compression;
+use page_transfer::progress::Progress;
+use page_transfer::source::{migrate, SourceConfig};
+use page_transfer::target::receive;
+use page_transfer::vm::{IncomingSetup, Region, SourceVm, TargetFactory, TargetVm, VmAccessError};
+use page_transfer::MigrationError;
+
+const PAGE: usize = 4096;
+
+/// A source VM whose "guest" thread rewrites random pages while it runs.
+struct MemSource {
+    memory: Mutex<Vec<u8>>,
+    dirty: Mutex<PageBitmap>,
+    tracking: AtomicBool,
+    paused: AtomicBool,
+    resumed: AtomicBool,
+    writes: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl MemSource {
+    fn new(pages: usize) -> Arc<Self> {
+        let mut memory = vec![0u8; pages * PAGE];
+        // Some pages with data, some compressible, the rest zero.
+        for p in 0..pages / 2 {
+            let v = (p as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            memory[p * PAGE..p * PAGE + 8].copy_from_slice(&v.to_le_bytes());
+            if p % 3 == 0 {
+                for b in &mut memory[p * PAGE + 8..(p + 1) * PAGE] {
+                    *b = (v >> 7) as u8 ^ 0x5a;
+                }
+            }
+        }
+        Arc::new(MemSource {
+            memory: Mutex::new(memory),
+            dirty: Mutex::new(PageBitmap::new(pages as u64)),
+            tracking: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Writes `per_ms` random pages every millisecond while not paused.
+    fn run_guest(self: &Arc<Self>, per_ms: usize) -> JoinHandle<()> {
+        let vm = self.clone();
+        std::thread::spawn(move || {
+            let mut x = 0x1234_5678_u64;
+            while !vm.stop.load(Ordering::Relaxed) {
+                if !vm.paused.load(Ordering::Acquire) {
+                    let mut mem = vm.memory.lock().unwrap();
+                    // Re-check under the lock: pause() takes it too.
+                    if !vm.paused.load(Ordering::Acquire) {
+                        let pages = mem.len() / PAGE;
+                        for _ in 0..per_ms {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let p = (x % pages as u64) as usize;
+                            let n = vm.writes.fetch_add(1, Ordering::Relaxed);
+                            mem[p * PAGE..p * PAGE + 8].copy_from_slice(&n.to_le_bytes());
+                            if vm.tracking.load(Ordering::Relaxed) {
+                                vm.dirty.lock().unwrap().set(p as u64);
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    }
+}
+
+impl SourceVm for MemSource {
+    fn regions(&self) -> Vec<Region> {
+        let size = self.memory.lock().unwrap().len() as u64;
+        vec![Region { gpa: 0, size }]
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmAccessError> {
+        let mem = self.memory.lock().unwrap();
+        let start = gpa as usize;
+        buf.copy_from_slice(&mem[start..start + buf.len()]);
+        Ok(())
+    }
+    fn start_dirty_tracking(&self) -> Result<(), VmAccessError> {
+        self.tracking.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+    fn harvest_dirty(&self) -> Result<Vec<PageBitmap>, VmAccessError> {
+        let mut d = self.dirty.lock().unwrap();
+        let out = d.clone();
+        *d = PageBitmap::new(d.pages());
+        Ok(vec![out])
+    }
+    fn stop_dirty_tracking(&self) {
+        self.tracking.store(false, Ordering::Relaxed);
+    }
+    fn pause(&self) -> Result<(), VmAccessError> {
+        let _held = self.memory.lock().unwrap();
+        self.paused.store(true, Ordering::Release);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), VmAccessError> {
+        self.paused.store(false, Ordering::Release);
+        self.resumed.store(true, Ordering::Release);
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<u8>, VmAccessError> {
+        Ok(b"vcpu-state".to_vec())
+    }
+    fn config_blob(&self) -> Vec<u8> {
+        b"config".to_vec()
+    }
+}
+
+/// A target VM; after start, its "guest" reads pages and blocks on missing ones (post-copy).
+struct MemTarget {
+    memory: Mutex<Vec<u8>>,
+    present: Mutex<Vec<bool>>,
+    arrived: Condvar,
+    registered: AtomicBool,
+    faults_tx: Mutex<Sender<u64>>,
+    faults_rx: Mutex<Receiver<u64>>,
+    started: AtomicBool,
+    aborted: AtomicBool,
+    guest_reads: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl MemTarget {
+    fn guest(self: &Arc<Self>) -> JoinHandle<()> {
+        let vm = self.clone();
+        std::thread::spawn(move || {
+            let mut x = 0xdead_beef_u64;
+            let pages = vm.present.lock().unwrap().len() as u64;
+            while !vm.stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let p = (x % pages) as usize;
+                let mut present = vm.present.lock().unwrap();
+                if vm.registered.load(Ordering::Acquire) && !present[p] {
+                    let _ = vm.faults_tx.lock().unwrap().send((p * PAGE) as u64);
+                    while !present[p] && !vm.stop.load(Ordering::Relaxed) {
+                        present = vm
+                            .arrived
+                            .wait_timeout(present, Duration::from_millis(50))
+                            .unwrap()
+                            .0;
+                    }
+                }
+                vm.guest_reads.fetch_add(1, Ordering::Relaxed);
+                drop(present);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    }
+
+    fn put(&self, gpa: u64, data: &[u8], only_missing: bool) {
+        let mut mem = self.memory.lock().unwrap();
+        let mut present = self.present.lock().unwrap();
+        for (i, page) in data.chunks(PAGE).enumerate() {
+            let p = gpa as usize / PAGE + i;
+            if only_missing && present[p] {
+                continue;
+            }
+            mem[p * PAGE..(p + 1) * PAGE].copy_from_slice(page);
+            present[p] = true;
+        }
+        self.arrived.notify_all();
+    }
+}
+
+impl TargetVm for MemTarget {
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), VmAccessError> {
+        self.put(gpa, data, false);
+        Ok(())
+    }
+    fn install(&self, gpa: u64, data: &[u8]) -> Result<(), VmAccessError> {
+        self.put(gpa, data, true);
+        Ok(())
+    }
+    fn install_zero(&self, gpa: u64, pages: u64) -> Result<(), VmAccessError> {
+        self.put(gpa, &vec![0u8; pages as usize * PAGE], true);
+        Ok(())
+    }
+    fn discard(&self, gpa: u64, pages: u64) -> Result<(), VmAccessError> {
+        let mut mem = self.memory.lock().unwrap();
+        let mut present = self.present.lock().unwrap();
+        for p in gpa as usize / PAGE..gpa as usize / PAGE + pages as usize {
+            mem[p * PAGE..(p + 1) * PAGE].fill(0);
+            present[p] = false;
+        }
+        Ok(())
+    }
+    fn enable_postcopy(&self) -> Result<(), VmAccessError> {
+        self.registered.store(true, Ordering::Release);
+        Ok(())
+    }
+    fn wait_faults(&self, out: &mut Vec<u64>, timeout: Duration) -> Result<(), VmAccessError> {
+        let rx = self.faults_rx.lock().unwrap();
+        if let Ok(f) = rx.recv_timeout(timeout) {
+            out.push(f);
+            while let Ok(f) = rx.try_recv() {
+                out.push(f);
+            }
+        }
+        Ok(())
+    }
+    fn wake(&self, _gpa: u64, _pages: u64) -> Result<(), VmAccessError> {
+        self.arrived.notify_all();
+        Ok(())
+    }
+    fn start(&self, state: &[u8]) -> Result<(), VmAccessError> {
+        assert_eq!(state, b"vcpu-state");
+        self.started.store(true, Ordering::Release);
+        Ok(())
+    }
+    fn finish_postcopy(&self) -> Result<(), VmAccessError> {
+        assert!(self.present.lock().unwrap().iter().all(|&p| p));
+        self.registered.store(false, Ordering::Release);
+        Ok(())
+    }
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+    }
+}
+
+struct Factory {
+    made: Mutex<Option<Arc<MemTarget>>>,
+    refuse: Option<String>,
+}
+
+impl TargetFactory for Factory {
+    fn prepare(&self, setup: &IncomingSetup) -> Result<Arc<dyn TargetVm>, VmAccessError> {
+        if let Some(r) = &self.refuse {
+            return Err(VmAccessError::new(r.clone()));
+        }
+        assert_eq!(setup.config_blob, b"config");
+        let size: u64 = setup.regions.iter().map(|r| r.size).sum();
+        let pages = size as usize / PAGE;
+        let (tx, rx) = mpsc::channel();
+        let vm = Arc::new(MemTarget {
+            memory: Mutex::new(vec![0u8; pages * PAGE]),
+            present: Mutex::new(vec![false; pages]),
+            arrived: Condvar::new(),
+            registered: AtomicBool::new(false),
+            faults_tx: Mutex::new(tx),
+            faults_rx: Mutex::new(rx),
+            started: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
+            guest_reads: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        *self.made.lock().unwrap() = Some(vm.clone());
+        Ok(vm)
+    }
+}
+
+struct Run {
+    source: Arc<MemSource>,
+    target: Option<Arc<MemTarget>>,
+    source_result: Result<(), MigrationError>,
+    target_result: Result<(), MigrationError>,
+    info: godwit_api::MigrationInfo,
+}
+
+fn config(mode: MigrationMode) -> SourceConfig {
+    SourceConfig {
+        mode,
+        downtime: Duration::from_millis(50),
+        bandwidth: None,
+        channels: 2,
+        compression: Compression::Auto,
+        max_rounds: 8,
+        precopy_timeout: Duration::from_secs(20),
+        verify: true,
+        migration_id: *b"0123456789abcdef",
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+fn run(
+    pages: usize,
+    guest_per_ms: usize,
+    cfg: SourceConfig,
+    refuse: Option<&str>,
+    cancel_after: Option<Duration>,
+) -> Run {
+    let source = MemSource::new(pages);
+    let source_guest = (guest_per_ms > 0).then(|| source.run_guest(guest_per_ms));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let factory = Arc::new(Factory {
+        made: Mutex::new(None),
+        refuse: refuse.map(str::to_owned),
+    });
+    let target_progress = Arc::new(Progress::new("m", "vm", "a", "b", cfg.mode, 0));
+    let f = factory.clone();
+    let id = cfg.migration_id;
+    let target_thread = std::thread::spawn(move || {
+        let result = receive(&listener, id, &*f, target_progress, Duration::from_secs(10));
+        result.map(|_| ())
+    });
+    // A guest on the target that touches pages once it runs.
+    let guest_factory = factory.clone();
+    let target_guest = std::thread::spawn(move || {
+        for _ in 0..500 {
+            if let Some(vm) = guest_factory.made.lock().unwrap().clone() {
+                return Some(vm.guest());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    });
+    let progress = Progress::new("m", "vm", "a", "b", cfg.mode, 0);
+    let cancel = AtomicBool::new(false);
+    let source_result = std::thread::scope(|s| {
+        if let Some(after) = cancel_after {
+            let cancel = &cancel;
+            s.spawn(move || {
+                std::thread::sleep(after);
+                cancel.store(true, Ordering::Relaxed);
+            });
+        }
+        migrate(&*source, &addr, &cfg, &progress, &cancel)
+    });
+    let target_result = target_thread.join().unwrap();
+    let target = factory.made.lock().unwrap().clone();
+    source.stop.store(true, Ordering::Relaxed);
+    if let Some(t) = &target {
+        t.stop.store(true, Ordering::Relaxed);
+    }
+    if let Some(g) = source_guest {
+        g.join().unwrap();
+    }
+    if let Some(g) = target_guest.join().unwrap() {
+        g.join().unwrap();
+    }
+    Run {
+        source,
+        target,
+        source_result,
+        target_result,
+        info: progress.info(),
+    }
+}
+
+fn assert_identical(r: &Run) {
+    r.source_result.as_ref().expect("source");
+    r.target_result.as_ref().expect("target");
+    let target = r.target.as_ref().unwrap();
+    assert!(target.started.load(Ordering::Acquire));
+    let a = r.source.memory.lock().unwrap();
+    let b = target.memory.lock().unwrap();
+    let diff = a
+        .chunks(PAGE)
+        .zip(b.chunks(PAGE))
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(diff, 0, "{diff} pages differ");
+    assert_eq!(r.info.source_digest, r.info.target_digest);
+    assert!(r.info.source_digest.is_some());
+    assert!(r.info.downtime_ms.is_some());
+}
+
+#[test]
+fn stop_and_copy_moves_memory_exactly() {
+    let r = run(4096, 5, config(MigrationMode::StopAndCopy), None, None);
+    assert_identical(&r);
+    assert!(r.info.pages.zero_pages > 1000, "{:?}", r.info.pages);
+    assert!(r.info.pages.compressed_pages > 0, "{:?}", r.info.pages);
+}
+
+#[test]
+fn precopy_resends_dirty_pages_and_converges() {
+    let r = run(8192, 20, config(MigrationMode::Precopy), None, None);
+    assert_identical(&r);
+    let p = &r.info.pages;
+    let sent = p.zero_pages + p.raw_pages + p.compressed_pages;
+    assert!(sent > 8192, "dirty pages were not resent: {:?}", r.info);
+    assert!(r.info.downtime_bytes > 0);
+    assert!(!r.info.switched_to_postcopy);
+}
+
+#[test]
+fn precopy_that_cannot_converge_fails_and_the_source_runs_on() {
+    let mut cfg = config(MigrationMode::Precopy);
+    cfg.bandwidth = Some(2 << 20);
+    cfg.max_rounds = 2;
+    cfg.downtime = Duration::from_millis(1);
+    let r = run(2048, 200, cfg, None, None);
+    let err = r.source_result.unwrap_err();
+    assert!(matches!(err, MigrationError::NotConverged(_)), "{err}");
+    assert!(r.target_result.is_err());
+    assert!(r.target.unwrap().aborted.load(Ordering::Acquire));
+    assert!(!r.source.paused.load(Ordering::Acquire));
+}
+
+#[test]
+fn postcopy_serves_faults_and_pushes_the_rest() {
+    let r = run(8192, 5, config(MigrationMode::Postcopy), None, None);
+    assert_identical(&r);
+    assert_eq!(r.info.precopy_bytes, 0);
+    assert!(r.info.postcopy_bytes > 0);
+    let target = r.target.as_ref().unwrap();
+    assert!(target.guest_reads.load(Ordering::Relaxed) > 0);
+    assert!(r.info.faults.faults > 0, "{:?}", r.info.faults);
+    assert!(r.info.faults.requests > 0, "{:?}", r.info.faults);
+}
+
+#[test]
+fn auto_switches_to_postcopy_when_precopy_stalls() {
+    let mut cfg = config(MigrationMode::Auto);
+    cfg.bandwidth = Some(8 << 20);
+    cfg.downtime = Duration::from_millis(1);
+    let r = run(4096, 300, cfg, None, None);
+    assert_identical(&r);
+    assert!(r.info.switched_to_postcopy, "{:?}", r.info);
+}
+
+#[test]
+fn cancel_before_switchover_leaves_the_vm_running_on_the_source() {
+    let mut cfg = config(MigrationMode::Precopy);
+    cfg.bandwidth = Some(4 << 20);
+    cfg.compression = Compression::None;
+    cfg.downtime = Duration::from_millis(1);
+    let r = run(8192, 50, cfg, None, Some(Duration::from_millis(300)));
+    assert!(
+        matches!(r.source_result, Err(MigrationError::Cancelled)),
+        "{:?}",
+        r.source_result
+    );
+    assert!(r.target_result.is_err());
+    assert!(r.target.unwrap().aborted.load(Ordering::Acquire));
+    assert!(!r.source.paused.load(Ordering::Acquire));
+}
+
+#[test]
+fn a_refusing_target_reports_why() {
+    let r = run(
+        256,
+        0,
+        config(MigrationMode::Precopy),
+        Some("no room for 1 MiB"),
+        None,
+    );
+    match r.source_result {
+        Err(MigrationError::Remote(m)) => assert!(m.contains("no room"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
