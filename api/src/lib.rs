@@ -466,3 +466,27 @@ pub struct MigrationInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_digest: Option<String>,
 }
+
+/// `POST /v1/migrations/incoming` (agent to agent): the source asks the target to get ready.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingMigration {
+    /// The migration's id (32 hex digits), also sent in every channel's handshake.
+    pub id: String,
+    /// Name the VM will have on the target (its name on the source).
+    pub vm: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub mode: MigrationMode,
+    /// Name of the source agent, for the record.
+    pub source: String,
+}
+
+/// The target's answer: where to open the migration channels.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IncomingAccepted {
+    /// TCP port on the target agent's host for the migration channels.
+    pub port: u16,
+    /// The target agent's name.
+    pub agent: String,
+}

@@ -10,7 +10,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use godwit_api::{CreateVm, RestoreRequest, SnapshotRequest};
+use godwit_api::{CreateVm, IncomingMigration, MigrateRequest, RestoreRequest, SnapshotRequest};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -32,6 +32,11 @@ pub fn router(manager: Shared) -> Router {
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/digest", get(digest))
         .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/migrations", get(list_migrations))
+        .route("/v1/migrations/incoming", post(incoming_migration))
+        .route("/v1/migrations/{id}", get(get_migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .fallback(|| async {
             AgentError::NotFound("No such API endpoint; see docs/agent-api.md".into())
         })
@@ -91,6 +96,54 @@ where
     tokio::task::spawn_blocking(move || f(&m))
         .await
         .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
+}
+
+/// As `blocking`, for work that keeps the manager beyond the request (migrations).
+async fn blocking_arc<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Arc<Manager>) -> Result<T, AgentError> + Send + 'static,
+{
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || f(&m))
+        .await
+        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
+}
+
+async fn migrate_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, AgentError> {
+    let req: MigrateRequest = parse(&body)?;
+    let started = blocking_arc(&m, move |m| m.migrate(&name, &req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
+}
+
+async fn incoming_migration(
+    State(m): State<Shared>,
+    body: Bytes,
+) -> Result<impl IntoResponse, AgentError> {
+    let req: IncomingMigration = parse(&body)?;
+    Ok(Json(blocking_arc(&m, move |m| m.incoming(&req)).await?))
+}
+
+async fn list_migrations(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, |m| Ok(m.migrations())).await?))
+}
+
+async fn get_migration(
+    State(m): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.migration(&id)).await?))
+}
+
+async fn cancel_migration(
+    State(m): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.cancel_migration(&id)).await?))
 }
 
 async fn metrics(State(m): State<Shared>) -> impl IntoResponse {

@@ -25,6 +25,9 @@ pub enum AgentError {
     KvmUnavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// Another agent this request depends on failed or could not be reached.
+    #[error("{0}")]
+    BadGateway(String),
 }
 
 impl AgentError {
@@ -37,6 +40,7 @@ impl AgentError {
             AgentError::InsufficientMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
             AgentError::KvmUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::BadGateway(_) => StatusCode::BAD_GATEWAY,
         }
     }
 }

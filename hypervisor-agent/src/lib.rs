@@ -8,6 +8,7 @@ pub mod host;
 pub mod manager;
 pub mod metrics;
 pub mod microvm;
+pub mod migration;
 pub mod sealed;
 pub mod snapshot;
 

@@ -35,6 +35,10 @@ struct Args {
     /// Do not ask for transparent huge pages for guest memory.
     #[arg(long)]
     no_huge_pages: bool,
+    /// Address incoming migrations listen on (each gets a fresh port). Default: the IP of
+    /// --listen.
+    #[arg(long)]
+    migration_ip: Option<std::net::IpAddr>,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
@@ -57,7 +61,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let listen: std::net::SocketAddr = tokio::net::lookup_host(&args.listen)
+        .await
+        .with_context(|| format!("Cannot resolve --listen {}", args.listen))?
+        .next()
+        .with_context(|| format!("--listen {} resolves to no address", args.listen))?;
     let config = ManagerConfig {
+        migration_ip: args.migration_ip.unwrap_or(listen.ip()),
         name: args.name.unwrap_or_else(host_name),
         data_dir: args.data_dir,
         kvm_device: args.kvm_device,
@@ -69,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .context("Cannot start the agent")?,
     );
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("Cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;

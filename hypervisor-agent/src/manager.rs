@@ -34,17 +34,39 @@ pub struct ManagerConfig {
     pub huge_pages: bool,
     /// Host memory kept back from VMs, bytes.
     pub reserved_memory_bytes: u64,
+    /// Address incoming migrations listen on (a fresh port per migration).
+    pub migration_ip: std::net::IpAddr,
 }
 
 /// One VM and what the agent tracks about it.
 #[derive(Debug)]
-struct VmEntry {
-    vm: Mutex<MicroVm>,
+pub(crate) struct VmEntry {
+    pub(crate) vm: Mutex<MicroVm>,
     /// Fixed for the VM's life; kept outside the VM's lock so accounting never waits on it.
-    memory_bytes: u64,
+    pub(crate) memory_bytes: u64,
     created_unix_ms: u64,
     restored_from: Option<String>,
     usage: Mutex<CpuUsage>,
+    /// A migration of this VM is under way: no delete, pause, resume, snapshot or second
+    /// migration meanwhile.
+    pub(crate) migrating: std::sync::atomic::AtomicBool,
+}
+
+impl VmEntry {
+    pub(crate) fn new(vm: MicroVm, memory_bytes: u64, restored_from: Option<String>) -> Self {
+        VmEntry {
+            vm: Mutex::new(vm),
+            memory_bytes,
+            created_unix_ms: now_unix_ms(),
+            restored_from,
+            usage: Mutex::new(CpuUsage::default()),
+            migrating: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_migrating(&self) -> bool {
+        self.migrating.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -78,6 +100,7 @@ pub struct Manager {
     config: ManagerConfig,
     kvm: Mutex<Option<Arc<KvmHost>>>,
     registry: Mutex<Registry>,
+    pub(crate) migrations: crate::migration::Migrations,
     memory_total: u64,
     cores: u32,
     host_load: Mutex<HostLoad>,
@@ -127,6 +150,7 @@ impl Manager {
             ))
         })?;
         let manager = Manager {
+            migrations: crate::migration::Migrations::default(),
             kvm: Mutex::new(None),
             registry: Mutex::new(Registry::default()),
             memory_total: host::memory_total_bytes(),
@@ -151,7 +175,7 @@ impl Manager {
         &self.config
     }
 
-    fn kvm(&self) -> Result<Arc<KvmHost>, AgentError> {
+    pub(crate) fn kvm(&self) -> Result<Arc<KvmHost>, AgentError> {
         let mut kvm = lock(&self.kvm);
         if let Some(host) = kvm.as_ref() {
             return Ok(host.clone());
@@ -164,7 +188,7 @@ impl Manager {
         Ok(host)
     }
 
-    fn entry(&self, name: &str) -> Result<Arc<VmEntry>, AgentError> {
+    pub(crate) fn entry(&self, name: &str) -> Result<Arc<VmEntry>, AgentError> {
         lock(&self.registry)
             .vms
             .get(name)
@@ -176,7 +200,7 @@ impl Manager {
         self.config.data_dir.join("vms").join(name)
     }
 
-    fn placement(&self, name: &str) -> Result<VmPlacement, AgentError> {
+    pub(crate) fn placement(&self, name: &str) -> Result<VmPlacement, AgentError> {
         let dir = self.vm_dir(name);
         std::fs::create_dir_all(&dir).map_err(|e| {
             AgentError::Internal(format!("Cannot create VM directory {}: {e}", dir.display()))
@@ -190,8 +214,26 @@ impl Manager {
         })
     }
 
-    /// Claims `name` and `memory_bytes` of host memory for a VM about to be built.
+    /// Claims `name` and `memory_bytes` until `release` (for work that outlives a request).
+    pub(crate) fn claim(&self, name: &str, memory_bytes: u64) -> Result<(), AgentError> {
+        self.claim_inner(name, memory_bytes)
+    }
+
+    pub(crate) fn release(&self, name: &str) {
+        lock(&self.registry).reserved.remove(name);
+    }
+
+    /// Claims `name` and `memory_bytes` of host memory for a VM about to be built, until the
+    /// returned guard drops.
     fn reserve(&self, name: &str, memory_bytes: u64) -> Result<Reservation<'_>, AgentError> {
+        self.claim(name, memory_bytes)?;
+        Ok(Reservation {
+            manager: self,
+            name: name.to_owned(),
+        })
+    }
+
+    fn claim_inner(&self, name: &str, memory_bytes: u64) -> Result<(), AgentError> {
         validate_name(name)?;
         let mut registry = lock(&self.registry);
         if registry.vms.contains_key(name) || registry.reserved.contains_key(name) {
@@ -212,13 +254,10 @@ impl Manager {
             )));
         }
         registry.reserved.insert(name.to_owned(), memory_bytes);
-        Ok(Reservation {
-            manager: self,
-            name: name.to_owned(),
-        })
+        Ok(())
     }
 
-    fn insert(&self, name: &str, entry: VmEntry) {
+    pub(crate) fn insert(&self, name: &str, entry: VmEntry) {
         let memory_bytes = entry.memory_bytes;
         lock(&self.registry)
             .vms
@@ -268,16 +307,7 @@ impl Manager {
             ms = ms_since(started),
             "VM created"
         );
-        self.insert(
-            &req.name,
-            VmEntry {
-                vm: Mutex::new(vm),
-                memory_bytes,
-                created_unix_ms: now_unix_ms(),
-                restored_from: None,
-                usage: Mutex::new(CpuUsage::default()),
-            },
-        );
+        self.insert(&req.name, VmEntry::new(vm, memory_bytes, None));
         self.info(&req.name)
     }
 
@@ -294,6 +324,16 @@ impl Manager {
     }
 
     pub fn delete(&self, name: &str) -> Result<(), AgentError> {
+        if self.entry(name)?.is_migrating() {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} is being migrated; cancel the migration first"
+            )));
+        }
+        self.remove(name)
+    }
+
+    /// Removes a VM whatever it is doing (a migration that completed removes its source).
+    pub(crate) fn remove(&self, name: &str) -> Result<(), AgentError> {
         let entry = lock(&self.registry)
             .vms
             .remove(name)
@@ -310,6 +350,7 @@ impl Manager {
 
     pub fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
         let entry = self.entry(name)?;
+        refuse_while_migrating(name, &entry)?;
         {
             let mut vm = lock(&entry.vm);
             if !vm.is_paused() {
@@ -321,6 +362,7 @@ impl Manager {
 
     pub fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
         let entry = self.entry(name)?;
+        refuse_while_migrating(name, &entry)?;
         {
             let mut vm = lock(&entry.vm);
             if let Some(reason) = vm.crash_reason() {
@@ -379,6 +421,7 @@ impl Manager {
         req: &SnapshotRequest,
     ) -> Result<SnapshotInfo, AgentError> {
         let entry = self.entry(name)?;
+        refuse_while_migrating(name, &entry)?;
         let path = self.resolve(&req.path)?;
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
@@ -488,13 +531,7 @@ impl Manager {
         let restore_state_ms = ms_since(t);
         self.insert(
             &req.name,
-            VmEntry {
-                vm: Mutex::new(vm),
-                memory_bytes,
-                created_unix_ms: now_unix_ms(),
-                restored_from: Some(path.display().to_string()),
-                usage: Mutex::new(CpuUsage::default()),
-            },
+            VmEntry::new(vm, memory_bytes, Some(path.display().to_string())),
         );
         self.metrics
             .snapshots
@@ -632,7 +669,16 @@ fn vm_error(name: &str, what: &str, e: VmError) -> AgentError {
     }
 }
 
-fn validate_name(name: &str) -> Result<(), AgentError> {
+fn refuse_while_migrating(name: &str, entry: &VmEntry) -> Result<(), AgentError> {
+    if entry.is_migrating() {
+        return Err(AgentError::Conflict(format!(
+            "VM {name:?} is being migrated; wait for the migration or cancel it"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_name(name: &str) -> Result<(), AgentError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

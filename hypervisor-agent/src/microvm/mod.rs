@@ -6,9 +6,12 @@
 
 pub mod cpu_time;
 pub mod devices;
+pub mod dirty_log;
 pub mod layout;
 pub mod memory;
+pub mod postcopy;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 
 use std::path::{Path, PathBuf};
@@ -387,6 +390,20 @@ impl MicroVm {
 
     pub fn digest(&self) -> Result<String, VmError> {
         Ok(memory::digest(&self.memory)?)
+    }
+
+    /// Starts recording dirty pages (KVM's log and the monitor's own writes).
+    pub fn start_dirty_log(&self) -> Result<(), dirty_log::DirtyLogError> {
+        dirty_log::start(&self.vm, &self.memory)
+    }
+
+    /// Dirty pages since the last harvest, as bitmap words per memory region.
+    pub fn harvest_dirty(&self) -> Result<Vec<Vec<u64>>, dirty_log::DirtyLogError> {
+        dirty_log::harvest(&self.vm, &self.memory)
+    }
+
+    pub fn stop_dirty_log(&self) -> Result<(), dirty_log::DirtyLogError> {
+        dirty_log::stop(&self.vm, &self.memory)
     }
 }
 

@@ -1,0 +1,705 @@
+//! Live migration in the agent: the source and target sides of page-transfer's engine bound
+//! to this agent's microVMs, and the migrate / incoming / status / cancel operations the API
+//! offers.
+//!
+//! Flow: the source agent's `migrate` asks the target agent (HTTP, `POST
+//! /v1/migrations/incoming`) to reserve the name and memory and to listen for the migration's
+//! channels; then a source thread runs the engine against the target's port. The target builds
+//! the VM from the incoming state and registers it under the same name when it starts; the
+//! source removes its copy once the target confirms every page arrived.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use godwit_api::{
+    CompressMode, IncomingAccepted, IncomingMigration, MigrateRequest, MigrationInfo,
+    MigrationPhase, MigrationStarted, MigrationStatus,
+};
+use page_transfer::bitmap::PageBitmap;
+use page_transfer::codec::Compression;
+use page_transfer::progress::Progress;
+use page_transfer::source::SourceConfig;
+use page_transfer::vm::{IncomingSetup, Region, SourceVm, TargetFactory, TargetVm, VmAccessError};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::error::{chain, AgentError};
+use crate::manager::{validate_name, Manager, VmEntry};
+use crate::microvm::layout::MIB;
+use crate::microvm::memory::{self, GuestMemory};
+use crate::microvm::postcopy::{self, PostcopyMemory};
+use crate::microvm::state::{VmConfig, VmState};
+use crate::microvm::{KvmHost, MicroVm};
+
+/// How long the target waits for the source's channels after accepting.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most migration records kept for `GET /v1/migrations`.
+const MAX_RECORDS: usize = 1000;
+
+/// One migration as this agent sees it (source or target side).
+#[derive(Debug)]
+pub struct MigrationRecord {
+    pub progress: Arc<Progress>,
+    cancel: AtomicBool,
+    order: u64,
+}
+
+/// The agent's migrations by id.
+#[derive(Debug, Default)]
+pub struct Migrations {
+    records: Mutex<HashMap<String, Arc<MigrationRecord>>>,
+}
+
+impl Migrations {
+    fn add(&self, id: &str, progress: Arc<Progress>) -> Arc<MigrationRecord> {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if records.len() >= MAX_RECORDS {
+            // Forget the oldest finished one.
+            if let Some(old) = records
+                .iter()
+                .filter(|(_, r)| r.progress.info().status != MigrationStatus::Running)
+                .min_by_key(|(_, r)| r.order)
+                .map(|(k, _)| k.clone())
+            {
+                records.remove(&old);
+            }
+        }
+        let record = Arc::new(MigrationRecord {
+            progress,
+            cancel: AtomicBool::new(false),
+            order: now_unix_ms(),
+        });
+        records.insert(id.to_owned(), record.clone());
+        record
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<MigrationRecord>> {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<MigrationRecord>> {
+        let mut v: Vec<_> = self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|r| r.order);
+        v
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_id(vm: &str) -> (String, [u8; 16]) {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(vm.as_bytes());
+    hasher.update(
+        &SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            .to_le_bytes(),
+    );
+    hasher.update(&std::process::id().to_le_bytes());
+    let hash = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hash.as_bytes()[..16]);
+    (hex(&bytes), bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_id(id: &str) -> Option<[u8; 16]> {
+    if id.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// What the source tells the target about the VM (the setup message's opaque blob).
+#[derive(Debug, Serialize, Deserialize)]
+struct MigratingVm {
+    name: String,
+    config: VmConfig,
+}
+
+/// The source side's view of a VM for the engine.
+struct VmSource {
+    entry: Arc<VmEntry>,
+    memory: GuestMemory,
+    blob: Vec<u8>,
+}
+
+fn vm_err(what: &str, e: impl std::error::Error) -> VmAccessError {
+    VmAccessError::new(format!("{what}: {}", chain(&e)))
+}
+
+impl VmSource {
+    fn with_vm<T>(&self, f: impl FnOnce(&mut MicroVm) -> T) -> T {
+        let mut vm = self.entry.vm.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut vm)
+    }
+}
+
+impl SourceVm for VmSource {
+    fn regions(&self) -> Vec<Region> {
+        self.memory
+            .iter()
+            .map(|r| Region {
+                gpa: r.start_addr().0,
+                size: r.len(),
+            })
+            .collect()
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmAccessError> {
+        self.memory
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| vm_err("Cannot read guest memory", e))
+    }
+
+    fn start_dirty_tracking(&self) -> Result<(), VmAccessError> {
+        self.with_vm(|vm| vm.start_dirty_log())
+            .map_err(|e| vm_err("Cannot start dirty logging", e))
+    }
+
+    fn harvest_dirty(&self) -> Result<Vec<PageBitmap>, VmAccessError> {
+        let words = self
+            .with_vm(|vm| vm.harvest_dirty())
+            .map_err(|e| vm_err("Cannot read the dirty log", e))?;
+        Ok(words
+            .into_iter()
+            .zip(self.memory.iter())
+            .map(|(w, r)| PageBitmap::from_words(w, r.len() / 4096))
+            .collect())
+    }
+
+    fn stop_dirty_tracking(&self) {
+        if let Err(e) = self.with_vm(|vm| vm.stop_dirty_log()) {
+            tracing::warn!(error = %chain(&e), "cannot stop dirty logging");
+        }
+    }
+
+    fn pause(&self) -> Result<(), VmAccessError> {
+        self.with_vm(|vm| vm.pause())
+            .map_err(|e| vm_err("Cannot pause the VM", e))
+    }
+
+    fn resume(&self) -> Result<(), VmAccessError> {
+        self.with_vm(|vm| vm.resume());
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, VmAccessError> {
+        let state = self
+            .with_vm(|vm| vm.save_state())
+            .map_err(|e| vm_err("Cannot save the VM state", e))?;
+        state
+            .encode()
+            .map_err(|e| vm_err("Cannot encode the VM state", e))
+    }
+
+    fn config_blob(&self) -> Vec<u8> {
+        self.blob.clone()
+    }
+}
+
+/// The target side: memory prepared at setup, the VM built at switchover.
+struct IncomingVm {
+    manager: Arc<Manager>,
+    host: Arc<KvmHost>,
+    name: String,
+    memory: GuestMemory,
+    /// Set once when post-copy begins; no lock, so the fault thread waiting for faults never
+    /// holds up the channels installing pages.
+    postcopy: OnceLock<PostcopyMemory>,
+    started: AtomicBool,
+}
+
+impl IncomingVm {
+    fn with_postcopy<T>(
+        &self,
+        f: impl FnOnce(&PostcopyMemory) -> Result<T, postcopy::PostcopyError>,
+    ) -> Result<T, VmAccessError> {
+        let pm = self
+            .postcopy
+            .get()
+            .ok_or_else(|| VmAccessError::new("post-copy memory is not registered"))?;
+        f(pm).map_err(|e| vm_err("Post-copy memory", e))
+    }
+}
+
+impl TargetVm for IncomingVm {
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), VmAccessError> {
+        self.memory
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| vm_err("Cannot write guest memory", e))
+    }
+
+    fn install(&self, gpa: u64, data: &[u8]) -> Result<(), VmAccessError> {
+        self.with_postcopy(|pm| pm.install(gpa, data))
+    }
+
+    fn install_zero(&self, gpa: u64, pages: u64) -> Result<(), VmAccessError> {
+        self.with_postcopy(|pm| pm.install_zero(gpa, pages))
+    }
+
+    fn discard(&self, gpa: u64, pages: u64) -> Result<(), VmAccessError> {
+        postcopy::discard(&self.memory, gpa, pages).map_err(|e| vm_err("Cannot drop pages", e))
+    }
+
+    fn enable_postcopy(&self) -> Result<(), VmAccessError> {
+        let pm = PostcopyMemory::register(&self.memory)
+            .map_err(|e| vm_err("Cannot register memory for post-copy", e))?;
+        self.postcopy
+            .set(pm)
+            .map_err(|_| VmAccessError::new("post-copy memory was registered twice"))
+    }
+
+    fn wait_faults(&self, out: &mut Vec<u64>, timeout: Duration) -> Result<(), VmAccessError> {
+        self.with_postcopy(|pm| pm.wait_faults(out, timeout))
+    }
+
+    fn wake(&self, gpa: u64, pages: u64) -> Result<(), VmAccessError> {
+        self.with_postcopy(|pm| pm.wake(gpa, pages))
+    }
+
+    fn start(&self, state: &[u8]) -> Result<(), VmAccessError> {
+        let state =
+            VmState::decode(state).map_err(|e| vm_err("The incoming VM state is unusable", e))?;
+        let placement = self
+            .manager
+            .placement(&self.name)
+            .map_err(|e| VmAccessError::new(e.to_string()))?;
+        let vm = MicroVm::restore(&self.host, &placement, &state, self.memory.clone(), false)
+            .map_err(|e| vm_err("Cannot start the migrated VM", e))?;
+        let bytes = state.config.memory_bytes;
+        self.manager
+            .insert(&self.name, VmEntry::new(vm, bytes, None));
+        self.started.store(true, Ordering::Release);
+        tracing::info!(vm = %self.name, "migrated VM running on this host");
+        Ok(())
+    }
+
+    fn finish_postcopy(&self) -> Result<(), VmAccessError> {
+        self.with_postcopy(|pm| pm.unregister())
+    }
+
+    fn abort(&self) {
+        tracing::info!(vm = %self.name, "incoming migration aborted; memory released");
+    }
+}
+
+struct Factory {
+    manager: Arc<Manager>,
+    host: Arc<KvmHost>,
+    name: String,
+    memory_bytes: u64,
+}
+
+impl TargetFactory for Factory {
+    fn prepare(&self, setup: &IncomingSetup) -> Result<Arc<dyn TargetVm>, VmAccessError> {
+        let vm: MigratingVm = serde_json::from_slice(&setup.config_blob)
+            .map_err(|e| VmAccessError::new(format!("The VM description does not parse: {e}")))?;
+        if vm.name != self.name || vm.config.memory_bytes != self.memory_bytes {
+            return Err(VmAccessError::new(format!(
+                "The source describes VM {:?} of {} MiB, but {:?} of {} MiB was announced",
+                vm.name,
+                vm.config.memory_bytes / MIB,
+                self.name,
+                self.memory_bytes / MIB
+            )));
+        }
+        let size: u64 = setup.regions.iter().map(|r| r.size).sum();
+        if setup.regions.len() != 1 || setup.regions[0].gpa != 0 || size != self.memory_bytes {
+            return Err(VmAccessError::new(
+                "The source's memory layout is not one region from address 0 of the VM's size",
+            ));
+        }
+        // Post-copy installs 4 KiB pages; huge pages only help memory that is written.
+        let huge = self.host.huge_pages && !setup.postcopy_from_start;
+        let memory =
+            memory::allocate(size, huge).map_err(|e| vm_err("Cannot allocate guest memory", e))?;
+        Ok(Arc::new(IncomingVm {
+            manager: self.manager.clone(),
+            host: self.host.clone(),
+            name: self.name.clone(),
+            memory,
+            postcopy: OnceLock::new(),
+            started: AtomicBool::new(false),
+        }))
+    }
+}
+
+fn compression(mode: CompressMode) -> Compression {
+    match mode {
+        CompressMode::Auto => Compression::Auto,
+        CompressMode::Zstd => Compression::Zstd,
+        CompressMode::None => Compression::None,
+    }
+}
+
+/// Splits `HOST:PORT` and checks it.
+fn target_host(target: &str) -> Result<&str, AgentError> {
+    let (host, port) = target.rsplit_once(':').ok_or_else(|| {
+        AgentError::BadRequest(format!("target must be HOST:PORT, not {target:?}"))
+    })?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(AgentError::BadRequest(format!(
+            "target must be HOST:PORT, not {target:?}"
+        )));
+    }
+    Ok(host)
+}
+
+impl Manager {
+    /// Starts migrating `name` to another agent; returns at once with the migration's id.
+    pub fn migrate(
+        self: &Arc<Self>,
+        name: &str,
+        req: &MigrateRequest,
+    ) -> Result<MigrationStarted, AgentError> {
+        let host = target_host(&req.target)?;
+        let channels = req
+            .channels
+            .unwrap_or_else(|| crate::host::cores().clamp(2, 8));
+        if !(1..=32).contains(&channels) {
+            return Err(AgentError::BadRequest(format!(
+                "channels must be 1-32, not {channels}"
+            )));
+        }
+        if let Some(b) = req.bandwidth_mib_s {
+            if !b.is_finite() || b < 0.0 {
+                return Err(AgentError::BadRequest(
+                    "bandwidth_mib_s must be a number >= 0 (0 = unlimited)".into(),
+                ));
+            }
+        }
+        let entry = self.entry(name)?;
+        if entry
+            .migrating
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} is already being migrated"
+            )));
+        }
+        let result = self.start_migration(name, req, host, channels, &entry);
+        if result.is_err() {
+            entry.migrating.store(false, Ordering::Release);
+        }
+        result
+    }
+
+    fn start_migration(
+        self: &Arc<Self>,
+        name: &str,
+        req: &MigrateRequest,
+        host: &str,
+        channels: u32,
+        entry: &Arc<VmEntry>,
+    ) -> Result<MigrationStarted, AgentError> {
+        let (config, memory) = {
+            let vm = entry.vm.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(reason) = vm.crash_reason() {
+                return Err(AgentError::Conflict(format!(
+                    "VM {name:?} crashed and cannot be migrated: {reason}"
+                )));
+            }
+            if vm.is_paused() {
+                return Err(AgentError::Conflict(format!(
+                    "VM {name:?} is paused; resume it before migrating"
+                )));
+            }
+            (vm.config().clone(), vm.memory().clone())
+        };
+        let (id, id_bytes) = new_id(name);
+        let incoming = IncomingMigration {
+            id: id.clone(),
+            vm: name.to_owned(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_bytes / MIB,
+            mode: req.mode,
+            source: self.config().name.clone(),
+        };
+        let accepted = ask_target(&req.target, &incoming)?;
+        let progress = Arc::new(Progress::new(
+            &id,
+            name,
+            &self.config().name,
+            &accepted.agent,
+            req.mode,
+            now_unix_ms(),
+        ));
+        let record = self.migrations.add(&id, progress.clone());
+        let cfg = SourceConfig {
+            mode: req.mode,
+            downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
+            bandwidth: req
+                .bandwidth_mib_s
+                .filter(|&b| b > 0.0)
+                .map(|b| (b * MIB as f64) as u64),
+            channels: channels as u16,
+            compression: compression(req.compress),
+            max_rounds: req.max_rounds.unwrap_or(30),
+            precopy_timeout: Duration::from_secs(req.precopy_timeout_s.unwrap_or(300)),
+            verify: req.verify.unwrap_or(true),
+            migration_id: id_bytes,
+            connect_timeout: Duration::from_secs(10),
+        };
+        let blob = serde_json::to_vec(&MigratingVm {
+            name: name.to_owned(),
+            config,
+        })
+        .map_err(|e| AgentError::Internal(format!("Cannot describe the VM: {e}")))?;
+        let source = VmSource {
+            entry: entry.clone(),
+            memory,
+            blob,
+        };
+        let addr = format!("{host}:{}", accepted.port);
+        let manager = self.clone();
+        let vm_name = name.to_owned();
+        let mode = req.mode;
+        std::thread::Builder::new()
+            .name(format!("migrate-{name}"))
+            .spawn(move || {
+                tracing::info!(vm = %vm_name, %addr, ?mode, "migration started");
+                let result =
+                    page_transfer::source::migrate(&source, &addr, &cfg, &progress, &record.cancel);
+                let switched = matches!(
+                    progress.info().phase,
+                    MigrationPhase::Postcopy | MigrationPhase::Completing | MigrationPhase::Done
+                ) || progress.info().downtime_ms.is_some();
+                match result {
+                    Ok(()) => {
+                        progress.finish(MigrationStatus::Completed, None);
+                        let _ = manager.remove(&vm_name);
+                        let info = progress.info();
+                        tracing::info!(
+                            vm = %vm_name,
+                            total_ms = info.total_ms,
+                            downtime_ms = info.downtime_ms.unwrap_or(0.0),
+                            "migration completed; the VM now runs on the target"
+                        );
+                    }
+                    Err(e) => {
+                        let status = if matches!(e, page_transfer::MigrationError::Cancelled) {
+                            MigrationStatus::Cancelled
+                        } else {
+                            MigrationStatus::Failed
+                        };
+                        let mut text = chain(&e);
+                        if switched {
+                            text.push_str(
+                                "; the VM had already moved to the target, so it stays paused here",
+                            );
+                        }
+                        tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
+                        progress.finish(status, Some(text));
+                        if !switched {
+                            source.entry.migrating.store(false, Ordering::Release);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| AgentError::Internal(format!("Cannot start the migration thread: {e}")))?;
+        Ok(MigrationStarted { id })
+    }
+
+    /// The target side: reserves name and memory, listens for the source's channels and runs
+    /// the engine in the background.
+    pub fn incoming(
+        self: &Arc<Self>,
+        req: &IncomingMigration,
+    ) -> Result<IncomingAccepted, AgentError> {
+        let id_bytes = parse_id(&req.id)
+            .ok_or_else(|| AgentError::BadRequest("id must be 32 hex digits".into()))?;
+        validate_name(&req.vm)?;
+        let memory_bytes = req
+            .memory_mib
+            .checked_mul(MIB)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| AgentError::BadRequest("memory_mib is out of range".into()))?;
+        let host = self.kvm()?;
+        self.claim(&req.vm, memory_bytes)?;
+        let listener = match TcpListener::bind((self.config().migration_ip, 0)) {
+            Ok(l) => l,
+            Err(e) => {
+                self.release(&req.vm);
+                return Err(AgentError::Internal(format!(
+                    "Cannot listen for the migration: {e}"
+                )));
+            }
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let progress = Arc::new(Progress::new(
+            &req.id,
+            &req.vm,
+            &req.source,
+            &self.config().name,
+            req.mode,
+            now_unix_ms(),
+        ));
+        self.migrations.add(&req.id, progress.clone());
+        let factory = Factory {
+            manager: self.clone(),
+            host,
+            name: req.vm.clone(),
+            memory_bytes,
+        };
+        let manager = self.clone();
+        let name = req.vm.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("incoming-{name}"))
+            .spawn(move || {
+                let result = page_transfer::target::receive(
+                    &listener,
+                    id_bytes,
+                    &factory,
+                    progress.clone(),
+                    ACCEPT_TIMEOUT,
+                );
+                manager.release(&name);
+                match result {
+                    Ok(_) => progress.finish(MigrationStatus::Completed, None),
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %chain(&e), "incoming migration failed");
+                        progress.finish(MigrationStatus::Failed, Some(chain(&e)));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            self.release(&req.vm);
+            return Err(AgentError::Internal(format!(
+                "Cannot start the migration thread: {e}"
+            )));
+        }
+        Ok(IncomingAccepted {
+            port,
+            agent: self.config().name.clone(),
+        })
+    }
+
+    pub fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
+        self.migrations
+            .get(id)
+            .map(|r| r.progress.info())
+            .ok_or_else(|| AgentError::NotFound(format!("No migration {id:?} on this host")))
+    }
+
+    pub fn migrations(&self) -> Vec<MigrationInfo> {
+        self.migrations
+            .all()
+            .iter()
+            .map(|r| r.progress.info())
+            .collect()
+    }
+
+    /// Cancels a migration that has not reached switchover.
+    pub fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
+        let record = self
+            .migrations
+            .get(id)
+            .ok_or_else(|| AgentError::NotFound(format!("No migration {id:?} on this host")))?;
+        let info = record.progress.info();
+        if info.status != MigrationStatus::Running {
+            return Err(AgentError::Conflict(format!(
+                "Migration {id} is already {:?}",
+                info.status
+            )));
+        }
+        if info.downtime_ms.is_some() || info.phase == MigrationPhase::StopAndCopy {
+            return Err(AgentError::Conflict(format!(
+                "Migration {id} is past the point of no return: the VM is moving to the target"
+            )));
+        }
+        record.cancel.store(true, Ordering::Release);
+        Ok(info)
+    }
+}
+
+/// Asks the target agent to get ready; its refusal comes back as the same kind of error.
+fn ask_target(target: &str, req: &IncomingMigration) -> Result<IncomingAccepted, AgentError> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| AgentError::Internal(format!("Cannot build an HTTP client: {e}")))?;
+    let resp = client
+        .post(format!("http://{target}/v1/migrations/incoming"))
+        .json(req)
+        .send()
+        .map_err(|e| {
+            AgentError::BadGateway(format!("Cannot reach the target agent at {target}: {e}"))
+        })?;
+    let status = resp.status();
+    if status.is_success() {
+        return resp.json().map_err(|e| {
+            AgentError::BadGateway(format!("The target agent answered nonsense: {e}"))
+        });
+    }
+    let text = resp
+        .json::<godwit_api::ErrorBody>()
+        .map(|b| b.error)
+        .unwrap_or_else(|_| status.to_string());
+    let message = format!("The target agent at {target} refused: {text}");
+    Err(match status.as_u16() {
+        409 => AgentError::Conflict(message),
+        507 => AgentError::InsufficientMemory(message),
+        400 => AgentError::BadRequest(message),
+        503 => AgentError::KvmUnavailable(message),
+        _ => AgentError::BadGateway(message),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip() {
+        let (id, bytes) = new_id("vm");
+        assert_eq!(id.len(), 32);
+        assert_eq!(parse_id(&id), Some(bytes));
+        assert_eq!(parse_id("xyz"), None);
+        assert_eq!(parse_id(&"g".repeat(32)), None);
+    }
+
+    #[test]
+    fn targets_are_host_port() {
+        assert_eq!(target_host("10.0.0.2:7070").unwrap(), "10.0.0.2");
+        assert_eq!(target_host("localhost:1").unwrap(), "localhost");
+        for bad in ["nohost", ":7070", "h:port", "h:70000"] {
+            assert!(target_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_mode_is_precopy() {
+        assert_eq!(
+            godwit_api::MigrationMode::default(),
+            godwit_api::MigrationMode::Precopy
+        );
+    }
+}
