@@ -62,6 +62,10 @@ pub enum GuestSpec {
         /// `hotcold`: percent of writes that go to the hot set. Default 90.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hot_percent: Option<u32>,
+        /// What the pages hold: `counter` (default; compresses about 7:1) or `random`
+        /// (incompressible).
+        #[serde(default, skip_serializing_if = "is_default")]
+        content: PageContent,
     },
     /// Burns CPU at a duty cycle on every vCPU.
     Spin {
@@ -85,6 +89,21 @@ impl GuestSpec {
             GuestSpec::Ticker { .. } => "ticker",
         }
     }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// What the `dirty` guest writes into a page.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PageContent {
+    /// A counter pattern derived from the page and its generation.
+    #[default]
+    Counter,
+    /// Pseudo-random words derived from the page and its generation.
+    Random,
 }
 
 /// How the `dirty` guest picks the pages it writes.
@@ -258,7 +277,8 @@ mod tests {
                 rate_mib_s: 20.0,
                 pattern: DirtyPattern::Uniform,
                 hot_mib: None,
-                hot_percent: None
+                hot_percent: None,
+                content: PageContent::Counter,
             }
         );
         let spin: GuestSpec = serde_json::from_str(r#"{"kind":"spin","duty_percent":50}"#).unwrap();

@@ -118,6 +118,7 @@ fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
                     pattern: DirtyPattern::Uniform,
                     hot_mib: None,
                     hot_percent: None,
+                    content: godwit_api::PageContent::Counter,
                 },
                 paused: false,
             })?;

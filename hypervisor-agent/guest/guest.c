@@ -52,7 +52,8 @@ struct abi {
 	uint32_t duty_percent;
 	uint32_t interval_ms;
 	uint64_t seed;
-	uint8_t reserved[0x100 - 0x58];
+	uint32_t content;
+	uint8_t reserved[0x100 - 0x5c];
 	struct status status[];
 };
 
@@ -70,6 +71,7 @@ _Static_assert(offsetof(struct abi, hot_pages) == 0x40, "hot_pages");
 _Static_assert(offsetof(struct abi, duty_percent) == 0x48, "duty_percent");
 _Static_assert(offsetof(struct abi, interval_ms) == 0x4c, "interval_ms");
 _Static_assert(offsetof(struct abi, seed) == 0x50, "seed");
+_Static_assert(offsetof(struct abi, content) == 0x58, "content");
 _Static_assert(offsetof(struct abi, status) == 0x100, "status");
 _Static_assert(offsetof(struct status, running) == 0x20, "running");
 
@@ -247,6 +249,7 @@ struct dirty {
 	uint64_t count;
 	uint64_t hot;             /* hotcold: the first `hot` pages of the part are hot; 0 = uniform */
 	uint32_t hot_percent;
+	uint32_t random;          /* content: 0 counter pattern, 1 incompressible */
 	uint64_t rng;
 	uint64_t sweep;           /* next page of the part to verify, 0..count-1 */
 	/* Local copies of the counters, published to the status with volatile stores. */
@@ -260,31 +263,53 @@ static uint64_t *page_ptr(const struct dirty *d, uint64_t p)
 	return (uint64_t *)(uintptr_t)(d->ws_base + (p << PAGE_SHIFT));
 }
 
-/*
- * The content of page p at generation g: word w is ((p << 32) | g) + w, except that
- * generation 0 is an all-zero page (so memory the guest never wrote stays zero).
- */
-static void fill_page(uint64_t *w, uint64_t p, uint32_t g)
+/* splitmix64's finalizer: one 64-bit word of incompressible content. */
+static inline uint64_t mix64(uint64_t z)
 {
-	uint64_t v = g ? ((p << 32) | g) : 0;
-	uint64_t step = g ? 1 : 0;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
 
-	for (uint32_t i = 0; i < WORDS_PER_PAGE; i++, v += step)
-		w[i] = v;
+/*
+ * Word i of page p at generation g. Counter content: ((p << 32) | g) + i (compresses about
+ * 7:1). Random content: mix64 of that value (does not compress). Generation 0 is all zeros
+ * either way, so memory the guest never wrote stays zero.
+ */
+static inline uint64_t word(uint64_t base, uint32_t i, uint32_t random)
+{
+	return random ? mix64(base + i) : base + i;
+}
+
+static void fill_page(uint64_t *w, uint64_t p, uint32_t g, uint32_t random)
+{
+	uint64_t base = ((p << 32) | g);
+
+	if (!g) {
+		for (uint32_t i = 0; i < WORDS_PER_PAGE; i++)
+			w[i] = 0;
+		return;
+	}
+	for (uint32_t i = 0; i < WORDS_PER_PAGE; i++)
+		w[i] = word(base, i, random);
 }
 
 /*
  * Whole-page compare against the expected content. Volatile reads: the point is to look at
  * what memory holds now (after a migration, say), never at what gcc remembers writing.
  */
-static int page_matches(const volatile uint64_t *w, uint64_t p, uint32_t g)
+static int page_matches(const volatile uint64_t *w, uint64_t p, uint32_t g, uint32_t random)
 {
-	uint64_t v = g ? ((p << 32) | g) : 0;
-	uint64_t step = g ? 1 : 0;
+	uint64_t base = ((p << 32) | g);
 	uint64_t diff = 0;
 
-	for (uint32_t i = 0; i < WORDS_PER_PAGE; i++, v += step)
-		diff |= w[i] ^ v;
+	if (!g) {
+		for (uint32_t i = 0; i < WORDS_PER_PAGE; i++)
+			diff |= w[i];
+		return diff == 0;
+	}
+	for (uint32_t i = 0; i < WORDS_PER_PAGE; i++)
+		diff |= w[i] ^ word(base, i, random);
 	return diff == 0;
 }
 
@@ -312,7 +337,7 @@ static void write_one_page(struct dirty *d)
 	 * compiler from reordering the two. */
 	d->gen[p] = g;
 	__asm__ volatile("" ::: "memory");
-	fill_page(page_ptr(d, p), p, g);
+	fill_page(page_ptr(d, p), p, g, d->random);
 	d->written++;
 }
 
@@ -328,7 +353,7 @@ static void verify_pages(struct dirty *d, uint64_t n)
 		if (++d->sweep == d->count)
 			d->sweep = 0;
 		d->verified++;
-		if (page_matches(page_ptr(d, p), p, g))
+		if (page_matches(page_ptr(d, p), p, g, d->random))
 			continue;
 
 		/* Publish the count before the exit, so the monitor's log and status agree. */
@@ -341,7 +366,7 @@ static void verify_pages(struct dirty *d, uint64_t n)
 		 * Rewrite the page as its recorded generation says, so that one corruption is
 		 * counted once rather than on every later sweep. The report above keeps the evidence.
 		 */
-		fill_page(page_ptr(d, p), p, g);
+		fill_page(page_ptr(d, p), p, g, d->random);
 	}
 	d->st->verified_pages = d->verified;
 }
@@ -398,7 +423,7 @@ static __attribute__((noreturn)) void run_dirty(uint32_t vcpu, volatile struct a
 	if (ws_pages == 0 || ws_pages > (1ull << 32) || (ws_base & (PAGE_SIZE - 1)) ||
 	    (gen_base & 3) || gen_base < 0x200000 || gen_base + 4 * ws_pages > ws_base)
 		panic(PANIC_BAD_WORKING_SET);
-	if (pattern > PATTERN_HOTCOLD || hot_percent > 100)
+	if (pattern > PATTERN_HOTCOLD || hot_percent > 100 || abi->content > 1)
 		panic(PANIC_BAD_PATTERN);
 	if (tsc_hz < 1000000)
 		panic(PANIC_BAD_TSC_HZ);
@@ -411,6 +436,7 @@ static __attribute__((noreturn)) void run_dirty(uint32_t vcpu, volatile struct a
 		.first = ws_pages * vcpu / vcpus,
 		.count = ws_pages * (vcpu + 1) / vcpus - ws_pages * vcpu / vcpus,
 		.hot_percent = hot_percent,
+		.random = abi->content,
 		.rng = rng_seed(abi->seed, vcpu),
 	};
 	if (pattern == PATTERN_HOTCOLD) {

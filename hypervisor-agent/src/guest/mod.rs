@@ -4,7 +4,7 @@
 
 mod image;
 
-use godwit_api::{DirtyPattern, GuestInfo, GuestSpec};
+use godwit_api::{DirtyPattern, GuestInfo, GuestSpec, PageContent};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::microvm::layout::{self, ABI_ADDR, GEN_TABLE_ADDR, IMAGE_ADDR, MIB, PAGE_SIZE};
@@ -37,6 +37,7 @@ pub struct GuestParams {
     pub duty_percent: u32,
     pub interval_ms: u32,
     pub seed: u64,
+    pub content: u32,
 }
 
 /// A workload that cannot run in the requested VM; the message is for the API caller.
@@ -72,8 +73,13 @@ pub fn params(
             pattern,
             hot_mib,
             hot_percent,
+            content,
         } => {
             p.kind = 1;
+            p.content = match content {
+                PageContent::Counter => 0,
+                PageContent::Random => 1,
+            };
             if *working_set_mib == 0 {
                 return Err(InvalidGuest("working_set_mib must be at least 1".into()));
             }
@@ -160,6 +166,7 @@ pub fn load(memory: &GuestMemory, p: &GuestParams) -> Result<(), vm_memory::Gues
     memory.write_obj(p.duty_percent, a(0x48))?;
     memory.write_obj(p.interval_ms, a(0x4c))?;
     memory.write_obj(p.seed, a(0x50))?;
+    memory.write_obj(p.content, a(0x58))?;
     Ok(())
 }
 
@@ -220,6 +227,7 @@ mod tests {
             pattern: DirtyPattern::Hotcold,
             hot_mib: None,
             hot_percent: None,
+            content: PageContent::Counter,
         }
     }
 
@@ -239,7 +247,7 @@ mod tests {
     fn working_set_must_fit() {
         assert!(params(&dirty(252), 1, 256 * MIB, 1, 0).is_ok());
         let err = params(&dirty(253), 1, 256 * MIB, 1, 0).unwrap_err();
-        assert!(err.0.contains("at least 257"), "{err}");
+        assert!(err.0.contains("at least 258"), "{err}");
         assert!(params(&dirty(0), 1, 256 * MIB, 1, 0).is_err());
     }
 
@@ -255,6 +263,7 @@ mod tests {
             pattern: DirtyPattern::Uniform,
             hot_mib: None,
             hot_percent: None,
+            content: PageContent::Random,
         };
         assert!(params(&bad_rate, 1, 64 * MIB, 1, 0).is_err());
         assert!(params(&GuestSpec::Idle, 1, MIB, 1, 0).is_err());

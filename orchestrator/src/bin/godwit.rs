@@ -122,6 +122,7 @@ fn demo(watch_seconds: u64, memory_mib: u64, as_json: bool) -> Result<()> {
             pattern: DirtyPattern::Hotcold,
             hot_mib: None,
             hot_percent: None,
+            content: godwit_api::PageContent::Counter,
         },
         paused: false,
     };
