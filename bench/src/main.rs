@@ -3,8 +3,11 @@
 //! measured side by side in one run).
 //!
 //! `godwit-bench agent`: VM start, snapshot and restore times for small and large guests.
+//! `godwit-bench migration`: the page-transfer modes side by side on the same guests.
 
 #![forbid(unsafe_code)]
+
+mod migration;
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +26,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// Live migration between two local agents: every mode on idle, random-filled and
+    /// hot/cold-dirtying 1 GiB guests, against raw loopback TCP measured in the same run.
+    Migration {
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u64,
+        /// Start agents with --no-huge-pages.
+        #[arg(long)]
+        no_huge_pages: bool,
+        /// Bulk channels per migration (default: the agent's choice).
+        #[arg(long)]
+        channels: Option<u32>,
+        /// Only these scenarios (comma-separated: idle, random, hotcold).
+        #[arg(long, value_delimiter = ',', default_value = "idle,random,hotcold")]
+        only: Vec<String>,
+    },
     /// VM start, snapshot and restore times.
     Agent {
         /// Guest sizes to measure, MiB.
@@ -45,6 +64,12 @@ fn main() {
             runs,
             no_huge_pages,
         } => agent_bench(&sizes, runs, no_huge_pages),
+        Bench::Migration {
+            memory_mib,
+            no_huge_pages,
+            channels,
+            only,
+        } => migration::run(memory_mib, no_huge_pages, channels, &only),
     };
     if let Err(e) = result {
         eprintln!("godwit-bench: {e:#}");

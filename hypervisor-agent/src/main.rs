@@ -39,6 +39,10 @@ struct Args {
     /// --listen.
     #[arg(long)]
     migration_ip: Option<std::net::IpAddr>,
+    /// Do not prefault the memory of incoming pre-copy and stop-and-copy migrations (by default
+    /// it is touched at setup, before the guest pauses, because first touch is slow).
+    #[arg(long)]
+    no_prefault: bool,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
@@ -68,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("--listen {} resolves to no address", args.listen))?;
     let config = ManagerConfig {
         migration_ip: args.migration_ip.unwrap_or(listen.ip()),
+        prefault: !args.no_prefault,
         name: args.name.unwrap_or_else(host_name),
         data_dir: args.data_dir,
         kvm_device: args.kvm_device,

@@ -36,6 +36,8 @@ pub struct ManagerConfig {
     pub reserved_memory_bytes: u64,
     /// Address incoming migrations listen on (a fresh port per migration).
     pub migration_ip: std::net::IpAddr,
+    /// Touch a migration target's memory before pages arrive (not for post-copy).
+    pub prefault: bool,
 }
 
 /// One VM and what the agent tracks about it.

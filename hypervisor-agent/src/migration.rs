@@ -32,7 +32,7 @@ use crate::microvm::layout::MIB;
 use crate::microvm::memory::{self, GuestMemory};
 use crate::microvm::postcopy::{self, PostcopyMemory};
 use crate::microvm::state::{VmConfig, VmState};
-use crate::microvm::{KvmHost, MicroVm};
+use crate::microvm::{KvmHost, MicroVm, PreparedVm};
 
 /// How long the target waits for the source's channels after accepting.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -230,6 +230,8 @@ struct IncomingVm {
     host: Arc<KvmHost>,
     name: String,
     memory: GuestMemory,
+    /// The KVM VM built at setup, taken at switchover.
+    prepared: Mutex<Option<PreparedVm>>,
     /// Set once when post-copy begins; no lock, so the fault thread waiting for faults never
     /// holds up the channels installing pages.
     postcopy: OnceLock<PostcopyMemory>,
@@ -291,7 +293,13 @@ impl TargetVm for IncomingVm {
             .manager
             .placement(&self.name)
             .map_err(|e| VmAccessError::new(e.to_string()))?;
-        let vm = MicroVm::restore(&self.host, &placement, &state, self.memory.clone(), false)
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| VmAccessError::new("the VM was already started"))?;
+        let vm = MicroVm::restore_prepared(&self.host, &placement, &state, prepared, false)
             .map_err(|e| vm_err("Cannot start the migrated VM", e))?;
         let bytes = state.config.memory_bytes;
         self.manager
@@ -340,11 +348,19 @@ impl TargetFactory for Factory {
         let huge = self.host.huge_pages && !setup.postcopy_from_start;
         let memory =
             memory::allocate(size, huge).map_err(|e| vm_err("Cannot allocate guest memory", e))?;
+        if !setup.postcopy_from_start && self.manager.config().prefault {
+            let t = std::time::Instant::now();
+            memory::prefault(&memory).map_err(|e| vm_err("Cannot prefault guest memory", e))?;
+            tracing::info!(vm = %self.name, ms = t.elapsed().as_secs_f64() * 1000.0, "guest memory prefaulted");
+        }
+        let prepared = MicroVm::prepare(&self.host, memory.clone(), vm.config.vcpus)
+            .map_err(|e| vm_err("Cannot create the VM", e))?;
         Ok(Arc::new(IncomingVm {
             manager: self.manager.clone(),
             host: self.host.clone(),
             name: self.name.clone(),
             memory,
+            prepared: Mutex::new(Some(prepared)),
             postcopy: OnceLock::new(),
             started: AtomicBool::new(false),
         }))

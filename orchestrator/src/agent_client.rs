@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use godwit_api::{
-    CreateVm, DigestInfo, ErrorBody, HostInfo, RestoreInfo, RestoreRequest, SnapshotInfo,
-    SnapshotRequest, VmInfo,
+    CreateVm, DigestInfo, ErrorBody, HostInfo, MigrationInfo, MigrationStarted, RestoreInfo,
+    RestoreRequest, SnapshotInfo, SnapshotRequest, VmInfo,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -93,6 +93,16 @@ impl AgentClient {
 
     pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreInfo> {
         self.post("/v1/vms/restore", req)
+    }
+
+    /// Starts migrating `name`; `body` is a `MigrateRequest` as JSON. Returns the id.
+    pub fn migrate(&self, name: &str, body: &serde_json::Value) -> Result<String> {
+        let started: MigrationStarted = self.post(&format!("/v1/vms/{name}/migrate"), body)?;
+        Ok(started.id)
+    }
+
+    pub fn migration(&self, id: &str) -> Result<MigrationInfo> {
+        self.get(&format!("/v1/migrations/{id}"))
     }
 
     pub fn console(&self, name: &str) -> Result<String> {

@@ -159,6 +159,45 @@ impl AtomicPageBitmap {
         self.words[(page / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask != 0
     }
 
+    /// Sets pages `first..first + n` (clipped to the bitmap), a word at a time.
+    pub fn set_range(&self, first: u64, n: u64) {
+        self.for_range(first, n, |word, mask| {
+            word.fetch_or(mask, Ordering::AcqRel);
+        });
+    }
+
+    /// Clears pages `first..first + n` (clipped to the bitmap).
+    pub fn clear_range(&self, first: u64, n: u64) {
+        self.for_range(first, n, |word, mask| {
+            word.fetch_and(!mask, Ordering::AcqRel);
+        });
+    }
+
+    /// Whether any of pages `first..first + n` is set.
+    pub fn any_in_range(&self, first: u64, n: u64) -> bool {
+        let mut any = false;
+        self.for_range(first, n, |word, mask| {
+            any |= word.load(Ordering::Acquire) & mask != 0;
+        });
+        any
+    }
+
+    fn for_range(&self, first: u64, n: u64, mut f: impl FnMut(&AtomicU64, u64)) {
+        let end = first.saturating_add(n).min(self.pages);
+        let mut page = first;
+        while page < end {
+            let bit = page % 64;
+            let count = (64 - bit).min(end - page);
+            let mask = if count == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << count) - 1) << bit
+            };
+            f(&self.words[(page / 64) as usize], mask);
+            page += count;
+        }
+    }
+
     pub fn clear(&self, page: u64) {
         if page < self.pages {
             let mask = 1u64 << (page % 64);
@@ -286,6 +325,15 @@ mod tests {
         assert!(b.test_and_set(1000), "out of range counts as set");
         b.test_and_set(99);
         assert_eq!(b.snapshot().runs(10), vec![(99, 1)]);
+        b.set_range(10, 70);
+        assert_eq!(b.snapshot().runs(1000), vec![(10, 70), (99, 1)]);
+        assert!(b.any_in_range(0, 11));
+        assert!(!b.any_in_range(0, 10));
+        assert!(!b.any_in_range(80, 19));
+        b.clear_range(0, 1000);
+        assert_eq!(b.count(), 0);
+        b.set_range(90, 1000);
+        assert_eq!(b.count(), 10);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use godwit_api::{MigrationMode, MigrationPhase};
@@ -72,6 +72,8 @@ struct Source<'a> {
     bulk: Vec<TcpStream>,
     events: Mutex<Receiver<Event>>,
     requests: Mutex<Receiver<(u64, u32)>>,
+    /// The last phase the target has wholly applied (it acknowledges each).
+    applied: Arc<(Mutex<u32>, Condvar)>,
     phase: u32,
     paused_at: Option<Instant>,
     switched: bool,
@@ -128,9 +130,11 @@ pub fn migrate(
     let reader = control
         .try_clone()
         .map_err(|e| MigrationError::Failed(format!("Cannot clone the control socket: {e}")))?;
+    let applied = Arc::new((Mutex::new(0u32), Condvar::new()));
+    let reader_applied = applied.clone();
     let reader_thread = std::thread::Builder::new()
         .name("migrate-ctl".into())
-        .spawn(move || read_control(reader, event_tx, request_tx))
+        .spawn(move || read_control(reader, event_tx, request_tx, reader_applied))
         .map_err(|e| MigrationError::Failed(format!("Cannot start a thread: {e}")))?;
 
     let mut source = Source {
@@ -145,6 +149,7 @@ pub fn migrate(
         bulk,
         events: Mutex::new(events),
         requests: Mutex::new(requests),
+        applied,
         phase: 0,
         paused_at: None,
         switched: false,
@@ -170,9 +175,21 @@ fn mode_code(mode: MigrationMode) -> u8 {
     }
 }
 
-fn read_control(mut s: TcpStream, events: Sender<Event>, requests: Sender<(u64, u32)>) {
+fn read_control(
+    mut s: TcpStream,
+    events: Sender<Event>,
+    requests: Sender<(u64, u32)>,
+    applied: Arc<(Mutex<u32>, Condvar)>,
+) {
     loop {
         let event = match read_message(&mut s) {
+            Ok(Message::Marker { phase, .. }) => {
+                let (lock, changed) = &*applied;
+                let mut a = lock.lock().unwrap_or_else(|e| e.into_inner());
+                *a = (*a).max(phase);
+                changed.notify_all();
+                continue;
+            }
             Ok(Message::Resumed) => Event::Resumed,
             Ok(Message::PageRequest { gpa, pages }) => {
                 let _ = requests.send((gpa, pages));
@@ -303,6 +320,28 @@ impl Source<'_> {
         }
     }
 
+    /// Waits until the target has applied every page of `phase`.
+    fn wait_applied(&self, phase: u32) -> Result<(), MigrationError> {
+        let (lock, changed) = &*self.applied;
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        let mut a = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *a < phase {
+            drop(a);
+            self.check_cancel()?;
+            if Instant::now() > deadline {
+                return Err(MigrationError::Timeout(format!(
+                    "the target did not confirm phase {phase}"
+                )));
+            }
+            a = lock.lock().unwrap_or_else(|e| e.into_inner());
+            a = changed
+                .wait_timeout(a, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
     /// Tells the target everything is sent and waits for its confirmation and digest.
     fn complete(&mut self, phase: u32) -> Result<(), MigrationError> {
         self.send_control(&Message::AllSent { phase })?;
@@ -360,6 +399,7 @@ impl Source<'_> {
         let mut wire_before = self.progress.wire_bytes();
         let all = self.all_pages();
         let mut pages_sent = self.send_pages(&all, Stage::Precopy, None)?;
+        self.wait_applied(self.phase)?;
         self.progress.update(|i| i.rounds = 1);
         let mut previous_dirty: Option<u64> = None;
         let mut stalled_rounds = 0;
@@ -416,6 +456,7 @@ impl Source<'_> {
             round_start = Instant::now();
             wire_before = self.progress.wire_bytes();
             pages_sent = self.send_pages(&dirty, Stage::Precopy, None)?;
+            self.wait_applied(self.phase)?;
         }
     }
 

@@ -42,7 +42,10 @@ struct Shared {
     markers: Mutex<Vec<u32>>,
     markers_changed: Condvar,
     failure: Mutex<Option<String>>,
+    /// For waking the control loop out of its read.
     control: TcpStream,
+    /// Every message to the source goes through here, so frames never interleave.
+    control_tx: Mutex<TcpStream>,
     pending: Mutex<HashMap<u64, Instant>>,
     pending_count: AtomicUsize,
     latency: LatencyRecorder,
@@ -53,6 +56,11 @@ struct Shared {
 }
 
 impl Shared {
+    fn send(&self, msg: &Message) -> Result<(), ProtocolError> {
+        let mut tx = self.control_tx.lock().unwrap_or_else(|e| e.into_inner());
+        write_message(&mut *tx, msg)
+    }
+
     fn fail(&self, message: String) {
         let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if f.is_none() {
@@ -95,12 +103,10 @@ impl Shared {
 
     /// Records pages as present and notes fault latencies.
     fn mark_received(&self, region: usize, first: u64, n: u64, data: bool) {
-        for p in first..first + n {
-            if data {
-                self.populated[region].test_and_set(p);
-            }
-            self.received[region].test_and_set(p);
+        if data {
+            self.populated[region].set_range(first, n);
         }
+        self.received[region].set_range(first, n);
         if self.pending_count.load(Ordering::Acquire) > 0 {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for p in first..first + n {
@@ -142,11 +148,14 @@ impl Run {
                 shared.vm.install_zero(gpa, n)?;
             } else {
                 // Fresh memory is zero: only pages that held data need zeroing.
-                let zero = [0u8; PAGE_SIZE];
-                for p in self.first..self.first + n {
-                    if shared.populated[self.region].get(p) {
-                        shared.vm.write(shared.map.gpa(self.region, p), &zero)?;
+                if shared.populated[self.region].any_in_range(self.first, n) {
+                    let zero = [0u8; PAGE_SIZE];
+                    for p in self.first..self.first + n {
+                        if shared.populated[self.region].get(p) {
+                            shared.vm.write(shared.map.gpa(self.region, p), &zero)?;
+                        }
                     }
+                    shared.populated[self.region].clear_range(self.first, n);
                 }
             }
             shared.mark_received(self.region, self.first, n, false);
@@ -228,6 +237,14 @@ fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
                         }
                         run.push(shared, region, index, None)
                             .map_err(|e| e.to_string())?;
+                    } else if kind == PageKind::Raw && !shared.postcopy.load(Ordering::Acquire) {
+                        // Straight from the frame into guest memory: one copy instead of three.
+                        if let Some(d) = &shared.digests {
+                            d.set(global, data);
+                        }
+                        run.flush(shared).map_err(|e| e.to_string())?;
+                        shared.vm.write(gpa, data).map_err(|e| e.to_string())?;
+                        shared.mark_received(region, index, 1, true);
                     } else {
                         decoder
                             .decode(kind, data, &mut page)
@@ -249,6 +266,15 @@ fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
                 let mut markers = shared.markers.lock().unwrap_or_else(|e| e.into_inner());
                 markers[slot] = phase;
                 shared.markers_changed.notify_all();
+                // The last channel to finish a phase tells the source it has all of it, so the
+                // source paces its rounds by what really arrived.
+                if markers.iter().all(|&m| m >= phase) {
+                    drop(markers);
+                    let pages = shared.received_pages();
+                    shared
+                        .send(&Message::Marker { phase, pages })
+                        .map_err(|e| format!("Cannot acknowledge phase {phase}: {e}"))?;
+                }
             }
             Command::Abort | Command::Error => {
                 let text = match Message::decode(command, &payload) {
@@ -269,10 +295,6 @@ fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
 /// Post-copy: turns guest faults into page requests.
 fn serve_faults(shared: &Shared) {
     let mut faults = Vec::new();
-    let mut control = match shared.control.try_clone() {
-        Ok(c) => c,
-        Err(e) => return shared.fail(format!("Cannot clone the control socket: {e}")),
-    };
     while !shared.stop.load(Ordering::Acquire) {
         faults.clear();
         if let Err(e) = shared
@@ -316,7 +338,7 @@ fn serve_faults(shared: &Shared) {
                 gpa: shared.map.gpa(region, page),
                 pages: n as u32,
             };
-            if let Err(e) = write_message(&mut control, &msg) {
+            if let Err(e) = shared.send(&msg) {
                 return shared.fail(format!("Cannot request pages: {e}"));
             }
         }
@@ -400,6 +422,9 @@ pub fn receive(
         control: control
             .try_clone()
             .map_err(|e| MigrationError::Failed(format!("Cannot clone the control socket: {e}")))?,
+        control_tx: Mutex::new(control.try_clone().map_err(|e| {
+            MigrationError::Failed(format!("Cannot clone the control socket: {e}"))
+        })?),
         pending: Mutex::new(HashMap::new()),
         pending_count: AtomicUsize::new(0),
         latency: LatencyRecorder::default(),
@@ -508,7 +533,7 @@ fn control_loop<'s>(
                 }
                 shared.vm.start(&blob)?;
                 *started = true;
-                write_message(control, &Message::Resumed)?;
+                shared.send(&Message::Resumed)?;
                 shared.progress.update(|i| {
                     i.phase = if postcopy {
                         MigrationPhase::Postcopy
@@ -549,14 +574,14 @@ fn control_loop<'s>(
                     i.faults = stats.clone();
                     i.target_digest = Some(digest.clone());
                 });
-                write_message(control, &Message::Done { digest, report })?;
+                shared.send(&Message::Done { digest, report })?;
                 return Ok(());
             }
             Message::Abort { reason } => return Err(MigrationError::Remote(reason)),
             Message::Error { message } => return Err(MigrationError::Remote(message)),
             other => {
                 let e = ProtocolError::unexpected("a control message", &other);
-                let _ = write_message(control, &Message::error(e.to_string()));
+                let _ = shared.send(&Message::error(e.to_string()));
                 return Err(e.into());
             }
         }

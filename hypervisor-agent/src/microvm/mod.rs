@@ -169,6 +169,14 @@ pub struct VmPlacement {
     pub console_path: PathBuf,
 }
 
+/// A VM built ahead of its state: KVM VM with memory slots and vCPUs that have not run.
+#[derive(Debug)]
+pub struct PreparedVm {
+    vm: VmFd,
+    memory: GuestMemory,
+    fds: Vec<VcpuFd>,
+}
+
 /// A running (or paused, or crashed) microVM.
 ///
 /// Field order is drop order: vCPU threads end before the VM fd closes, and the VM fd closes
@@ -257,26 +265,50 @@ impl MicroVm {
         memory: GuestMemory,
         start_paused: bool,
     ) -> Result<Self, VmError> {
+        let prepared = Self::prepare(host, memory, state.config.vcpus)?;
+        Self::restore_prepared(host, placement, state, prepared, start_paused)
+    }
+
+    /// The part of a restore that needs no state: the KVM VM, its memory slots and vCPUs.
+    /// A migration target does this before the switchover, so the guest's downtime only
+    /// covers loading the state.
+    pub fn prepare(host: &KvmHost, memory: GuestMemory, vcpus: u32) -> Result<PreparedVm, VmError> {
+        check_shape(vcpus, memory::size(&memory))?;
+        let vm = create_kvm_vm(host, &memory)?;
+        let fds = (0..vcpus)
+            .map(|id| {
+                vm.create_vcpu(u64::from(id))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PreparedVm { vm, memory, fds })
+    }
+
+    /// Loads saved state into a prepared VM and starts its vCPU threads.
+    pub fn restore_prepared(
+        host: &KvmHost,
+        placement: &VmPlacement,
+        state: &VmState,
+        prepared: PreparedVm,
+        start_paused: bool,
+    ) -> Result<Self, VmError> {
+        let PreparedVm { vm, memory, fds } = prepared;
         check_shape(state.config.vcpus, state.config.memory_bytes)?;
-        if memory::size(&memory) != state.config.memory_bytes {
+        if memory::size(&memory) != state.config.memory_bytes || fds.len() != state.vcpus.len() {
             return Err(VmError::Invalid(format!(
-                "memory of {} bytes for a VM of {} bytes",
+                "a VM of {} bytes and {} vCPUs cannot take the state of one of {} bytes and {} vCPUs",
                 memory::size(&memory),
-                state.config.memory_bytes
+                fds.len(),
+                state.config.memory_bytes,
+                state.vcpus.len()
             )));
         }
         let guest: GuestSpec = serde_json::from_str(&state.config.guest_json)
             .map_err(|e| VmError::Invalid(format!("saved guest spec does not parse: {e}")))?;
-        let vm = create_kvm_vm(host, &memory)?;
         restore_kvm_vm_state(&vm, &state.vm)?;
         let devices = Arc::new(create_devices(&vm, placement, Some(&state.devices))?);
-        let mut fds = Vec::with_capacity(state.vcpus.len());
-        for saved in &state.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(saved.id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu::restore_vcpu(&fd, saved)?;
-            fds.push(fd);
+        for (fd, saved) in fds.iter().zip(&state.vcpus) {
+            vcpu::restore_vcpu(fd, saved)?;
         }
         let vcpus = spawn_vcpus(fds, host, &placement.name, &devices, start_paused)?;
         Ok(MicroVm {
