@@ -160,6 +160,12 @@ pub struct VmInfo {
     pub vcpu_cpu_seconds: Vec<f64>,
     /// CPU used over the last sampling interval, in cores (1.0 = one core busy).
     pub cpu_usage_cores: f64,
+    /// Guest memory written per second, from the last dirty-log probe (0 until one ran).
+    #[serde(default)]
+    pub dirty_rate_bytes_s: f64,
+    /// A migration of this VM is under way on this agent.
+    #[serde(default)]
+    pub migrating: bool,
     /// When this VM instance was created on this host, Unix milliseconds.
     pub created_unix_ms: u64,
     /// Bytes written to the serial console so far.
@@ -193,6 +199,21 @@ pub struct HostInfo {
     /// Why KVM is unavailable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kvm_error: Option<String>,
+    /// Labels the operator gave the host (`--label key=value`), e.g. device classes.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Migrations this agent is running as source or target.
+    #[serde(default)]
+    pub migrations_in_flight: u32,
+}
+
+/// `POST /v1/agents/heartbeat` on the orchestrator: an agent announces itself and its state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentHeartbeat {
+    /// Base URL of the agent's API as the orchestrator should reach it.
+    pub url: String,
+    pub host: HostInfo,
+    pub vms: Vec<VmInfo>,
 }
 
 /// `GET /v1/vms/{name}/digest`.
@@ -509,4 +530,201 @@ pub struct IncomingAccepted {
     pub port: u16,
     /// The target agent's name.
     pub agent: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The orchestrator's API (docs/orchestrator-api.md).
+
+/// `POST /v1/vms` on the orchestrator: create a VM where the placement policy says.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterCreateVm {
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    pub guest: GuestSpec,
+    /// Put it on this host instead of asking the placement policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Host labels the VM needs (every key=value must match).
+    #[serde(default)]
+    pub require_labels: std::collections::BTreeMap<String, String>,
+    /// VMs of one affinity group prefer the same host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_group: Option<String>,
+    /// VMs of one anti-affinity group never share a host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity_group: Option<String>,
+    /// Whether the balancer may move it with post-copy. Default true.
+    #[serde(default = "default_true")]
+    pub allow_postcopy: bool,
+    /// Longest pause a migration of this VM may cause, ms. Default: the cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Never move it automatically. Default false.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A VM as the orchestrator knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterVm {
+    pub name: String,
+    /// The host it runs on (as last reported), or where it was placed.
+    pub host: String,
+    /// Whether an agent currently reports it.
+    pub reported: bool,
+    pub spec: ClusterCreateVm,
+    /// The agent's view, when reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<VmInfo>,
+    /// When it was moved by a migration, Unix ms.
+    pub moves: Vec<u64>,
+    pub created_unix_ms: u64,
+    /// Why it was placed where it is.
+    pub placement_reason: String,
+}
+
+/// Answer to a cluster VM creation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterVmCreated {
+    pub vm: ClusterVm,
+    pub host: String,
+    pub reason: String,
+}
+
+/// A host (agent) as the orchestrator sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterHost {
+    pub name: String,
+    pub url: String,
+    pub up: bool,
+    /// Milliseconds since the agent was last heard from.
+    pub last_seen_ms_ago: u64,
+    /// CPU capacity the balancer assumes, cores.
+    pub capacity_cores: f64,
+    /// Latest load: VM CPU use over capacity (ratio; above 1 = overcommitted).
+    pub load: f64,
+    /// Recent load samples, oldest first.
+    pub load_samples: Vec<f64>,
+    pub hot: bool,
+    pub vm_count: u32,
+    pub memory_total_mib: u64,
+    pub memory_vms_mib: u64,
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<HostInfo>,
+}
+
+/// `POST /v1/vms/{name}/migrate` on the orchestrator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMigrate {
+    /// Target host name.
+    pub to: String,
+    /// Mode; absent = chosen by the mode-selection policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MigrationMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib_s: Option<f64>,
+}
+
+/// What started a migration.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationTrigger {
+    Manual,
+    Balancer,
+}
+
+/// A migration the orchestrator drove.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterMigration {
+    /// The source agent's migration id.
+    pub id: String,
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub mode: MigrationMode,
+    pub trigger: MigrationTrigger,
+    /// Why it was started.
+    pub reason: String,
+    pub status: MigrationStatus,
+    pub started_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The source agent's final (or latest) statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<MigrationInfo>,
+}
+
+/// How the balancer acts.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerMode {
+    /// No balancing.
+    Off,
+    /// Plan and record, move nothing (dry run).
+    Recommend,
+    /// Plan and migrate.
+    #[default]
+    Automatic,
+}
+
+/// `GET`/`PUT /v1/balancer`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BalancerState {
+    pub mode: BalancerMode,
+    /// Standard deviation of host loads (the imbalance) at the last run.
+    #[serde(default)]
+    pub imbalance: f64,
+    /// Hosts found hot at the last run.
+    #[serde(default)]
+    pub hot_hosts: Vec<String>,
+    #[serde(default)]
+    pub last_run_unix_ms: u64,
+    #[serde(default)]
+    pub runs: u64,
+}
+
+/// One recorded decision of the control plane.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Decision {
+    pub unix_ms: u64,
+    /// `migrate`, `skip`, `place`, `hotspot`, ...
+    pub action: String,
+    /// A bounded class of reason, for metrics: `hotspot`, `imbalance`, `anti_thrash`, ...
+    pub class: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MigrationMode>,
+    /// In words.
+    pub reason: String,
+    /// Whether it was acted on (automatic mode) or only recommended.
+    pub executed: bool,
+}
+
+/// `GET /v1/plan`: what the balancer would do now, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanView {
+    pub mode: BalancerMode,
+    pub imbalance: f64,
+    pub hot_hosts: Vec<String>,
+    /// Planned moves (as decisions with action `migrate`).
+    pub moves: Vec<Decision>,
+    /// Things considered and not done.
+    pub notes: Vec<Decision>,
 }

@@ -43,9 +43,32 @@ struct Args {
     /// it is touched at setup, before the guest pauses, because first touch is slow).
     #[arg(long)]
     no_prefault: bool,
+    /// Host label KEY=VALUE (repeatable), e.g. a device class the host offers.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Seconds between probes of each VM's dirty rate (1 s of dirty logging each); 0 = never.
+    #[arg(long, default_value_t = 10)]
+    dirty_probe_interval_s: u64,
+    /// Orchestrator to report to (heartbeats with host and VM state every 2 s), e.g.
+    /// http://10.0.0.1:7000.
+    #[arg(long, env = "GODWIT_ORCHESTRATOR")]
+    orchestrator: Option<String>,
+    /// URL the orchestrator reaches this agent at. Default: http://<the address it listens on>.
+    #[arg(long)]
+    advertise_url: Option<String>,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label {text:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("label {text:?} has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 fn host_name() -> String {
@@ -73,6 +96,9 @@ async fn main() -> anyhow::Result<()> {
     let config = ManagerConfig {
         migration_ip: args.migration_ip.unwrap_or(listen.ip()),
         prefault: !args.no_prefault,
+        labels: args.labels.into_iter().collect(),
+        dirty_probe_interval: (args.dirty_probe_interval_s > 0)
+            .then(|| Duration::from_secs(args.dirty_probe_interval_s)),
         name: args.name.unwrap_or_else(host_name),
         data_dir: args.data_dir,
         kvm_device: args.kvm_device,
@@ -94,11 +120,20 @@ async fn main() -> anyhow::Result<()> {
         manager.config().name
     );
     tracing::info!(%addr, name = %manager.config().name, "agent started");
+    let report = args
+        .orchestrator
+        .map(|orchestrator| hypervisor_agent::Report {
+            orchestrator: orchestrator.trim_end_matches('/').to_owned(),
+            url: args
+                .advertise_url
+                .unwrap_or_else(|| format!("http://{addr}")),
+        });
     hypervisor_agent::run(
         listener,
         manager,
         shutdown_signal(),
         Duration::from_secs(args.drain_seconds),
+        report,
     )
     .await
     .context("The API server failed")?;

@@ -38,6 +38,10 @@ pub struct ManagerConfig {
     pub migration_ip: std::net::IpAddr,
     /// Touch a migration target's memory before pages arrive (not for post-copy).
     pub prefault: bool,
+    /// Operator labels of this host.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// How often each VM's dirty rate is probed (one second of KVM dirty logging); None = never.
+    pub dirty_probe_interval: Option<std::time::Duration>,
 }
 
 /// One VM and what the agent tracks about it.
@@ -52,6 +56,16 @@ pub(crate) struct VmEntry {
     /// A migration of this VM is under way: no delete, pause, resume, snapshot or second
     /// migration meanwhile.
     pub(crate) migrating: std::sync::atomic::AtomicBool,
+    probe: Mutex<DirtyProbe>,
+}
+
+/// The periodic dirty-rate measurement of one VM: dirty logging on for about a second, then
+/// the pages it caught divided by the time.
+#[derive(Debug, Default)]
+struct DirtyProbe {
+    started: Option<Instant>,
+    next: Option<Instant>,
+    rate: f64,
 }
 
 impl VmEntry {
@@ -63,6 +77,41 @@ impl VmEntry {
             restored_from,
             usage: Mutex::new(CpuUsage::default()),
             migrating: std::sync::atomic::AtomicBool::new(false),
+            probe: Mutex::new(DirtyProbe::default()),
+        }
+    }
+
+    /// Advances the dirty-rate probe. The VM lock is held while the migrating flag is checked
+    /// and logging is switched, and a migration sets its flag before it takes that lock to
+    /// start its own logging: the probe can never switch off a migration's dirty log.
+    fn probe_dirty_rate(&self, interval: std::time::Duration) {
+        let vm = lock(&self.vm);
+        let mut probe = lock(&self.probe);
+        let now = Instant::now();
+        if self.is_migrating() || vm.is_paused() || vm.crash_reason().is_some() {
+            probe.started = None;
+            return;
+        }
+        match probe.started {
+            None if probe.next.is_none_or(|next| now >= next) && vm.start_dirty_log().is_ok() => {
+                probe.started = Some(now);
+            }
+            Some(started)
+                if now.duration_since(started) >= std::time::Duration::from_millis(900) =>
+            {
+                if let Ok(words) = vm.harvest_dirty() {
+                    let pages: u64 = words
+                        .iter()
+                        .flatten()
+                        .map(|w| u64::from(w.count_ones()))
+                        .sum();
+                    probe.rate = pages as f64 * 4096.0 / now.duration_since(started).as_secs_f64();
+                }
+                let _ = vm.stop_dirty_log();
+                probe.started = None;
+                probe.next = Some(now + interval);
+            }
+            _ => {}
         }
     }
 
@@ -557,6 +606,9 @@ impl Manager {
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
         for (name, entry) in &entries {
+            if let Some(interval) = self.config.dirty_probe_interval {
+                entry.probe_dirty_rate(interval);
+            }
             let cpu: f64 = lock(&entry.vm).vcpu_cpu_seconds().iter().sum();
             let memory_bytes = entry.memory_bytes;
             let mut usage = lock(&entry.usage);
@@ -617,6 +669,8 @@ impl Manager {
             host_cpu_busy: load.busy,
             kvm_available,
             kvm_error,
+            labels: self.config.labels.clone(),
+            migrations_in_flight: self.migrations.running(),
         }
     }
 
@@ -652,6 +706,8 @@ fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
         cpu_seconds: vcpu_cpu_seconds.iter().sum(),
         vcpu_cpu_seconds,
         cpu_usage_cores: lock(&entry.usage).cores,
+        dirty_rate_bytes_s: lock(&entry.probe).rate,
+        migrating: entry.is_migrating(),
         created_unix_ms: entry.created_unix_ms,
         console_bytes: vm.devices().console_bytes(),
         crash_reason,

@@ -76,6 +76,16 @@ impl Migrations {
         record
     }
 
+    /// Migrations still running (either side).
+    pub fn running(&self) -> u32 {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|r| r.progress.info().status == MigrationStatus::Running)
+            .count() as u32
+    }
+
     fn get(&self, id: &str) -> Option<Arc<MigrationRecord>> {
         self.records
             .lock()
