@@ -367,7 +367,7 @@ pub struct MigrateRequest {
     /// Bandwidth cap in MiB/s; absent or 0 = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_mib_s: Option<f64>,
-    /// Bulk TCP connections. Default: the number of host cores (at least 2).
+    /// Bulk TCP connections, 1-32. Default: the number of host cores, at least 2 and at most 8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<u32>,
     #[serde(default)]
@@ -530,6 +530,9 @@ pub struct IncomingAccepted {
     pub port: u16,
     /// The target agent's name.
     pub agent: String,
+    /// Address to connect to; absent = the host of the target's API address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

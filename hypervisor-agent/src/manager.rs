@@ -57,6 +57,8 @@ pub(crate) struct VmEntry {
     /// migration meanwhile.
     pub(crate) migrating: std::sync::atomic::AtomicBool,
     probe: Mutex<DirtyProbe>,
+    /// Why this VM can never run again here (a post-copy that broke with pages missing).
+    broken: Mutex<Option<String>>,
 }
 
 /// The periodic dirty-rate measurement of one VM: dirty logging on for about a second, then
@@ -78,7 +80,22 @@ impl VmEntry {
             usage: Mutex::new(CpuUsage::default()),
             migrating: std::sync::atomic::AtomicBool::new(false),
             probe: Mutex::new(DirtyProbe::default()),
+            broken: Mutex::new(None),
         }
+    }
+
+    /// Stops the VM for good: it must not run (its memory is incomplete).
+    pub(crate) fn mark_broken(&self, reason: &str) {
+        tracing::error!(reason, "VM stopped");
+        *lock(&self.broken) = Some(reason.to_owned());
+        let mut vm = lock(&self.vm);
+        if let Err(e) = vm.pause() {
+            tracing::error!(error = %crate::error::chain(&e), "cannot stop a broken VM");
+        }
+    }
+
+    fn broken(&self) -> Option<String> {
+        lock(&self.broken).clone()
     }
 
     /// Advances the dirty-rate probe. The VM lock is held while the migrating flag is checked
@@ -414,6 +431,11 @@ impl Manager {
     pub fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
         let entry = self.entry(name)?;
         refuse_while_migrating(name, &entry)?;
+        if let Some(reason) = entry.broken() {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} cannot resume: {reason}"
+            )));
+        }
         {
             let mut vm = lock(&entry.vm);
             if let Some(reason) = vm.crash_reason() {
@@ -684,11 +706,16 @@ impl Manager {
 }
 
 fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
+    let broken = entry.broken();
     let vm = lock(&entry.vm);
-    let status = vm
-        .guest_status()
-        .map_err(|e| vm_error(vm.name(), "inspect", e))?;
-    let crash_reason = vm.crash_reason();
+    // A broken VM's memory may have holes that block a reader: do not look.
+    let status = match broken {
+        Some(_) => vec![Default::default(); vm.config().vcpus as usize],
+        None => vm
+            .guest_status()
+            .map_err(|e| vm_error(vm.name(), "inspect", e))?,
+    };
+    let crash_reason = broken.or_else(|| vm.crash_reason());
     let state = if crash_reason.is_some() {
         ApiVmState::Crashed
     } else if vm.is_paused() {

@@ -45,6 +45,8 @@ pub struct MigrationRecord {
     pub progress: Arc<Progress>,
     cancel: AtomicBool,
     order: u64,
+    /// This agent is the migration's target (cancel belongs to the source).
+    incoming: bool,
 }
 
 /// The agent's migrations by id.
@@ -54,7 +56,7 @@ pub struct Migrations {
 }
 
 impl Migrations {
-    fn add(&self, id: &str, progress: Arc<Progress>) -> Arc<MigrationRecord> {
+    fn add(&self, id: &str, progress: Arc<Progress>, incoming: bool) -> Arc<MigrationRecord> {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         if records.len() >= MAX_RECORDS {
             // Forget the oldest finished one.
@@ -71,6 +73,7 @@ impl Migrations {
             progress,
             cancel: AtomicBool::new(false),
             order: now_unix_ms(),
+            incoming,
         });
         records.insert(id.to_owned(), record.clone());
         record
@@ -246,6 +249,7 @@ struct IncomingVm {
     /// holds up the channels installing pages.
     postcopy: OnceLock<PostcopyMemory>,
     started: AtomicBool,
+    prefaulted: bool,
 }
 
 impl IncomingVm {
@@ -324,7 +328,24 @@ impl TargetVm for IncomingVm {
     }
 
     fn abort(&self) {
-        tracing::info!(vm = %self.name, "incoming migration aborted; memory released");
+        if !self.started.load(Ordering::Acquire) {
+            tracing::info!(vm = %self.name, "incoming migration aborted; memory released");
+            return;
+        }
+        // Post-copy broke with pages still on the source: stop the VM rather than let it read
+        // holes, and keep its memory registered so nothing reads a missing page as zeros.
+        if let Some(pm) = self.postcopy.get() {
+            pm.keep_registered();
+        }
+        let reason = "post-copy migration failed with pages still missing; the VM is stopped                       here and its memory is incomplete";
+        match self.manager.entry(&self.name) {
+            Ok(entry) => entry.mark_broken(reason),
+            Err(_) => tracing::error!(vm = %self.name, "{reason}"),
+        }
+    }
+
+    fn prepopulated(&self) -> bool {
+        self.prefaulted
     }
 }
 
@@ -333,6 +354,7 @@ struct Factory {
     host: Arc<KvmHost>,
     name: String,
     memory_bytes: u64,
+    vcpus: u32,
 }
 
 impl TargetFactory for Factory {
@@ -358,7 +380,14 @@ impl TargetFactory for Factory {
         let huge = self.host.huge_pages && !setup.postcopy_from_start;
         let memory =
             memory::allocate(size, huge).map_err(|e| vm_err("Cannot allocate guest memory", e))?;
-        if !setup.postcopy_from_start && self.manager.config().prefault {
+        if vm.config.vcpus != self.vcpus {
+            return Err(VmAccessError::new(format!(
+                "The source describes {} vCPUs, but {} were announced",
+                vm.config.vcpus, self.vcpus
+            )));
+        }
+        let prefault = !setup.postcopy_from_start && self.manager.config().prefault;
+        if prefault {
             let t = std::time::Instant::now();
             memory::prefault(&memory).map_err(|e| vm_err("Cannot prefault guest memory", e))?;
             tracing::info!(vm = %self.name, ms = t.elapsed().as_secs_f64() * 1000.0, "guest memory prefaulted");
@@ -373,6 +402,7 @@ impl TargetFactory for Factory {
             prepared: Mutex::new(Some(prepared)),
             postcopy: OnceLock::new(),
             started: AtomicBool::new(false),
+            prefaulted: prefault,
         }))
     }
 }
@@ -478,7 +508,7 @@ impl Manager {
             req.mode,
             now_unix_ms(),
         ));
-        let record = self.migrations.add(&id, progress.clone());
+        let record = self.migrations.add(&id, progress.clone(), false);
         let cfg = SourceConfig {
             mode: req.mode,
             downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
@@ -504,7 +534,11 @@ impl Manager {
             memory,
             blob,
         };
-        let addr = format!("{host}:{}", accepted.port);
+        let addr = format!(
+            "{}:{}",
+            accepted.host.as_deref().unwrap_or(host),
+            accepted.port
+        );
         let manager = self.clone();
         let vm_name = name.to_owned();
         let mode = req.mode;
@@ -514,10 +548,7 @@ impl Manager {
                 tracing::info!(vm = %vm_name, %addr, ?mode, "migration started");
                 let result =
                     page_transfer::source::migrate(&source, &addr, &cfg, &progress, &record.cancel);
-                let switched = matches!(
-                    progress.info().phase,
-                    MigrationPhase::Postcopy | MigrationPhase::Completing | MigrationPhase::Done
-                ) || progress.info().downtime_ms.is_some();
+                let switched = progress.switched();
                 match result {
                     Ok(()) => {
                         progress.finish(MigrationStatus::Completed, None);
@@ -539,14 +570,14 @@ impl Manager {
                         let mut text = chain(&e);
                         if switched {
                             text.push_str(
-                                "; the VM had already moved to the target, so it stays paused here",
+                                "; the switchover had been sent, so the VM stays paused here: check \
+                                 the target before resuming or deleting this copy",
                             );
                         }
                         tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
                         progress.finish(status, Some(text));
-                        if !switched {
-                            source.entry.migrating.store(false, Ordering::Release);
-                        }
+                        // Either way the operator can act on this copy again.
+                        source.entry.migrating.store(false, Ordering::Release);
                     }
                 }
             })
@@ -588,12 +619,13 @@ impl Manager {
             req.mode,
             now_unix_ms(),
         ));
-        self.migrations.add(&req.id, progress.clone());
+        self.migrations.add(&req.id, progress.clone(), true);
         let factory = Factory {
             manager: self.clone(),
             host,
             name: req.vm.clone(),
             memory_bytes,
+            vcpus: req.vcpus,
         };
         let manager = self.clone();
         let name = req.vm.clone();
@@ -622,9 +654,13 @@ impl Manager {
                 "Cannot start the migration thread: {e}"
             )));
         }
+        let ip = self.config().migration_ip;
         Ok(IncomingAccepted {
             port,
             agent: self.config().name.clone(),
+            // A specific migration address is where the source must connect; a wildcard means
+            // "the address you reached my API at".
+            host: (!ip.is_unspecified()).then(|| ip.to_string()),
         })
     }
 
@@ -650,13 +686,18 @@ impl Manager {
             .get(id)
             .ok_or_else(|| AgentError::NotFound(format!("No migration {id:?} on this host")))?;
         let info = record.progress.info();
+        if record.incoming {
+            return Err(AgentError::Conflict(format!(
+                "This agent is the target of migration {id}; cancel it on the source agent"
+            )));
+        }
         if info.status != MigrationStatus::Running {
             return Err(AgentError::Conflict(format!(
                 "Migration {id} is already {:?}",
                 info.status
             )));
         }
-        if info.downtime_ms.is_some() || info.phase == MigrationPhase::StopAndCopy {
+        if record.progress.switched() || info.phase == MigrationPhase::StopAndCopy {
             return Err(AgentError::Conflict(format!(
                 "Migration {id} is past the point of no return: the VM is moving to the target"
             )));

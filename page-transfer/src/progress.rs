@@ -37,6 +37,7 @@ struct Counters {
 #[derive(Debug)]
 pub struct Progress {
     started: Instant,
+    switched: std::sync::atomic::AtomicBool,
     counters: Counters,
     info: Mutex<MigrationInfo>,
 }
@@ -52,6 +53,7 @@ impl Progress {
     ) -> Self {
         Progress {
             started: Instant::now(),
+            switched: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
             info: Mutex::new(MigrationInfo {
                 id: id.to_owned(),
@@ -82,6 +84,15 @@ impl Progress {
                 target_digest: None,
             }),
         }
+    }
+
+    /// The source sent the switchover: from now on the VM belongs to the target.
+    pub fn mark_switched(&self) {
+        self.switched.store(true, Ordering::Release);
+    }
+
+    pub fn switched(&self) -> bool {
+        self.switched.load(Ordering::Acquire)
     }
 
     pub fn elapsed_ms(&self) -> f64 {

@@ -28,6 +28,9 @@
 //!
 //! # Message sequence
 //!
+//! Channel 0 carries control messages both ways, channel 1 the pages a post-copy fault waits
+//! for, channels 2.. the bulk pages (a page always travels on the same bulk channel).
+//!
 //! ```text
 //! source                                               target
 //!   every connection, channel 0 (control) first:
@@ -36,24 +39,30 @@
 //!   control channel:
 //!   Setup{mode, verify, regions, vm}                   ->
 //!                                                      <- SetupAck           (or Error)
-//!   pre-copy, round after round (phase p = 0, 1, ...), on every data channel:
+//!   pre-copy, round after round (phase p = 1, 2, ...), on every data channel:
 //!   Pages{...} ... Marker{phase: p, pages}             ->
-//!   hybrid, when pre-copy stops converging, on the control channel:
-//!   Discard{runs}                                      ->  stale pages are dropped
-//!   switchover, the source VM is paused, control channel:
-//!   Switchover{postcopy, markers_phase: s}             ->
-//!   every data channel: the last dirty pages (all memory in stop-and-copy, none in post-copy)
+//!                                  control channel:    <- Marker{phase: p, pages received}
+//!                                                         (once every channel marked p; the
+//!                                                          source waits for it each round)
+//!   the source VM pauses; every data channel: the last dirty pages (all memory in
+//!   stop-and-copy, none in post-copy)
 //!   Pages{...} ... Marker{phase: s, pages}             ->
+//!   auto, switching to post-copy, control channel:
+//!   Discard{runs}                                      ->  stale pages, dropped at switchover
 //!   control channel:
-//!   State{blob}                                        ->  after Marker{s} on every channel
-//!                                                      <- Resumed           the VM runs here
+//!   State{blob}                                        ->
+//!   Switchover{postcopy, markers_phase: s}             ->  after Marker{s} on every channel:
+//!                                                         restore the state, run the VM
+//!                                                      <- Resumed
 //!   post-copy only:
-//!                                  request channel:    <- PageRequest{gpa, pages}
-//!   request channel: Pages{...}                        ->
-//!   data channels: Pages{...} ... Marker{phase: q}     ->  background push
-//!   control channel: AllSent{phase: q}                 ->
-//!   control channel, after the last page arrived (at once after Resumed without post-copy):
-//!                                                      <- Done{digest, report}
+//!                                  control channel:    <- PageRequest{gpa, pages}
+//!   urgent channel: Pages{...}                         ->  (answers, ahead of the push)
+//!   bulk channels: Pages{...} ... Marker{phase: q}     ->  background push
+//!   urgent channel: Marker{phase: q}                   ->
+//!   control channel: AllSent{phase: q}                 ->  (right after Resumed, with q = s,
+//!                                                          without post-copy)
+//!                                                      <- Done{digest, report} once every
+//!                                                         page is present
 //!   at any time, either direction:                   <-> Abort{reason}
 //!   in answer to a frame the receiver cannot accept: <-> Error{message}
 //! ```

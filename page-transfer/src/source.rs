@@ -76,7 +76,8 @@ struct Source<'a> {
     applied: Arc<(Mutex<u32>, Condvar)>,
     phase: u32,
     paused_at: Option<Instant>,
-    switched: bool,
+    /// The switchover went out: the VM belongs to the target, cancel no longer applies.
+    switched: AtomicBool,
 }
 
 /// Migrates `vm` to the target agent's migration listener at `addr`.
@@ -124,6 +125,9 @@ pub fn migrate(
         }
     }
     progress.update(|i| i.setup_ms = progress.elapsed_ms());
+    // The control channel can stay quiet for a whole pre-copy round or post-copy push; the
+    // engine's own waits carry the timeouts from here on.
+    let _ = control.set_read_timeout(None);
 
     let (event_tx, events) = mpsc::channel();
     let (request_tx, requests) = mpsc::channel();
@@ -152,7 +156,7 @@ pub fn migrate(
         applied,
         phase: 0,
         paused_at: None,
-        switched: false,
+        switched: AtomicBool::new(false),
     };
     let result = source.run();
     if let Err(e) = &result {
@@ -223,8 +227,13 @@ impl Source<'_> {
         }
     }
 
+    /// A cancel counts only before the switchover; after it the VM is the target's.
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) && !self.switched.load(Ordering::Acquire)
+    }
+
     fn check_cancel(&self) -> Result<(), MigrationError> {
-        if self.cancel.load(Ordering::Relaxed) {
+        if self.cancelled() {
             return Err(MigrationError::Cancelled);
         }
         // A target that gave up says so on the control channel.
@@ -279,7 +288,8 @@ impl Source<'_> {
             markers_phase,
         })?;
         // From here on the VM belongs to the target: never resume it here.
-        self.switched = true;
+        self.switched.store(true, Ordering::Release);
+        self.progress.mark_switched();
         let state_ms = ms(t);
         let t = Instant::now();
         match self.wait_event(PEER_TIMEOUT)? {
@@ -701,9 +711,10 @@ impl Source<'_> {
                 Ok(())
             };
         for &(region, first, n) in work {
-            if self.cancel.load(Ordering::Relaxed) {
+            if self.cancelled() {
                 return Err(MigrationError::Cancelled);
             }
+            let mut sent_here = 0u64;
             let bytes = (n * PAGE) as usize;
             self.vm
                 .read(self.map.gpa(region, first), &mut buf[..bytes])?;
@@ -719,11 +730,13 @@ impl Source<'_> {
                 self.progress.page(kind, encoded.len());
                 writer.push(self.map.gpa(region, page), kind, encoded)?;
                 count += 1;
+                sent_here += 1;
                 if writer.len() >= BATCH_PAGES {
                     flush(&mut writer, &mut stream)?;
                 }
             }
-            self.progress.sub_remaining_pages(n);
+            // Pages already answered on the urgent channel were counted there.
+            self.progress.sub_remaining_pages(sent_here);
         }
         flush(&mut writer, &mut stream)?;
         write_message(
@@ -745,7 +758,7 @@ impl Source<'_> {
     /// After a failure: before switchover the VM goes on here and the target drops its copy.
     fn recover(&mut self, error: &MigrationError) {
         let _ = self.send_control(&Message::abort(error.to_string()));
-        if self.switched {
+        if self.switched.load(Ordering::Acquire) {
             return;
         }
         self.vm.stop_dirty_tracking();

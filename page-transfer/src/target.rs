@@ -475,7 +475,9 @@ pub fn receive(
     match result {
         Ok(()) => Ok(vm),
         Err(e) => {
-            if !started {
+            // Before the start: discard. After it, only a post-copy can still be missing
+            // pages; abort stops that VM rather than let it read holes.
+            if !started || shared.postcopy.load(Ordering::Acquire) {
                 vm.abort();
             }
             Err(e)
@@ -607,7 +609,13 @@ fn enter_postcopy(shared: &Shared, discards: &[(u64, u32)]) -> Result<(), Migrat
     }
     if !shared.postcopy.load(Ordering::Acquire) {
         shared.vm.enable_postcopy()?;
-        for region in 0..shared.map.regions().len() {
+        // Prefaulted memory has every page present already: nothing to zero-fill.
+        let regions = if shared.vm.prepopulated() {
+            0
+        } else {
+            shared.map.regions().len()
+        };
+        for region in 0..regions {
             let received = shared.received[region].snapshot();
             let populated = shared.populated[region].snapshot();
             let mut zero_only = crate::bitmap::PageBitmap::new(received.pages());

@@ -70,8 +70,14 @@ pub trait TargetVm: Send + Sync {
     fn start(&self, state: &[u8]) -> Result<(), VmAccessError>;
     /// All pages are present: stop fault handling.
     fn finish_postcopy(&self) -> Result<(), VmAccessError>;
-    /// The migration failed before the VM started here: throw it away.
+    /// The migration failed. Before `start`: throw the VM away. After `start` (post-copy with
+    /// pages missing): stop it, so it never runs on memory that is not all there.
     fn abort(&self);
+    /// Whether all of memory is already backed (prefaulted): pages received as zero are then
+    /// present, and need no zero page installed when post-copy begins.
+    fn prepopulated(&self) -> bool {
+        false
+    }
 }
 
 /// What the source announced in its setup message.

@@ -51,7 +51,14 @@ pub fn bin_dir() -> &'static Path {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--bins", "-p", "hypervisor-agent"]);
+        build.args([
+            "build",
+            "--bins",
+            "-p",
+            "hypervisor-agent",
+            "-p",
+            "orchestrator",
+        ]);
         if release {
             build.arg("--release");
         }
@@ -59,6 +66,137 @@ pub fn bin_dir() -> &'static Path {
         assert!(status.success(), "building the binaries failed");
         dir
     })
+}
+
+/// A real `orchestrator` process on a free loopback port.
+#[derive(Debug)]
+pub struct Orchestrator {
+    child: Option<Child>,
+    pub url: String,
+    pub data_dir: PathBuf,
+    http: reqwest::blocking::Client,
+}
+
+impl Orchestrator {
+    /// Starts an orchestrator keeping its data in `data_dir` (reuse it to restart).
+    pub fn start(data_dir: &Path, config_toml: &str) -> Result<Orchestrator> {
+        std::fs::create_dir_all(data_dir)?;
+        let config = data_dir.join("config.toml");
+        std::fs::write(&config, config_toml)?;
+        let mut child = Command::new(bin_dir().join("orchestrator"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("Cannot start orchestrator")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .ok_or_else(|| anyhow!("orchestrator did not print its address, said {line:?}"))?
+            .to_owned();
+        Ok(Orchestrator {
+            child: Some(child),
+            url,
+            data_dir: data_dir.to_owned(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+        })
+    }
+
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send()?;
+        let status = resp.status().as_u16();
+        let text = resp.text()?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, value))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (status, value) = self.request(reqwest::Method::GET, path, None)?;
+        if status != 200 {
+            bail!("GET {path} answered {status}: {value}");
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    pub fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T> {
+        let body = serde_json::to_value(body)?;
+        let (status, value) = self.request(method.clone(), path, Some(&body))?;
+        if !(200..300).contains(&status) {
+            bail!("{method} {path} answered {status}: {value}");
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// Polls until `pred` holds on the value of GET `path`.
+    pub fn wait<T: DeserializeOwned + std::fmt::Debug>(
+        &self,
+        path: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&T) -> bool,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v: T = self.get(path)?;
+            if pred(&v) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}; last: {v:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// A real `hypervisor-agent` process on a free loopback port.
@@ -214,6 +352,14 @@ impl Agent {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the process outright (a crashed host).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

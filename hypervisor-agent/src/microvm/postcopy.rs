@@ -50,7 +50,9 @@ fn to_host(ranges: &[HostRange], gpa: u64, len: u64) -> Result<u64, PostcopyErro
 /// Guest memory registered for missing-page faults.
 #[derive(Debug)]
 pub struct PostcopyMemory {
-    uffd: Userfault,
+    uffd: std::mem::ManuallyDrop<Userfault>,
+    /// Never close the descriptor: a failed post-copy keeps memory registered for good.
+    leak: std::sync::atomic::AtomicBool,
     ranges: Vec<HostRange>,
     /// Keeps the mappings alive for as long as they are registered.
     _memory: GuestMemory,
@@ -70,7 +72,8 @@ impl PostcopyMemory {
             unsafe { uffd.register_missing(r.host as *mut u8, r.len as usize)? };
         }
         Ok(PostcopyMemory {
-            uffd,
+            uffd: std::mem::ManuallyDrop::new(uffd),
+            leak: std::sync::atomic::AtomicBool::new(false),
             ranges,
             _memory: memory.clone(),
         })
@@ -112,12 +115,27 @@ impl PostcopyMemory {
         Ok(())
     }
 
+    /// After a failed post-copy: keep the registration when this value is dropped, so a missing
+    /// page blocks whoever touches it instead of reading as zeros.
+    pub fn keep_registered(&self) {
+        self.leak.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Ends fault handling: memory behaves normally again.
     pub fn unregister(&self) -> Result<(), PostcopyError> {
         for r in &self.ranges {
             self.uffd.unregister(r.host as *mut u8, r.len as usize)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for PostcopyMemory {
+    fn drop(&mut self) {
+        if !self.leak.load(std::sync::atomic::Ordering::Acquire) {
+            // SAFETY: dropped exactly once, here; the field is not used afterwards.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.uffd) };
+        }
     }
 }
 
