@@ -1,7 +1,111 @@
-//! Godwit's control plane. For now it holds the `godwit` CLI's helpers for driving agents;
-//! the orchestrator daemon (membership, placement, balancing) grows here next.
+//! Godwit's control plane: it knows every agent and VM, places new VMs, watches CPU load and
+//! migrates VMs to relieve hot hosts, choosing the page-transfer mode per VM; it records every
+//! decision and migration in an embedded store that survives restarts. Also the `godwit` CLI's
+//! helpers for talking to agents and starting local clusters.
 
 #![forbid(unsafe_code)]
 
 pub mod agent_client;
+pub mod api;
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod driver;
+pub mod error;
 pub mod local;
+pub mod metrics;
+pub mod state;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use godwit_api::{HostInfo, VmInfo};
+
+use state::State;
+
+/// Polls every known agent for its host and VM state.
+async fn poll_agents(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(state.config.poll_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let agents = state.agents();
+        let polls = agents.into_iter().map(|agent| {
+            let state = state.clone();
+            async move {
+                let host = driver::get::<HostInfo>(&state, &agent.url, "/v1/host").await;
+                let vms = driver::get::<Vec<VmInfo>>(&state, &agent.url, "/v1/vms").await;
+                if let (Ok(host), Ok(vms)) = (host, vms) {
+                    state.observe(&agent.url, host, vms);
+                }
+            }
+        });
+        futures_join_all(polls).await;
+        let (mut up, mut down) = (0, 0);
+        for agent in state.agents() {
+            if state.is_up(&agent) {
+                up += 1;
+            } else {
+                down += 1;
+            }
+            state
+                .metrics
+                .host_load
+                .with_label_values(&[&agent.name])
+                .set(agent.samples.back().map(|(_, l)| *l).unwrap_or(0.0));
+        }
+        state
+            .metrics
+            .agents
+            .with_label_values(&["up"])
+            .set(up as f64);
+        state
+            .metrics
+            .agents
+            .with_label_values(&["down"])
+            .set(down as f64);
+    }
+}
+
+/// Runs futures concurrently and waits for all (a tiny join_all without the futures crate).
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl IntoIterator<Item = F>,
+) {
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+async fn balance_loop(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(state.config.balance_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = balancer::run_once(&state).await {
+            tracing::warn!(error = %e, "balancer run failed");
+        }
+    }
+}
+
+/// Serves the API until `shutdown`; runs the poller and the balancer meanwhile. Migrations
+/// that were running when the orchestrator last stopped are followed again.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    for m in state.running_migrations() {
+        tracing::info!(id = %m.id, vm = %m.vm, "following a migration that was running before a restart");
+        tokio::spawn(driver::follow(state.clone(), m.id.clone()));
+    }
+    let poller = tokio::spawn(poll_agents(state.clone()));
+    let balancer = tokio::spawn(balance_loop(state.clone()));
+    let result = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    poller.abort();
+    balancer.abort();
+    result
+}

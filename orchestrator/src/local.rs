@@ -79,3 +79,62 @@ impl Drop for LocalAgent {
         }
     }
 }
+
+/// An orchestrator process started by the CLI; killed when dropped.
+#[derive(Debug)]
+pub struct LocalOrchestrator {
+    child: Child,
+    pub url: String,
+}
+
+impl LocalOrchestrator {
+    pub fn start(data_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
+        let bin = bin_dir()?.join("orchestrator");
+        if !bin.exists() {
+            bail!(
+                "{} is missing: build it first (cargo build --release --bins)",
+                bin.display()
+            );
+        }
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("Cannot create log file {}", log.display()))?;
+        let mut child = Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("Cannot start {}", bin.display()))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+            let _ = child.kill();
+            bail!(
+                "The orchestrator did not start; see its log {}",
+                log.display()
+            );
+        };
+        Ok(LocalOrchestrator {
+            url: url.to_owned(),
+            child,
+        })
+    }
+
+    pub fn stop(mut self) -> Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for LocalOrchestrator {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

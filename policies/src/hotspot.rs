@@ -10,8 +10,9 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::model::{ClusterView, Host, LoadSample};
+use crate::model::{Host, LoadSample};
 use crate::params::HotspotParams;
+use crate::view::ClusterView;
 
 /// What the samples say about a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -84,7 +85,11 @@ impl fmt::Display for HotspotVerdict {
         );
         match self.heat {
             Heat::Hot => write!(f, "{} is hot: {counted} and {trend}", self.host),
-            Heat::Cooling => write!(f, "{} is cooling, not hot: {counted} but {trend}", self.host),
+            Heat::Cooling => write!(
+                f,
+                "{} is cooling, not hot: {counted} but {trend}",
+                self.host
+            ),
             Heat::BelowK => write!(
                 f,
                 "{} is not hot: {counted} (needs {}), newest {:.2}",
@@ -97,7 +102,11 @@ impl fmt::Display for HotspotVerdict {
                 self.age_ms as f64 / 1000.0,
                 self.max_age_ms as f64 / 1000.0
             ),
-            Heat::NoSamples => write!(f, "{} has no verdict: it reported no load samples", self.host),
+            Heat::NoSamples => write!(
+                f,
+                "{} has no verdict: it reported no load samples",
+                self.host
+            ),
         }
     }
 }
@@ -156,7 +165,11 @@ pub fn detect(view: &ClusterView, params: &HotspotParams, now_ms: u64) -> Vec<Ho
     out.sort_by(|(la, a), (lb, b)| {
         b.is_hot()
             .cmp(&a.is_hot())
-            .then(if a.is_hot() { lb.total_cmp(la) } else { std::cmp::Ordering::Equal })
+            .then(if a.is_hot() {
+                lb.total_cmp(la)
+            } else {
+                std::cmp::Ordering::Equal
+            })
             .then_with(|| a.host.cmp(&b.host))
     });
     out.into_iter().map(|(_, v)| v).collect()
@@ -214,7 +227,10 @@ mod tests {
         assert_eq!(v.heat, Heat::Hot, "{v}");
         assert_eq!((v.above, v.window), (3, 5));
         let text = v.reason();
-        assert!(text.starts_with("h1 is hot: 3 of last 5 samples above 0.75 and trend +"), "{text}");
+        assert!(
+            text.starts_with("h1 is hot: 3 of last 5 samples above 0.75 and trend +"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -244,7 +260,10 @@ mod tests {
         assert_eq!(falling.above, 5);
         assert!(falling.slope_per_s < 0.0);
         assert_eq!(falling.heat, Heat::Cooling, "{falling}");
-        assert!(falling.reason().contains("is cooling, not hot"), "{falling}");
+        assert!(
+            falling.reason().contains("is cooling, not hot"),
+            "{falling}"
+        );
     }
 
     #[test]
@@ -273,7 +292,11 @@ mod tests {
 
     #[test]
     fn stale_or_missing_samples_make_no_verdict() {
-        let v = assess(&host(&[0.9; 5]), &HotspotParams::default(), 100_000 + 61_000);
+        let v = assess(
+            &host(&[0.9; 5]),
+            &HotspotParams::default(),
+            100_000 + 61_000,
+        );
         assert_eq!(v.heat, Heat::Stale);
         assert_eq!(
             v.reason(),
@@ -301,7 +324,13 @@ mod tests {
         let mut down = mk("h0", 0.99);
         down.up = false;
         let view = ClusterView::new(
-            vec![down, mk("h1", 0.8), mk("h2", 0.3), mk("h3", 0.95), mk("h4", 0.1)],
+            vec![
+                down,
+                mk("h1", 0.8),
+                mk("h2", 0.3),
+                mk("h3", 0.95),
+                mk("h4", 0.1),
+            ],
             vec![],
             0,
         )

@@ -6,13 +6,13 @@
 //! the running sums, so the balancer can ask "what would the imbalance be after this move?" in
 //! constant time.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::model::ClusterView;
+use crate::fxhash::FxHashMap;
+use crate::view::ClusterView;
 
 /// Mean and spread of the loads of the hosts that are up.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -93,7 +93,7 @@ pub struct Projection<'v> {
     view: &'v ClusterView,
     load: Vec<f64>,
     /// Where moved VMs are now (VM index -> host index).
-    moved: HashMap<u32, u32>,
+    moved: FxHashMap<u32, u32>,
     n: usize,
     sum: f64,
     sumsq: f64,
@@ -105,7 +105,7 @@ impl<'v> Projection<'v> {
         let mut p = Self {
             view,
             load: view.loads().to_vec(),
-            moved: HashMap::new(),
+            moved: FxHashMap::default(),
             n: 0,
             sum: 0.0,
             sumsq: 0.0,
@@ -218,13 +218,18 @@ mod tests {
     fn view() -> ClusterView {
         let mut down = Host::new("h3", 4.0, GIB);
         down.up = false;
-        let vms = [("a", "h1", 3.0), ("b", "h1", 1.0), ("c", "h2", 1.0), ("d", "h3", 4.0)]
-            .into_iter()
-            .map(|(n, h, cpu)| Vm {
-                cpu_usage_cores: cpu,
-                ..Vm::new(n, h, 4, GIB)
-            })
-            .collect();
+        let vms = [
+            ("a", "h1", 3.0),
+            ("b", "h1", 1.0),
+            ("c", "h2", 1.0),
+            ("d", "h3", 4.0),
+        ]
+        .into_iter()
+        .map(|(n, h, cpu)| Vm {
+            cpu_usage_cores: cpu,
+            ..Vm::new(n, h, 4, GIB)
+        })
+        .collect();
         ClusterView::new(
             vec![Host::new("h1", 4.0, GIB), Host::new("h2", 4.0, GIB), down],
             vms,

@@ -4,7 +4,8 @@
 //! omitted (`#[serde(default)]`), unknown fields are an error so that a typo is not silently
 //! ignored, and [`Params::validate`] checks ranges before the orchestrator starts deciding.
 //! Units are in the field names: `_ms` milliseconds, `_bytes` bytes, loads are ratios of a
-//! host's CPU capacity (0-1, may exceed 1 when overcommitted).
+//! host's CPU capacity (0-1, may exceed 1 when overcommitted). The crate README has them all
+//! in one table.
 //!
 //! ```toml
 //! [hotspot]
@@ -234,7 +235,11 @@ impl Params {
         let b = &self.balance;
         let m = &self.migration;
         let p = &self.placement;
-        ratio("hotspot.threshold", h.threshold, "between 0 and 1 (exclusive of 0)")?;
+        ratio(
+            "hotspot.threshold",
+            h.threshold,
+            "between 0 and 1 (exclusive of 0)",
+        )?;
         positive_count("hotspot.window", h.window)?;
         if h.k == 0 || h.k > h.window {
             return Err(ParamsError {
@@ -252,8 +257,7 @@ impl Params {
         positive_count("balance.vm_candidates", b.vm_candidates)?;
         positive_count("balance.target_candidates", b.target_candidates)?;
         positive_count("balance.target_scan_limit", b.target_scan_limit)?;
-        if !(m.default_bandwidth_bytes_per_s.is_finite() && m.default_bandwidth_bytes_per_s > 0.0)
-        {
+        if !(m.default_bandwidth_bytes_per_s.is_finite() && m.default_bandwidth_bytes_per_s > 0.0) {
             return Err(ParamsError {
                 field: "migration.default_bandwidth_bytes_per_s",
                 value: m.default_bandwidth_bytes_per_s.to_string(),
@@ -275,7 +279,11 @@ impl Params {
                 expected: "at least 1",
             });
         }
-        ratio("migration.auto_mode_ratio", m.auto_mode_ratio, "between 0 and 1")?;
+        ratio(
+            "migration.auto_mode_ratio",
+            m.auto_mode_ratio,
+            "between 0 and 1",
+        )?;
         non_negative("migration.postcopy_fault_penalty", m.postcopy_fault_penalty)?;
         if !(m.max_downtime_overrun.is_finite() && m.max_downtime_overrun >= 1.0) {
             return Err(ParamsError {
@@ -351,10 +359,9 @@ mod tests {
 
     #[test]
     fn partial_toml_overrides_only_what_it_names() {
-        let p: Params = toml::from_str(
-            "[hotspot]\nthreshold = 0.8\n[limits]\nmax_migrations_cluster = 10\n",
-        )
-        .unwrap();
+        let p: Params =
+            toml::from_str("[hotspot]\nthreshold = 0.8\n[limits]\nmax_migrations_cluster = 10\n")
+                .unwrap();
         assert_eq!(p.hotspot.threshold, 0.8);
         assert_eq!(p.hotspot.k, 3);
         assert_eq!(p.limits.max_migrations_cluster, 10);

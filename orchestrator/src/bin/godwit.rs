@@ -1,213 +1,814 @@
-//! `godwit`: the operator's command line.
-//!
-//! For now it has `demo`, which starts two local agents, runs a self-verifying guest on one,
-//! moves it to the other through a snapshot and shows that the guest carried on with intact
-//! memory. The cluster commands (hosts, vm, migrate, plan) arrive with the orchestrator.
+//! `godwit`: the operator's command line for a Godwit cluster. Talks to the orchestrator
+//! (`--server` or `GODWIT_SERVER`); `up` and `demo` start a local cluster first.
+//! Tables for people, `--json` for scripts; an error is one line and a non-zero exit.
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use godwit_api::{CreateVm, DirtyPattern, GuestSpec, RestoreRequest, SnapshotRequest, VmInfo};
-use orchestrator::agent_client::AgentClient;
-use orchestrator::local::LocalAgent;
-use serde_json::json;
+use clap::{Args, Parser, Subcommand};
+use godwit_api::{
+    BalancerMode, ClusterCreateVm, ClusterMigrate, DirtyPattern, GuestSpec, MigrationMode,
+    MigrationPhase, MigrationStatus, PageContent,
+};
+use orchestrator::cli::Client;
+use orchestrator::local::{LocalAgent, LocalOrchestrator};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Godwit: live migration of VMs across hosts")]
+#[command(
+    version,
+    about = "Godwit: live migration and load balancing of VMs across hosts"
+)]
 struct Cli {
+    /// The orchestrator's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "GODWIT_SERVER",
+        default_value = "http://127.0.0.1:7000"
+    )]
+    server: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start two local agents, run a self-verifying guest, move it between them through a
-    /// snapshot, and show that it kept running with intact memory.
-    Demo {
-        /// Seconds to watch the guest on each host.
-        #[arg(long, default_value_t = 3)]
-        watch_seconds: u64,
-        /// Guest memory of the demo VM, MiB.
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u64,
-        /// Print the summary as JSON instead of text.
+    /// List hosts with their load, VMs and state.
+    Hosts,
+    /// Create, list, show and remove VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Live-migrate a VM to another host, with a progress bar.
+    Migrate {
+        vm: String,
+        /// Target host name.
         #[arg(long)]
-        json: bool,
+        to: String,
+        /// precopy, stop-and-copy, postcopy or auto; default: chosen by policy.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Bandwidth cap, MiB/s.
+        #[arg(long)]
+        bandwidth: Option<f64>,
+        /// Return at once instead of following the migration.
+        #[arg(long)]
+        no_wait: bool,
     },
+    /// Migrations the orchestrator drove.
+    Migrations,
+    /// What the balancer would do now, and why.
+    Plan,
+    /// Recent decisions of the control plane.
+    Decisions {
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
+    },
+    /// Show or set the balancer mode (off, recommend, automatic).
+    Balancer { mode: Option<String> },
+    /// Start a local orchestrator and N agents, print their addresses, run until Ctrl-C.
+    Up(UpArgs),
+    /// A local cluster of 3 agents: load one host with spinning guests and watch the balancer
+    /// find the hotspot and migrate VMs until the load is even.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Create a VM; the placement policy picks the host unless --host is given.
+    Create(CreateArgs),
+    List,
+    Show {
+        name: String,
+    },
+    #[command(alias = "delete")]
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    name: String,
+    /// Guest kind: idle, dirty, spin or ticker.
+    #[arg(long, default_value = "idle")]
+    guest: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Memory, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// dirty: working set, MiB.
+    #[arg(long, default_value_t = 64)]
+    working_set: u64,
+    /// dirty: write rate, MiB/s (0 = unlimited).
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// dirty: uniform or hotcold.
+    #[arg(long, default_value = "uniform")]
+    pattern: String,
+    /// spin: busy percent per vCPU.
+    #[arg(long, default_value_t = 50)]
+    duty: u32,
+    /// ticker: interval, ms.
+    #[arg(long, default_value_t = 1000)]
+    interval: u64,
+    /// Put it on this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Required host label KEY=VALUE (repeatable).
+    #[arg(long = "require-label")]
+    require_labels: Vec<String>,
+    #[arg(long)]
+    affinity: Option<String>,
+    #[arg(long)]
+    anti_affinity: Option<String>,
+    /// Never move it with post-copy.
+    #[arg(long)]
+    no_postcopy: bool,
+    /// Never move it automatically.
+    #[arg(long)]
+    pinned: bool,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Agents to start.
+    #[arg(long, default_value_t = 3)]
+    agents: usize,
+    /// CPU capacity each agent declares to the balancer, cores.
+    #[arg(long, default_value_t = 1.0)]
+    capacity: f64,
+    /// Where to keep data and logs (default: a new temporary directory).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    timeout: u64,
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Demo {
-            watch_seconds,
-            memory_mib,
-            json,
-        } => demo(watch_seconds, memory_mib, json),
-    };
-    if let Err(e) = result {
+    if let Err(e) = run(cli) {
         eprintln!("godwit: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn watch(
-    client: &AgentClient,
-    host: &str,
-    name: &str,
-    seconds: u64,
-    quiet: bool,
-) -> Result<VmInfo> {
-    let start = client.vm(name)?;
-    let t0 = Instant::now();
-    let mut last = start.clone();
-    while t0.elapsed() < Duration::from_secs(seconds) {
-        std::thread::sleep(Duration::from_secs(1));
-        let now = client.vm(name)?;
-        if !quiet {
-            let pages = now.guest.progress.saturating_sub(last.guest.progress);
-            println!(
-                "  {host:<7} {name:<7} {:<8} progress {:>10} pages (+{:>6.1} MiB/s)  verified {:>10}  verify errors {}  cpu {:.2}s",
-                format!("{:?}", now.state).to_lowercase(),
-                now.guest.progress,
-                pages as f64 * 4096.0 / (1 << 20) as f64,
-                now.guest.verified_pages,
-                now.guest.verify_errors,
-                now.cpu_seconds
-            );
+fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Up(args) => return up(args),
+        Command::Demo(args) => return demo(args),
+        _ => {}
+    }
+    let c = Client::new(&cli.server)?;
+    match cli.command {
+        Command::Hosts => hosts(&c, json),
+        Command::Vm(VmCommand::Create(args)) => {
+            let created = c.create_vm(&create_spec(args)?)?;
+            if json {
+                print_json(&created)
+            } else {
+                println!(
+                    "{} created on {}: {}",
+                    created.vm.name, created.host, created.reason
+                );
+                Ok(())
+            }
         }
-        last = now;
+        Command::Vm(VmCommand::List) => vm_list(&c, json),
+        Command::Vm(VmCommand::Show { name }) => {
+            let vm = c.vm(&name)?;
+            if json {
+                return print_json(&vm);
+            }
+            println!("name:       {}", vm.name);
+            println!(
+                "host:       {}{}",
+                vm.host,
+                if vm.reported { "" } else { " (not reported)" }
+            );
+            println!("guest:      {}", vm.spec.guest.kind());
+            println!("vcpus:      {}", vm.spec.vcpus);
+            println!("memory:     {} MiB", vm.spec.memory_mib);
+            println!("placement:  {}", vm.placement_reason);
+            println!("moves:      {}", vm.moves.len());
+            if let Some(i) = &vm.info {
+                println!("state:      {:?}", i.state);
+                println!(
+                    "cpu:        {:.2} cores ({:.1} s total)",
+                    i.cpu_usage_cores, i.cpu_seconds
+                );
+                println!(
+                    "dirty rate: {:.1} MiB/s",
+                    i.dirty_rate_bytes_s / (1 << 20) as f64
+                );
+                println!(
+                    "progress:   {} (verify errors {})",
+                    i.guest.progress, i.guest.verify_errors
+                );
+            }
+            Ok(())
+        }
+        Command::Vm(VmCommand::Rm { name }) => {
+            c.delete_vm(&name)?;
+            if !json {
+                println!("{name} removed");
+            }
+            Ok(())
+        }
+        Command::Migrate {
+            vm,
+            to,
+            mode,
+            bandwidth,
+            no_wait,
+        } => migrate(&c, &vm, &to, mode, bandwidth, no_wait, json),
+        Command::Migrations => migrations(&c, json),
+        Command::Plan => plan(&c, json),
+        Command::Decisions { limit } => {
+            let d = c.decisions(limit)?;
+            if json {
+                return print_json(&d);
+            }
+            for d in d {
+                println!(
+                    "{} {:<8} {:<14} {:<10} {}",
+                    time(d.unix_ms),
+                    d.action,
+                    d.class,
+                    d.vm.unwrap_or_default(),
+                    d.reason
+                );
+            }
+            Ok(())
+        }
+        Command::Balancer { mode } => {
+            let state = match mode {
+                Some(m) => c.set_balancer(parse_enum(&m, "balancer mode")?)?,
+                None => c.balancer()?,
+            };
+            if json {
+                print_json(&state)
+            } else {
+                println!(
+                    "mode {:?}, imbalance {:.3}, hot hosts [{}], {} runs",
+                    state.mode,
+                    state.imbalance,
+                    state.hot_hosts.join(", "),
+                    state.runs
+                );
+                Ok(())
+            }
+        }
+        Command::Up(_) | Command::Demo(_) => unreachable!("handled above"),
     }
-    if last.guest.progress <= start.guest.progress {
-        bail!("the guest on {host} made no progress in {seconds} s");
-    }
-    Ok(last)
 }
 
-fn demo(watch_seconds: u64, memory_mib: u64, as_json: bool) -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("godwit-demo-").tempdir()?;
-    let quiet = as_json;
-    let say = |s: &str| {
-        if !quiet {
-            println!("{s}");
-        }
+fn parse_enum<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .with_context(|| format!("{text:?} is not a valid {what}"))
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+fn create_spec(a: CreateArgs) -> Result<ClusterCreateVm> {
+    let guest = match a.guest.as_str() {
+        "idle" => GuestSpec::Idle,
+        "dirty" => GuestSpec::Dirty {
+            working_set_mib: a.working_set,
+            rate_mib_s: a.rate,
+            pattern: parse_enum::<DirtyPattern>(&a.pattern, "pattern")?,
+            hot_mib: None,
+            hot_percent: None,
+            content: PageContent::Counter,
+        },
+        "spin" => GuestSpec::Spin {
+            duty_percent: a.duty,
+        },
+        "ticker" => GuestSpec::Ticker {
+            interval_ms: a.interval,
+        },
+        other => bail!("unknown guest kind {other:?}: use idle, dirty, spin or ticker"),
     };
-    say("Starting two agents (host-a, host-b) on loopback...");
-    let a_dir = dir.path().join("host-a");
-    let b_dir = dir.path().join("host-b");
-    let agent_a = LocalAgent::start("host-a", &a_dir, &dir.path().join("host-a.log"))?;
-    let agent_b = LocalAgent::start("host-b", &b_dir, &dir.path().join("host-b.log"))?;
-    let a = AgentClient::new(&agent_a.url)?;
-    let b = AgentClient::new(&agent_b.url)?;
-    let host = a.host()?;
-    if !host.kvm_available {
-        bail!(
-            "KVM is not usable on this machine: {}",
-            host.kvm_error.unwrap_or_default()
+    let mut labels = BTreeMap::new();
+    for l in a.require_labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("label {l:?} is not KEY=VALUE"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(ClusterCreateVm {
+        name: a.name,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        guest,
+        host: a.host,
+        require_labels: labels,
+        affinity_group: a.affinity,
+        anti_affinity_group: a.anti_affinity,
+        allow_postcopy: !a.no_postcopy,
+        downtime_ms: None,
+        pinned: a.pinned,
+    })
+}
+
+fn hosts(c: &Client, json: bool) -> Result<()> {
+    let hosts = c.hosts()?;
+    if json {
+        return print_json(&hosts);
+    }
+    println!(
+        "{:<12} {:<5} {:>6} {:>8} {:>4} {:>14}  {:<4} LABELS",
+        "HOST", "UP", "LOAD", "CAPACITY", "VMS", "MEMORY (MiB)", "HOT"
+    );
+    for h in hosts {
+        println!(
+            "{:<12} {:<5} {:>5.0}% {:>8.1} {:>4} {:>14}  {:<4} {}",
+            h.name,
+            if h.up { "yes" } else { "DOWN" },
+            h.load * 100.0,
+            h.capacity_cores,
+            h.vm_count,
+            format!("{}/{}", h.memory_vms_mib, h.memory_total_mib),
+            if h.hot { "HOT" } else { "" },
+            h.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
-    say(&format!(
-        "  host-a at {}, host-b at {} ({} cores, {} MiB)",
-        agent_a.url, agent_b.url, host.cores, host.memory_total_mib
-    ));
+    Ok(())
+}
 
-    let spec = CreateVm {
-        name: "demo".into(),
-        vcpus: 2,
-        memory_mib,
+fn vm_list(c: &Client, json: bool) -> Result<()> {
+    let vms = c.vms()?;
+    if json {
+        return print_json(&vms);
+    }
+    println!(
+        "{:<14} {:<10} {:<7} {:>5} {:>7} {:>7} {:>10} {:>5}",
+        "VM", "HOST", "GUEST", "VCPU", "MEM", "CPU", "DIRTY MB/s", "MOVES"
+    );
+    for v in vms {
+        let (cpu, dirty) = v
+            .info
+            .as_ref()
+            .map(|i| (i.cpu_usage_cores, i.dirty_rate_bytes_s / 1e6))
+            .unwrap_or((0.0, 0.0));
+        println!(
+            "{:<14} {:<10} {:<7} {:>5} {:>7} {:>7.2} {:>10.1} {:>5}",
+            v.name,
+            v.host,
+            v.spec.guest.kind(),
+            v.spec.vcpus,
+            v.spec.memory_mib,
+            cpu,
+            dirty,
+            v.moves.len()
+        );
+    }
+    Ok(())
+}
+
+fn migrate(
+    c: &Client,
+    vm: &str,
+    to: &str,
+    mode: Option<String>,
+    bandwidth: Option<f64>,
+    no_wait: bool,
+    json: bool,
+) -> Result<()> {
+    let mode = mode
+        .map(|m| parse_enum::<MigrationMode>(&m, "migration mode"))
+        .transpose()?;
+    let m = c.migrate(
+        vm,
+        &ClusterMigrate {
+            to: to.to_owned(),
+            mode,
+            bandwidth_mib_s: bandwidth,
+        },
+    )?;
+    if no_wait {
+        return if json {
+            print_json(&m)
+        } else {
+            println!(
+                "migration {} of {vm} to {to} started ({:?}): {}",
+                m.id, m.mode, m.reason
+            );
+            Ok(())
+        };
+    }
+    let bar = (!json).then(|| {
+        let bar = indicatif::ProgressBar::new(100);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg:<40} [{bar:30}] {pos:>3}%")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let done = loop {
+        let now = c.migration(&m.id)?;
+        if let (Some(bar), Some(s)) = (&bar, &now.stats) {
+            let total = s.memory_bytes.max(1) as f64;
+            let pct = (100.0 * (1.0 - s.remaining_bytes as f64 / total)).clamp(0.0, 100.0);
+            bar.set_position(pct as u64);
+            bar.set_message(format!(
+                "{vm} {:?} {}",
+                s.phase,
+                if s.phase == MigrationPhase::Precopy {
+                    format!("round {}", s.rounds)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if now.status != MigrationStatus::Running {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if json {
+        print_json(&done)?;
+    } else if let Some(s) = &done.stats {
+        println!(
+            "{vm}: {:?} {} -> {} with {:?}: total {:.0} ms, downtime {:.1} ms, {:.1} MiB sent, {} rounds{}",
+            done.status,
+            done.from,
+            done.to,
+            done.mode,
+            s.total_ms,
+            s.downtime_ms.unwrap_or(0.0),
+            s.pages.wire_bytes as f64 / (1 << 20) as f64,
+            s.rounds,
+            done.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
+    if done.status != MigrationStatus::Completed {
+        bail!(
+            "the migration ended {:?}: {}",
+            done.status,
+            done.error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn migrations(c: &Client, json: bool) -> Result<()> {
+    let ms = c.migrations()?;
+    if json {
+        return print_json(&ms);
+    }
+    println!(
+        "{:<9} {:<12} {:<10} {:<10} {:<13} {:<9} {:<10} {:>9} {:>9}  REASON",
+        "STARTED", "VM", "FROM", "TO", "MODE", "TRIGGER", "STATUS", "DOWNTIME", "TOTAL"
+    );
+    for m in ms {
+        let (down, total) = m
+            .stats
+            .as_ref()
+            .map(|s| (s.downtime_ms.unwrap_or(0.0), s.total_ms))
+            .unwrap_or((0.0, 0.0));
+        println!(
+            "{:<9} {:<12} {:<10} {:<10} {:<13} {:<9} {:<10} {:>7.1}ms {:>7.0}ms  {}",
+            time(m.started_unix_ms),
+            m.vm,
+            m.from,
+            m.to,
+            format!("{:?}", m.mode).to_lowercase(),
+            format!("{:?}", m.trigger).to_lowercase(),
+            format!("{:?}", m.status).to_lowercase(),
+            down,
+            total,
+            m.reason
+        );
+    }
+    Ok(())
+}
+
+fn plan(c: &Client, json: bool) -> Result<()> {
+    let p = c.plan()?;
+    if json {
+        return print_json(&p);
+    }
+    println!(
+        "balancer {:?}; imbalance {:.3}; hot hosts: {}",
+        p.mode,
+        p.imbalance,
+        if p.hot_hosts.is_empty() {
+            "none".into()
+        } else {
+            p.hot_hosts.join(", ")
+        }
+    );
+    if p.moves.is_empty() {
+        println!("no moves");
+    }
+    for m in &p.moves {
+        println!(
+            "move {} {} -> {} ({:?}): {}",
+            m.vm.as_deref().unwrap_or("?"),
+            m.from.as_deref().unwrap_or("?"),
+            m.to.as_deref().unwrap_or("?"),
+            m.mode.unwrap_or_default(),
+            m.reason
+        );
+    }
+    for n in &p.notes {
+        println!("note [{}] {}", n.class, n.reason);
+    }
+    Ok(())
+}
+
+/// A local cluster: an orchestrator and agents reporting to it.
+struct LocalCluster {
+    orchestrator: LocalOrchestrator,
+    agents: Vec<LocalAgent>,
+    dir: std::path::PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+fn start_cluster(
+    n: usize,
+    capacity: f64,
+    dir: Option<std::path::PathBuf>,
+    orch_args: &[&str],
+) -> Result<LocalCluster> {
+    let (dir, temp) = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            (d, None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("godwit-cluster-")
+                .tempdir()?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let orchestrator = LocalOrchestrator::start(
+        &dir.join("orchestrator"),
+        &dir.join("orchestrator.log"),
+        orch_args,
+    )?;
+    let mut agents = Vec::new();
+    for i in 1..=n {
+        let name = format!("host-{i}");
+        let cap = format!("cpu_capacity={capacity}");
+        agents.push(LocalAgent::start_with(
+            &name,
+            &dir.join(&name),
+            &dir.join(format!("{name}.log")),
+            &["--orchestrator", &orchestrator.url, "--label", &cap],
+        )?);
+    }
+    // Wait until every agent has reported.
+    let c = Client::new(&orchestrator.url)?;
+    let t = Instant::now();
+    while c.hosts()?.iter().filter(|h| h.up).count() < n {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the agents did not report to the orchestrator within 30 s (logs in {})",
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(LocalCluster {
+        orchestrator,
+        agents,
+        dir,
+        _temp: temp,
+    })
+}
+
+impl LocalCluster {
+    fn stop(self) -> Result<()> {
+        for a in self.agents {
+            a.stop()?;
+        }
+        self.orchestrator.stop()
+    }
+}
+
+fn up(args: UpArgs) -> Result<()> {
+    let cluster = start_cluster(args.agents, args.capacity, args.dir, &[])?;
+    println!("orchestrator: {}", cluster.orchestrator.url);
+    for a in &cluster.agents {
+        println!("agent {}: {}", a.name, a.url);
+    }
+    println!("data and logs: {}", cluster.dir.display());
+    println!(
+        "try: GODWIT_SERVER={} godwit hosts",
+        cluster.orchestrator.url
+    );
+    println!("Ctrl-C stops the cluster.");
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc_channel(tx);
+    let _ = rx.recv();
+    cluster.stop()
+}
+
+/// Sends on `tx` at SIGINT/SIGTERM (a tiny signal wait without extra crates: a tokio runtime).
+fn ctrlc_channel(tx: std::sync::mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(rt) = rt {
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+        }
+        let _ = tx.send(());
+    });
+}
+
+fn demo(args: DemoArgs) -> Result<()> {
+    println!(
+        "Starting a local cluster: an orchestrator and 3 agents (each declares 1 CPU core)..."
+    );
+    let cluster = start_cluster(3, 1.0, None, &["--balancer", "recommend"])?;
+    let c = Client::new(&cluster.orchestrator.url)?;
+    println!(
+        "  orchestrator {}; logs in {}",
+        cluster.orchestrator.url,
+        cluster.dir.display()
+    );
+    // Load host-1: four spinning guests of 25% plus a self-verifying writer.
+    println!("Loading host-1 with four VMs that spin at 25% CPU each, plus a 'dirty' VM that writes and verifies its memory:");
+    for i in 1..=4 {
+        let name = format!("spin-{i}");
+        c.create_vm(&ClusterCreateVm {
+            name: name.clone(),
+            vcpus: 1,
+            memory_mib: 128,
+            guest: GuestSpec::Spin { duty_percent: 25 },
+            host: Some("host-1".into()),
+            require_labels: BTreeMap::new(),
+            affinity_group: None,
+            anti_affinity_group: None,
+            allow_postcopy: true,
+            downtime_ms: None,
+            pinned: false,
+        })?;
+        println!("  {name} on host-1");
+    }
+    c.create_vm(&ClusterCreateVm {
+        name: "writer".into(),
+        vcpus: 1,
+        memory_mib: 256,
         guest: GuestSpec::Dirty {
-            working_set_mib: (memory_mib / 4).max(1),
-            rate_mib_s: 40.0,
+            working_set_mib: 64,
+            rate_mib_s: 20.0,
             pattern: DirtyPattern::Hotcold,
             hot_mib: None,
             hot_percent: None,
-            content: godwit_api::PageContent::Counter,
+            content: PageContent::Counter,
         },
-        paused: false,
-    };
-    let t = Instant::now();
-    a.create_vm(&spec).context("Cannot create the demo VM")?;
-    let create_ms = t.elapsed().as_secs_f64() * 1000.0;
-    say(&format!(
-        "Created VM 'demo' on host-a in {create_ms:.0} ms: 2 vCPUs, {memory_mib} MiB, guest 'dirty' \
-         writing 40 MiB/s over {} MiB (hot/cold) and verifying every page it wrote.",
-        (memory_mib / 4).max(1)
-    ));
-    let before = watch(&a, "host-a", "demo", watch_seconds, quiet)?;
-
-    say("Snapshotting 'demo' on host-a (pause, save vCPU + device state, write memory)...");
-    let snap_path = dir.path().join("demo.snap");
-    let snap = a.snapshot(
-        "demo",
-        &SnapshotRequest {
-            path: snap_path.display().to_string(),
-            leave_paused: true,
-        },
-    )?;
-    say(&format!(
-        "  {:.1} MiB file ({} pages stored, {} zero pages elided) in {:.0} ms; digest {}",
-        snap.file_bytes as f64 / (1 << 20) as f64,
-        snap.pages_stored,
-        snap.zero_pages,
-        snap.total_ms,
-        &snap.digest[..23]
-    ));
-    say("Restoring it on host-b as 'demo' (paused), comparing memory digests...");
-    let restored = b.restore(&RestoreRequest {
-        path: snap_path.display().to_string(),
-        name: "demo".into(),
-        paused: true,
+        host: Some("host-1".into()),
+        require_labels: BTreeMap::new(),
+        affinity_group: None,
+        anti_affinity_group: None,
+        allow_postcopy: true,
+        downtime_ms: None,
+        pinned: false,
     })?;
-    let target_digest = b.digest("demo")?;
-    let digests_match = target_digest.digest == snap.digest;
-    say(&format!(
-        "  restored in {:.0} ms; digest on host-b {} the snapshot's",
-        restored.total_ms,
-        if digests_match {
-            "equals"
-        } else {
-            "DIFFERS FROM"
+    println!("  writer on host-1");
+    println!("Waiting for load samples, then switching the balancer to automatic...");
+    std::thread::sleep(Duration::from_secs(4));
+    print_loads(&c)?;
+    c.set_balancer(BalancerMode::Automatic)?;
+    let started = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut resolved_after = None;
+    let mut calm_since: Option<Instant> = None;
+    while started.elapsed() < Duration::from_secs(args.timeout) {
+        std::thread::sleep(Duration::from_secs(1));
+        for m in c.migrations()? {
+            let key = (m.id.clone(), format!("{:?}", m.status));
+            if seen.insert(key) {
+                match m.status {
+                    MigrationStatus::Running => println!(
+                        "[{:>5.1}s] balancer: migrate {} {} -> {} ({:?}) because {}",
+                        started.elapsed().as_secs_f64(),
+                        m.vm,
+                        m.from,
+                        m.to,
+                        m.mode,
+                        m.reason
+                    ),
+                    status => println!(
+                        "[{:>5.1}s] {} {:?}: downtime {:.1} ms, total {:.0} ms{}",
+                        started.elapsed().as_secs_f64(),
+                        m.vm,
+                        status,
+                        m.stats.as_ref().and_then(|s| s.downtime_ms).unwrap_or(0.0),
+                        m.stats.as_ref().map(|s| s.total_ms).unwrap_or(0.0),
+                        m.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    ),
+                }
+            }
         }
-    ));
-    a.delete_vm("demo")?;
-    b.resume("demo")?;
-    say("Deleted it on host-a and resumed it on host-b:");
-    let after = watch(&b, "host-b", "demo", watch_seconds, quiet)?;
-    let left_on_a = a.vms()?.len();
-
-    let ok = digests_match
-        && after.guest.verify_errors == 0
-        && after.guest.progress > before.guest.progress
-        && left_on_a == 0;
-    if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "ok": ok,
-                "create_ms": create_ms,
-                "snapshot": snap,
-                "restore_ms": restored.total_ms,
-                "digests_match": digests_match,
-                "progress_before": before.guest.progress,
-                "progress_after": after.guest.progress,
-                "verify_errors": after.guest.verify_errors,
-            }))?
-        );
-    } else {
-        println!(
-            "Result: the guest went on from {} to {} pages written on host-b, {} verify errors, \
-             memory identical at the move: {}.",
-            before.guest.progress,
-            after.guest.progress,
-            after.guest.verify_errors,
-            if digests_match { "yes" } else { "NO" }
-        );
+        let b = c.balancer()?;
+        let running = c
+            .migrations()?
+            .iter()
+            .any(|m| m.status == MigrationStatus::Running);
+        let hosts = c.hosts()?;
+        let max = hosts.iter().map(|h| h.load).fold(0.0, f64::max);
+        if b.hot_hosts.is_empty() && !running && max < 0.75 && seen.len() > 1 {
+            let since = *calm_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(3) {
+                resolved_after = Some(started.elapsed() - Duration::from_secs(3));
+                break;
+            }
+        } else {
+            calm_since = None;
+        }
     }
-    agent_a.stop()?;
-    agent_b.stop()?;
-    if !ok {
-        bail!("the demo found a problem (see above)");
+    print_loads(&c)?;
+    let writer = c.vm("writer")?;
+    let errors = writer
+        .info
+        .as_ref()
+        .map(|i| i.guest.verify_errors)
+        .unwrap_or(0);
+    println!(
+        "The writer VM is on {} and reports {} verify errors.",
+        writer.host, errors
+    );
+    let _ = std::io::stdout().flush();
+    cluster.stop()?;
+    match resolved_after {
+        Some(t) if errors == 0 => {
+            println!(
+                "Hotspot resolved by live migration in {:.1} s: every host under the 75% threshold.",
+                t.as_secs_f64()
+            );
+            Ok(())
+        }
+        Some(_) => bail!("the writer VM reported verify errors"),
+        None => bail!("the hotspot was not resolved within {} s", args.timeout),
+    }
+}
+
+fn print_loads(c: &Client) -> Result<()> {
+    let hosts = c.hosts()?;
+    let vms = c.vms()?;
+    for h in hosts {
+        let names: Vec<String> = vms
+            .iter()
+            .filter(|v| v.host == h.name)
+            .map(|v| v.name.clone())
+            .collect();
+        println!(
+            "  {:<7} load {:>4.0}% {:<4} [{}]",
+            h.name,
+            h.load * 100.0,
+            if h.hot { "HOT" } else { "" },
+            names.join(", ")
+        );
     }
     Ok(())
 }

@@ -1,0 +1,274 @@
+//! The orchestrator's REST API (docs/orchestrator-api.md).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use godwit_api::{
+    AgentHeartbeat, BalancerState, ClusterCreateVm, ClusterHost, ClusterMigrate, ClusterVm,
+    ClusterVmCreated, CreateVm, Decision, MigrationTrigger,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::balancer;
+use crate::driver;
+use crate::error::OrchError;
+use crate::state::{lock, now_unix_ms, State, VmRecord};
+
+type Shared = Arc<State>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/agents/heartbeat", post(heartbeat))
+        .route("/v1/hosts", get(hosts))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/migrations", get(migrations))
+        .route("/v1/migrations/{id}", get(migration))
+        .route("/v1/plan", get(plan))
+        .route("/v1/decisions", get(decisions))
+        .route("/v1/balancer", get(get_balancer).put(put_balancer))
+        .fallback(|| async {
+            OrchError::NotFound("No such API endpoint; see docs/orchestrator-api.md".into())
+        })
+        .method_not_allowed_fallback(|| async {
+            OrchError::BadRequest("This endpoint does not accept that method".into())
+        })
+        .with_state(state)
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, OrchError> {
+    if body.is_empty() {
+        return Err(OrchError::BadRequest(
+            "The request needs a JSON body".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| OrchError::BadRequest(format!("Malformed JSON request body: {e}")))
+}
+
+async fn metrics(AxState(s): AxState<Shared>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn heartbeat(AxState(s): AxState<Shared>, body: Bytes) -> Result<StatusCode, OrchError> {
+    let beat: AgentHeartbeat = parse(&body)?;
+    if beat.host.name.is_empty() || !beat.url.starts_with("http") {
+        return Err(OrchError::BadRequest(
+            "A heartbeat needs the agent's name and an http URL".into(),
+        ));
+    }
+    s.observe(&beat.url, beat.host, beat.vms);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn hosts(AxState(s): AxState<Shared>) -> Json<Vec<ClusterHost>> {
+    let hot = lock(&s.balancer).hot_hosts.clone();
+    Json(s.agents().iter().map(|a| s.host_view(a, &hot)).collect())
+}
+
+async fn list_vms(AxState(s): AxState<Shared>) -> Json<Vec<ClusterVm>> {
+    Json(s.vm_records().values().map(|r| s.vm_view(r)).collect())
+}
+
+async fn get_vm(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<ClusterVm>, OrchError> {
+    Ok(Json(s.vm_view(&s.vm_record(&name)?)))
+}
+
+async fn create_vm(
+    AxState(s): AxState<Shared>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ClusterVmCreated>), OrchError> {
+    let spec: ClusterCreateVm = parse(&body)?;
+    if s.vm_record(&spec.name).is_ok() {
+        return Err(OrchError::Conflict(format!(
+            "A VM named {:?} already exists in the cluster",
+            spec.name
+        )));
+    }
+    let (host, reason) = match &spec.host {
+        Some(h) => {
+            s.up_agent(h)?;
+            (h.clone(), format!("pinned to {h} by the request"))
+        }
+        None => match balancer::place(&s, &spec) {
+            Ok(choice) => choice,
+            Err(e) => {
+                s.metrics.placement_failures.inc();
+                s.record_decisions(&[Decision {
+                    unix_ms: now_unix_ms(),
+                    action: "place".into(),
+                    class: "no_capacity".into(),
+                    vm: Some(spec.name.clone()),
+                    from: None,
+                    to: None,
+                    mode: None,
+                    reason: e.to_string(),
+                    executed: false,
+                }]);
+                return Err(e);
+            }
+        },
+    };
+    let agent = s.up_agent(&host)?;
+    let req = CreateVm {
+        name: spec.name.clone(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        guest: spec.guest.clone(),
+        paused: false,
+    };
+    driver::create_on(&s, &agent.url, &req).await?;
+    let record = VmRecord {
+        spec: spec.clone(),
+        host: host.clone(),
+        moves: vec![],
+        created_unix_ms: now_unix_ms(),
+        placement_reason: reason.clone(),
+    };
+    s.put_vm(record.clone())?;
+    s.record_decisions(&[Decision {
+        unix_ms: now_unix_ms(),
+        action: "place".into(),
+        class: "placement".into(),
+        vm: Some(spec.name.clone()),
+        from: None,
+        to: Some(host.clone()),
+        mode: None,
+        reason: reason.clone(),
+        executed: true,
+    }]);
+    tracing::info!(vm = %spec.name, %host, %reason, "VM placed");
+    Ok((
+        StatusCode::CREATED,
+        Json(ClusterVmCreated {
+            vm: s.vm_view(&record),
+            host,
+            reason,
+        }),
+    ))
+}
+
+async fn delete_vm(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, OrchError> {
+    let record = s.vm_record(&name)?;
+    if s.running_migrations().iter().any(|m| m.vm == name) {
+        return Err(OrchError::Conflict(format!(
+            "VM {name:?} is being migrated; delete it afterwards"
+        )));
+    }
+    match s.up_agent(&record.host) {
+        Ok(agent) => match driver::delete(&s, &agent.url, &format!("/v1/vms/{name}")).await {
+            Ok(()) | Err(OrchError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        },
+        // A VM on a dead host is forgotten; the host's agent will report it if it comes back.
+        Err(OrchError::Unavailable(_)) | Err(OrchError::NotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    s.remove_vm(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn migrate_vm(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<godwit_api::ClusterMigration>), OrchError> {
+    let req: ClusterMigrate = parse(&body)?;
+    let record = s.vm_record(&name)?;
+    let (mode, reason) = match req.mode {
+        Some(m) => (m, "requested by the operator".to_owned()),
+        None => balancer::choose_mode(&s, &record, &req.to)?,
+    };
+    let m = driver::start_migration(
+        &s,
+        &name,
+        &req.to,
+        mode,
+        MigrationTrigger::Manual,
+        reason,
+        req.bandwidth_mib_s,
+    )
+    .await?;
+    s.record_decisions(&[Decision {
+        unix_ms: now_unix_ms(),
+        action: "migrate".into(),
+        class: "manual".into(),
+        vm: Some(name.clone()),
+        from: Some(m.from.clone()),
+        to: Some(m.to.clone()),
+        mode: Some(m.mode),
+        reason: m.reason.clone(),
+        executed: true,
+    }]);
+    Ok((StatusCode::ACCEPTED, Json(m)))
+}
+
+async fn migrations(AxState(s): AxState<Shared>) -> Json<Vec<godwit_api::ClusterMigration>> {
+    Json(s.migrations())
+}
+
+async fn migration(
+    AxState(s): AxState<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<godwit_api::ClusterMigration>, OrchError> {
+    Ok(Json(s.migration(&id)?))
+}
+
+async fn plan(AxState(s): AxState<Shared>) -> Result<Json<godwit_api::PlanView>, OrchError> {
+    Ok(Json(balancer::plan_view(&s)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct DecisionsQuery {
+    limit: Option<usize>,
+}
+
+async fn decisions(
+    AxState(s): AxState<Shared>,
+    Query(q): Query<DecisionsQuery>,
+) -> Result<Json<Vec<Decision>>, OrchError> {
+    let limit = q.limit.unwrap_or(200).min(20_000);
+    Ok(Json(s.store.decisions(limit).map_err(OrchError::store)?))
+}
+
+async fn get_balancer(AxState(s): AxState<Shared>) -> Json<BalancerState> {
+    Json(lock(&s.balancer).clone())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalancerUpdate {
+    mode: godwit_api::BalancerMode,
+}
+
+async fn put_balancer(
+    AxState(s): AxState<Shared>,
+    body: Bytes,
+) -> Result<Json<BalancerState>, OrchError> {
+    let update: BalancerUpdate = parse(&body)?;
+    s.store
+        .set_meta("balancer_mode", &update.mode)
+        .map_err(OrchError::store)?;
+    let mut b = lock(&s.balancer);
+    b.mode = update.mode;
+    tracing::info!(mode = ?update.mode, "balancer mode changed");
+    Ok(Json(b.clone()))
+}

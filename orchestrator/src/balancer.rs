@@ -1,0 +1,289 @@
+//! The orchestrator's side of the policies: builds the cluster snapshot the `policies` crate
+//! decides on from what agents reported, places new VMs, chooses migration modes, and runs
+//! the balancing loop (off, recommend: record the plan only, automatic: also migrate).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use godwit_api::{
+    BalancerMode, ClusterCreateVm, Decision, MigrationMode, MigrationTrigger, PlanView, VmState,
+};
+use policies::{ClusterView, Host, LoadSample, MigrationPolicy, Vm};
+
+use crate::driver;
+use crate::error::OrchError;
+use crate::state::{lock, now_unix_ms, State, VmRecord};
+
+const MIB: u64 = 1 << 20;
+
+pub fn to_api_mode(mode: policies::Mode) -> MigrationMode {
+    match mode {
+        policies::Mode::StopAndCopy => MigrationMode::StopAndCopy,
+        policies::Mode::Precopy => MigrationMode::Precopy,
+        policies::Mode::Postcopy => MigrationMode::Postcopy,
+        policies::Mode::Auto => MigrationMode::Auto,
+    }
+}
+
+/// The snapshot the policies decide on. Down hosts are included (marked down) so policies can
+/// say why they are not used; VMs are those agents report running, with their records'
+/// policies and move history.
+pub fn view(state: &State) -> Result<ClusterView, OrchError> {
+    let records = state.vm_records();
+    let running = state.running_migrations();
+    let mut hosts = Vec::new();
+    let mut vms = Vec::new();
+    for agent in state.agents() {
+        let capacity = state.capacity(&agent.host);
+        let memory_total = agent.host.memory_total_mib * MIB;
+        let used = agent.host.memory_vms_mib * MIB;
+        let in_flight = running
+            .iter()
+            .filter(|m| m.from == agent.name || m.to == agent.name)
+            .count() as u32;
+        hosts.push(Host {
+            name: agent.name.clone(),
+            up: state.is_up(&agent),
+            labels: agent.host.labels.clone(),
+            cpu_cores: capacity,
+            memory_total_bytes: memory_total,
+            memory_free_bytes: memory_total.saturating_sub(used),
+            load_samples: agent
+                .samples
+                .iter()
+                .map(|&(at_ms, load)| LoadSample { at_ms, load })
+                .collect(),
+            // The VMs explain the load we measure (it is their CPU over capacity).
+            own_load: Some(0.0),
+            bandwidth_to: BTreeMap::new(),
+            default_bandwidth_bytes_per_s: None,
+            migrations_in_flight: in_flight,
+        });
+        for info in &agent.vms {
+            if info.migrating || info.state != VmState::Running {
+                continue;
+            }
+            let record = records.get(&info.name);
+            let mut vm = Vm::new(
+                info.name.clone(),
+                agent.name.clone(),
+                info.vcpus,
+                info.memory_mib * MIB,
+            );
+            vm.cpu_usage_cores = info.cpu_usage_cores;
+            vm.dirty_rate_bytes_per_s = info.dirty_rate_bytes_s;
+            if let Some(r) = record {
+                vm.policy = MigrationPolicy {
+                    migratable: !r.spec.pinned,
+                    allow_postcopy: r.spec.allow_postcopy,
+                    downtime_target_ms: r.spec.downtime_ms,
+                    max_bandwidth_bytes_per_s: None,
+                };
+                vm.move_history_ms = r.moves.clone();
+                vm.last_moved_ms = r.moves.last().copied();
+                vm.affinity_group = r.spec.affinity_group.clone();
+                vm.anti_affinity_group = r.spec.anti_affinity_group.clone();
+                vm.required_labels = r.spec.require_labels.clone();
+            }
+            // A VM in flight is not a candidate for another move.
+            if running.iter().any(|m| m.vm == info.name) {
+                vm.policy.migratable = false;
+            }
+            vms.push(vm);
+        }
+    }
+    ClusterView::new(hosts, vms, running.len() as u32)
+        .map_err(|e| OrchError::Internal(format!("The cluster snapshot is inconsistent: {e}")))
+}
+
+/// Chooses a host for a new VM; returns it with the reason.
+pub fn place(state: &State, spec: &ClusterCreateVm) -> Result<(String, String), OrchError> {
+    let view = view(state)?;
+    let req = policies::VmRequest {
+        name: spec.name.clone(),
+        vcpus: spec.vcpus,
+        memory_bytes: spec.memory_mib * MIB,
+        expected_cpu_cores: None,
+        affinity_group: spec.affinity_group.clone(),
+        anti_affinity_group: spec.anti_affinity_group.clone(),
+        required_labels: spec.require_labels.clone(),
+    };
+    match policies::place(&view, &req, &state.config.policy) {
+        Ok(p) => Ok((p.host, p.reason)),
+        Err(e) => Err(OrchError::NoCapacity(format!(
+            "No host can take {}: {e}",
+            spec.name
+        ))),
+    }
+}
+
+/// Chooses the mode for moving `record` to `to`.
+pub fn choose_mode(
+    state: &State,
+    record: &VmRecord,
+    to: &str,
+) -> Result<(MigrationMode, String), OrchError> {
+    let view = view(state)?;
+    let vm = view
+        .vms()
+        .iter()
+        .find(|v| v.name == record.spec.name)
+        .ok_or_else(|| {
+            OrchError::Conflict(format!(
+                "VM {:?} is not running (or is migrating) and cannot be moved",
+                record.spec.name
+            ))
+        })?;
+    let bandwidth = view
+        .host(&record.host)
+        .map(|h| h.bandwidth_to(to, &state.config.policy))
+        .unwrap_or(state.config.policy.migration.default_bandwidth_bytes_per_s);
+    match policies::choose_mode(vm, bandwidth, &state.config.policy) {
+        Ok(choice) => Ok((to_api_mode(choice.mode), choice.reason)),
+        Err(e) => Err(OrchError::Conflict(format!(
+            "No migration mode fits {}'s policy: {e}",
+            record.spec.name
+        ))),
+    }
+}
+
+fn decision(action: &str, class: &str, reason: String, executed: bool) -> Decision {
+    Decision {
+        unix_ms: now_unix_ms(),
+        action: action.into(),
+        class: class.into(),
+        vm: None,
+        from: None,
+        to: None,
+        mode: None,
+        reason,
+        executed,
+    }
+}
+
+/// Plans without acting.
+pub fn plan_view(state: &State) -> Result<PlanView, OrchError> {
+    let (view, plan) = plan_now(state)?;
+    Ok(to_plan_view(state, &view, &plan, false))
+}
+
+fn plan_now(state: &State) -> Result<(ClusterView, policies::Plan), OrchError> {
+    let view = view(state)?;
+    let plan = policies::plan(&view, &state.config.policy, now_unix_ms());
+    Ok((view, plan))
+}
+
+fn to_plan_view(
+    state: &State,
+    view: &ClusterView,
+    plan: &policies::Plan,
+    executed: bool,
+) -> PlanView {
+    let stats = policies::cluster_stats(view);
+    let moves = plan
+        .moves
+        .iter()
+        .map(|m| Decision {
+            vm: Some(m.vm.clone()),
+            from: Some(m.from.clone()),
+            to: Some(m.to.clone()),
+            mode: Some(to_api_mode(m.mode)),
+            ..decision("migrate", m.class.as_str(), m.reason.clone(), executed)
+        })
+        .collect();
+    let notes = plan
+        .notes
+        .iter()
+        .map(|n| Decision {
+            vm: n.vm.clone(),
+            from: n.host.clone(),
+            ..decision("skip", n.class.as_str(), n.reason.clone(), false)
+        })
+        .collect();
+    PlanView {
+        mode: lock(&state.balancer).mode,
+        imbalance: stats.stddev,
+        hot_hosts: plan.hot_hosts.clone(),
+        moves,
+        notes,
+    }
+}
+
+/// One balancer run.
+pub async fn run_once(state: &Arc<State>) -> Result<(), OrchError> {
+    let mode = lock(&state.balancer).mode;
+    if mode == BalancerMode::Off {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let (view, plan) = plan_now(state)?;
+    state
+        .metrics
+        .balancer_seconds
+        .observe(t.elapsed().as_secs_f64());
+    state.metrics.balancer_runs.inc();
+    let executed = mode == BalancerMode::Automatic;
+    let pv = to_plan_view(state, &view, &plan, executed);
+    state.metrics.imbalance.set(pv.imbalance);
+    state.metrics.hot_hosts.set(pv.hot_hosts.len() as f64);
+    for h in &pv.hot_hosts {
+        state.metrics.hotspots.with_label_values(&[h]).inc();
+    }
+    {
+        let mut b = lock(&state.balancer);
+        b.imbalance = pv.imbalance;
+        b.hot_hosts = pv.hot_hosts.clone();
+        b.last_run_unix_ms = now_unix_ms();
+        b.runs += 1;
+    }
+    let now = now_unix_ms();
+    let window = state.config.policy.anti_thrash.move_window_ms;
+    for (name, r) in state.vm_records() {
+        let n = r
+            .moves
+            .iter()
+            .filter(|&&t| now.saturating_sub(t) <= window)
+            .count();
+        state
+            .metrics
+            .vm_moves_in_window
+            .with_label_values(&[&name])
+            .set(n as f64);
+    }
+    // Record what was decided: every move, and notes only when something was at stake (a
+    // hot host or a planned move), so a calm cluster does not fill the store.
+    let mut record = pv.moves.clone();
+    if !pv.hot_hosts.is_empty() || !pv.moves.is_empty() {
+        record.extend(pv.notes.iter().cloned());
+    }
+    state.record_decisions(&record);
+    if !executed {
+        return Ok(());
+    }
+    for m in &plan.moves {
+        match driver::start_migration(
+            state,
+            &m.vm,
+            &m.to,
+            to_api_mode(m.mode),
+            MigrationTrigger::Balancer,
+            m.reason.clone(),
+            None,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vm = %m.vm, to = %m.to, error = %e, "planned migration did not start");
+                state.record_decisions(&[Decision {
+                    vm: Some(m.vm.clone()),
+                    from: Some(m.from.clone()),
+                    to: Some(m.to.clone()),
+                    ..decision("migrate", "start_failed", e.to_string(), false)
+                }]);
+            }
+        }
+    }
+    Ok(())
+}

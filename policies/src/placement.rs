@@ -1,0 +1,647 @@
+//! Placement of a new VM: which host should run it.
+//!
+//! Hard rules reject a host: it must be up, carry the VM's required labels, have at least as
+//! many cores as the VM has vCPUs, have the memory free (less the reserve), run no member of
+//! the VM's anti-affinity group, and stay at or under the load ceiling with the VM's expected
+//! CPU use added. Every host left is scored by CPU headroom and free memory after placing,
+//! plus a bonus when it already runs a member of the VM's affinity group; the best score wins
+//! and ties go to the name that sorts first. The result explains the choice and every host it
+//! did not make.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::model::Host;
+use crate::params::Params;
+use crate::units::Bytes;
+use crate::view::{ClusterView, NONE};
+
+/// Rejected hosts listed one by one in a summary before the rest are only counted.
+const LISTED_REJECTIONS: usize = 5;
+
+/// A VM to be placed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRequest {
+    /// Its name.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory, bytes.
+    pub memory_bytes: u64,
+    /// CPU it is expected to use, cores; unknown means all its vCPUs busy.
+    #[serde(default)]
+    pub expected_cpu_cores: Option<f64>,
+    /// Prefer hosts running this affinity group.
+    #[serde(default)]
+    pub affinity_group: Option<String>,
+    /// Never share a host with this anti-affinity group.
+    #[serde(default)]
+    pub anti_affinity_group: Option<String>,
+    /// Labels the host must carry.
+    #[serde(default)]
+    pub required_labels: BTreeMap<String, String>,
+}
+
+impl VmRequest {
+    /// A request with no groups, labels or CPU estimate.
+    pub fn new(name: impl Into<String>, vcpus: u32, memory_bytes: u64) -> Self {
+        Self {
+            name: name.into(),
+            vcpus,
+            memory_bytes,
+            expected_cpu_cores: None,
+            affinity_group: None,
+            anti_affinity_group: None,
+            required_labels: BTreeMap::new(),
+        }
+    }
+
+    /// CPU the placement accounts for, cores.
+    pub fn cpu_cores(&self) -> f64 {
+        self.expected_cpu_cores.unwrap_or(f64::from(self.vcpus))
+    }
+}
+
+/// Why a host cannot take the VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum Rejection {
+    /// The host is down.
+    Down,
+    /// The host lacks a required label, or has another value for it.
+    MissingLabel {
+        /// The label.
+        key: String,
+        /// The value required.
+        want: String,
+        /// The host's value, if it has the label.
+        have: Option<String>,
+    },
+    /// The host has fewer cores than the VM has vCPUs.
+    TooFewCores {
+        /// The VM's vCPUs.
+        vcpus: u32,
+        /// The host's cores.
+        cores: f64,
+    },
+    /// The host's free memory, less the reserve, is smaller than the VM.
+    NotEnoughMemory {
+        /// The VM's memory.
+        need: u64,
+        /// Free memory less the reserve.
+        available: u64,
+    },
+    /// The host runs a member of the VM's anti-affinity group.
+    AntiAffinity {
+        /// The group.
+        group: String,
+        /// Members on the host.
+        members: u32,
+    },
+    /// The host would exceed the load ceiling.
+    OverLoadCeiling {
+        /// Load with the VM.
+        projected: f64,
+        /// The ceiling.
+        ceiling: f64,
+    },
+}
+
+impl Rejection {
+    /// A short name for counting rejections by kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::Down => "down",
+            Rejection::MissingLabel { .. } => "missing a label",
+            Rejection::TooFewCores { .. } => "too few cores",
+            Rejection::NotEnoughMemory { .. } => "not enough memory",
+            Rejection::AntiAffinity { .. } => "anti-affinity",
+            Rejection::OverLoadCeiling { .. } => "over the load ceiling",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Down => write!(f, "is down"),
+            Rejection::MissingLabel {
+                key,
+                want,
+                have: None,
+            } => {
+                write!(f, "lacks label {key}={want}")
+            }
+            Rejection::MissingLabel {
+                key,
+                want,
+                have: Some(have),
+            } => write!(f, "has label {key}={have}, not {key}={want}"),
+            Rejection::TooFewCores { vcpus, cores } => {
+                write!(f, "has {cores} cores, fewer than the VM's {vcpus} vCPUs")
+            }
+            Rejection::NotEnoughMemory { need, available } => write!(
+                f,
+                "has {} free beyond its reserve, the VM needs {}",
+                Bytes(*available as f64),
+                Bytes(*need as f64)
+            ),
+            Rejection::AntiAffinity { group, members } => write!(
+                f,
+                "already runs {members} member(s) of anti-affinity group {group}"
+            ),
+            Rejection::OverLoadCeiling { projected, ceiling } => write!(
+                f,
+                "would reach load {projected:.2}, over the ceiling {ceiling:.2}"
+            ),
+        }
+    }
+}
+
+/// A host that could take the VM, and how well.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostScore {
+    /// The host.
+    pub host: String,
+    /// Higher is better.
+    pub score: f64,
+    /// Load now.
+    pub load: f64,
+    /// Load with the VM.
+    pub projected_load: f64,
+    /// Free memory beyond the reserve after placing, bytes.
+    pub memory_available_after: u64,
+    /// Whether it runs a member of the VM's affinity group.
+    pub runs_affinity_group: bool,
+}
+
+impl fmt::Display for HostScore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} scores {:.3} (load {:.2} -> {:.2}, {} free after",
+            self.host,
+            self.score,
+            self.load,
+            self.projected_load,
+            Bytes(self.memory_available_after as f64)
+        )?;
+        if self.runs_affinity_group {
+            write!(f, ", runs the affinity group")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// A host that cannot take the VM, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostRejection {
+    /// The host.
+    pub host: String,
+    /// Why.
+    pub rejection: Rejection,
+}
+
+impl fmt::Display for HostRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.host, self.rejection)
+    }
+}
+
+/// Where a new VM goes, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Placement {
+    /// The VM.
+    pub vm: String,
+    /// The chosen host.
+    pub host: String,
+    /// The chosen host's score.
+    pub score: f64,
+    /// Its load with the VM.
+    pub projected_load: f64,
+    /// The choice in a few sentences: the winner, the runner-up, the rejections.
+    pub reason: String,
+    /// Every feasible host, best first (the chosen one first).
+    pub ranked: Vec<HostScore>,
+    /// Every host rejected, in snapshot order.
+    pub rejected: Vec<HostRejection>,
+}
+
+impl Placement {
+    /// One line per host: the ranking, then the rejections.
+    pub fn explain(&self) -> String {
+        let mut out = format!("{} -> {}\n", self.vm, self.host);
+        for (i, s) in self.ranked.iter().enumerate() {
+            let _ = writeln!(out, "  #{} {s}", i + 1);
+        }
+        for r in &self.rejected {
+            let _ = writeln!(out, "  rejected: {r}");
+        }
+        out
+    }
+}
+
+/// Why no host was chosen.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum PlacementError {
+    /// The request itself cannot be placed anywhere.
+    #[error("Request for VM {vm:?} is invalid: {why}")]
+    InvalidRequest {
+        /// The VM.
+        vm: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Every host was rejected (or there are none).
+    #[error("No host can run VM {vm:?}: {summary}")]
+    NoHost {
+        /// The VM.
+        vm: String,
+        /// The rejections, summarised.
+        summary: String,
+        /// Every rejection.
+        rejected: Vec<HostRejection>,
+    },
+}
+
+/// Chooses a host for a new VM.
+pub fn place(
+    view: &ClusterView,
+    req: &VmRequest,
+    params: &Params,
+) -> Result<Placement, PlacementError> {
+    let invalid = |why| PlacementError::InvalidRequest {
+        vm: req.name.clone(),
+        why,
+    };
+    if req.vcpus == 0 {
+        return Err(invalid("it has no vCPUs"));
+    }
+    let cpu = req.cpu_cores();
+    if !(cpu.is_finite() && cpu >= 0.0) {
+        return Err(invalid(
+            "its expected CPU use is not a finite, non-negative number",
+        ));
+    }
+    let p = &params.placement;
+    let affinity = req
+        .affinity_group
+        .as_deref()
+        .map_or(NONE, |g| view.group_id(g));
+    let anti = req
+        .anti_affinity_group
+        .as_deref()
+        .map_or(NONE, |g| view.group_id(g));
+
+    let mut ranked = Vec::new();
+    let mut rejected = Vec::new();
+    for (h, host) in view.hosts().iter().enumerate() {
+        let h = h as u32;
+        let load = view.loads()[h as usize];
+        match judge(view, host, h, load, req, cpu, anti, params) {
+            Err(rejection) => rejected.push(HostRejection {
+                host: host.name.clone(),
+                rejection,
+            }),
+            Ok((projected_load, available_after)) => {
+                let runs_affinity_group = view.affinity_members(affinity, h) > 0;
+                let mem_fraction = available_after as f64 / host.memory_total_bytes.max(1) as f64;
+                let score = p.cpu_weight * (1.0 - projected_load)
+                    + p.memory_weight * mem_fraction
+                    + if runs_affinity_group {
+                        p.affinity_bonus
+                    } else {
+                        0.0
+                    };
+                ranked.push(HostScore {
+                    host: host.name.clone(),
+                    score,
+                    load,
+                    projected_load,
+                    memory_available_after: available_after,
+                    runs_affinity_group,
+                });
+            }
+        }
+    }
+    ranked.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.host.cmp(&b.host))
+    });
+
+    let Some(best) = ranked.first() else {
+        let summary = if rejected.is_empty() {
+            "the cluster has no hosts".to_string()
+        } else {
+            summarize_rejections(&rejected)
+        };
+        return Err(PlacementError::NoHost {
+            vm: req.name.clone(),
+            summary,
+            rejected,
+        });
+    };
+    let mut reason = format!("{} -> {}: {best}", req.name, best.host);
+    if let Some(next) = ranked.get(1) {
+        let _ = write!(reason, "; next best {next}");
+    }
+    if !rejected.is_empty() {
+        let _ = write!(reason, "; {}", summarize_rejections(&rejected));
+    }
+    Ok(Placement {
+        vm: req.name.clone(),
+        host: best.host.clone(),
+        score: best.score,
+        projected_load: best.projected_load,
+        reason,
+        ranked,
+        rejected,
+    })
+}
+
+/// The hard rules for one host: `Ok((projected load, memory available after))` or why not.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    view: &ClusterView,
+    host: &Host,
+    h: u32,
+    load: f64,
+    req: &VmRequest,
+    cpu: f64,
+    anti: u32,
+    params: &Params,
+) -> Result<(f64, u64), Rejection> {
+    if !host.up {
+        return Err(Rejection::Down);
+    }
+    if let Some((key, want)) = req
+        .required_labels
+        .iter()
+        .find(|(k, v)| host.labels.get(*k) != Some(*v))
+    {
+        return Err(Rejection::MissingLabel {
+            key: key.clone(),
+            want: want.clone(),
+            have: host.labels.get(key).cloned(),
+        });
+    }
+    if f64::from(req.vcpus) > host.cpu_cores {
+        return Err(Rejection::TooFewCores {
+            vcpus: req.vcpus,
+            cores: host.cpu_cores,
+        });
+    }
+    let available = host
+        .memory_free_bytes
+        .saturating_sub(params.placement.memory_reserve_bytes);
+    if req.memory_bytes > available {
+        return Err(Rejection::NotEnoughMemory {
+            need: req.memory_bytes,
+            available,
+        });
+    }
+    let members = view.anti_affinity_members(anti, h);
+    if members > 0 {
+        return Err(Rejection::AntiAffinity {
+            group: req.anti_affinity_group.clone().unwrap_or_default(),
+            members,
+        });
+    }
+    let projected = load + cpu / host.cpu_cores;
+    if projected > params.placement.max_load {
+        return Err(Rejection::OverLoadCeiling {
+            projected,
+            ceiling: params.placement.max_load,
+        });
+    }
+    Ok((projected, available - req.memory_bytes))
+}
+
+/// "3 hosts rejected (2 down, 1 missing a label): h1 is down; ..." with the first few listed.
+fn summarize_rejections(rejected: &[HostRejection]) -> String {
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rejected {
+        *kinds.entry(r.rejection.kind()).or_default() += 1;
+    }
+    let counts: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    let mut out = format!(
+        "{} host{} rejected ({}): ",
+        rejected.len(),
+        if rejected.len() == 1 { "" } else { "s" },
+        counts.join(", ")
+    );
+    let listed: Vec<String> = rejected
+        .iter()
+        .take(LISTED_REJECTIONS)
+        .map(ToString::to_string)
+        .collect();
+    out.push_str(&listed.join("; "));
+    if rejected.len() > LISTED_REJECTIONS {
+        let _ = write!(out, "; and {} more", rejected.len() - LISTED_REJECTIONS);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Vm;
+
+    const GIB: u64 = 1 << 30;
+
+    fn host(name: &str) -> Host {
+        Host::new(name, 8.0, 32 * GIB)
+    }
+
+    fn req(name: &str) -> VmRequest {
+        VmRequest {
+            expected_cpu_cores: Some(1.0),
+            ..VmRequest::new(name, 2, 2 * GIB)
+        }
+    }
+
+    /// The view after adding `vm` where it was placed (as the orchestrator would).
+    fn with_vm(view: &ClusterView, vm: Vm) -> ClusterView {
+        let mut hosts = view.hosts().to_vec();
+        let h = hosts.iter_mut().find(|h| h.name == vm.host).unwrap();
+        h.memory_free_bytes -= vm.memory_bytes;
+        let mut vms = view.vms().to_vec();
+        vms.push(vm);
+        ClusterView::new(hosts, vms, 0).unwrap()
+    }
+
+    fn place_all(mut view: ClusterView, reqs: &[VmRequest]) -> (ClusterView, Vec<String>) {
+        let params = Params::default();
+        let mut chosen = Vec::new();
+        for r in reqs {
+            let p = place(&view, r, &params).unwrap();
+            let mut vm = Vm::new(&r.name, &p.host, r.vcpus, r.memory_bytes);
+            vm.cpu_usage_cores = r.cpu_cores();
+            vm.affinity_group = r.affinity_group.clone();
+            vm.anti_affinity_group = r.anti_affinity_group.clone();
+            view = with_vm(&view, vm);
+            chosen.push(p.host);
+        }
+        (view, chosen)
+    }
+
+    #[test]
+    fn identical_vms_spread_evenly() {
+        let view =
+            ClusterView::new((1..=4).map(|i| host(&format!("h{i}"))).collect(), vec![], 0).unwrap();
+        let reqs: Vec<_> = (0..12).map(|i| req(&format!("vm{i}"))).collect();
+        let (view, chosen) = place_all(view, &reqs);
+        // Ties break by name, so the first four go h1..h4 in order.
+        assert_eq!(chosen[..4], ["h1", "h2", "h3", "h4"]);
+        for h in ["h1", "h2", "h3", "h4"] {
+            assert_eq!(view.vms_on(h).count(), 3, "{h}");
+        }
+    }
+
+    #[test]
+    fn prefers_the_cooler_host_and_explains_the_runner_up() {
+        let mut vm = Vm::new("busy", "h1", 4, GIB);
+        vm.cpu_usage_cores = 4.0;
+        let view = ClusterView::new(vec![host("h1"), host("h2")], vec![vm], 0).unwrap();
+        let p = place(&view, &req("new"), &Params::default()).unwrap();
+        assert_eq!(p.host, "h2");
+        assert_eq!(p.ranked.len(), 2);
+        assert!((p.projected_load - 0.125).abs() < 1e-12);
+        assert!(
+            p.reason.starts_with("new -> h2: h2 scores 0.") && p.reason.contains("next best h1"),
+            "{}",
+            p.reason
+        );
+    }
+
+    #[test]
+    fn respects_labels_memory_cores_down_and_ceiling_and_explains() {
+        let mut down = host("a-down");
+        down.up = false;
+        let mut other_zone = host("b-zone");
+        other_zone.labels.insert("zone".into(), "west".into());
+        let mut no_label = host("c-nolabel");
+        no_label.labels.clear();
+        let mut full = host("d-full");
+        full.labels.insert("zone".into(), "east".into());
+        full.memory_free_bytes = GIB;
+        let mut small = Host::new("e-small", 1.0, 32 * GIB);
+        small.labels.insert("zone".into(), "east".into());
+        let mut loaded = host("f-loaded");
+        loaded.labels.insert("zone".into(), "east".into());
+        loaded.own_load = Some(0.875);
+        let mut good = host("g-good");
+        good.labels.insert("zone".into(), "east".into());
+        let view = ClusterView::new(
+            vec![down, other_zone, no_label, full, small, loaded, good],
+            vec![],
+            0,
+        )
+        .unwrap();
+        let mut r = req("db");
+        r.required_labels.insert("zone".into(), "east".into());
+        let p = place(&view, &r, &Params::default()).unwrap();
+        assert_eq!(p.host, "g-good");
+        let why: Vec<String> = p.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            why,
+            [
+                "a-down is down",
+                "b-zone has label zone=west, not zone=east",
+                "c-nolabel lacks label zone=east",
+                "d-full has 768 MiB free beyond its reserve, the VM needs 2 GiB",
+                "e-small has 1 cores, fewer than the VM's 2 vCPUs",
+                "f-loaded would reach load 1.00, over the ceiling 0.90",
+            ]
+        );
+        assert!(p.reason.contains("6 hosts rejected ("), "{}", p.reason);
+        assert!(p.explain().contains("rejected: a-down is down"));
+    }
+
+    #[test]
+    fn anti_affinity_is_a_hard_rule() {
+        let view = ClusterView::new(vec![host("h1"), host("h2"), host("h3")], vec![], 0).unwrap();
+        let reqs: Vec<_> = (0..3)
+            .map(|i| VmRequest {
+                anti_affinity_group: Some("etcd".into()),
+                ..req(&format!("etcd{i}"))
+            })
+            .collect();
+        let (view, chosen) = place_all(view, &reqs);
+        assert_eq!(chosen, ["h1", "h2", "h3"]);
+        // A fourth member has nowhere to go, even though every host has room.
+        let fourth = VmRequest {
+            anti_affinity_group: Some("etcd".into()),
+            ..req("etcd3")
+        };
+        let err = place(&view, &fourth, &Params::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "No host can run VM \"etcd3\": 3 hosts rejected (3 anti-affinity): h1 already runs \
+             1 member(s) of anti-affinity group etcd; h2 already runs 1 member(s) of \
+             anti-affinity group etcd; h3 already runs 1 member(s) of anti-affinity group etcd"
+        );
+    }
+
+    #[test]
+    fn affinity_prefers_hosts_running_the_group() {
+        let mut web = Vm::new("web0", "h2", 2, GIB);
+        web.cpu_usage_cores = 2.0;
+        web.affinity_group = Some("web".into());
+        let view =
+            ClusterView::new(vec![host("h1"), host("h2"), host("h3")], vec![web], 0).unwrap();
+        let r = VmRequest {
+            affinity_group: Some("web".into()),
+            ..req("web1")
+        };
+        let p = place(&view, &r, &Params::default()).unwrap();
+        // h2 is busier, but runs the group.
+        assert_eq!(p.host, "h2");
+        assert!(p.ranked[0].runs_affinity_group);
+        assert!(p.reason.contains("runs the affinity group"));
+        // Soft: when h2 cannot take it, another host still can.
+        let mut hosts = view.hosts().to_vec();
+        hosts[1].memory_free_bytes = 0;
+        let view = ClusterView::new(hosts, view.vms().to_vec(), 0).unwrap();
+        assert_eq!(place(&view, &r, &Params::default()).unwrap().host, "h1");
+    }
+
+    #[test]
+    fn no_hosts_and_invalid_requests_are_errors() {
+        let view = ClusterView::new(vec![], vec![], 0).unwrap();
+        let err = place(&view, &req("a"), &Params::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "No host can run VM \"a\": the cluster has no hosts"
+        );
+        let view = ClusterView::new(vec![host("h1")], vec![], 0).unwrap();
+        let err = place(&view, &VmRequest::new("z", 0, GIB), &Params::default()).unwrap_err();
+        assert!(matches!(err, PlacementError::InvalidRequest { .. }));
+    }
+
+    #[test]
+    fn unknown_cpu_use_counts_all_vcpus() {
+        let view = ClusterView::new(vec![host("h1")], vec![], 0).unwrap();
+        let p = place(&view, &VmRequest::new("a", 4, GIB), &Params::default()).unwrap();
+        assert!((p.projected_load - 0.5).abs() < 1e-12);
+        let err = place(&view, &VmRequest::new("b", 8, GIB), &Params::default()).unwrap_err();
+        assert!(err.to_string().contains("over the ceiling"), "{err}");
+    }
+
+    #[test]
+    fn many_rejections_are_summarised() {
+        let mut hosts: Vec<_> = (0..20).map(|i| host(&format!("h{i:02}"))).collect();
+        for h in &mut hosts {
+            h.up = false;
+        }
+        let view = ClusterView::new(hosts, vec![], 0).unwrap();
+        let err = place(&view, &req("a"), &Params::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("20 hosts rejected (20 down)"), "{text}");
+        assert!(text.ends_with("h04 is down; and 15 more"), "{text}");
+    }
+}
