@@ -16,6 +16,8 @@ use crate::error::OrchError;
 use crate::state::{lock, now_unix_ms, State, VmRecord};
 
 const MIB: u64 = 1 << 20;
+/// CPU each VM counts for at least, cores.
+const MIN_VM_CORES: f64 = 0.01;
 
 pub fn to_api_mode(mode: policies::Mode) -> MigrationMode {
     match mode {
@@ -32,19 +34,36 @@ pub fn to_api_mode(mode: policies::Mode) -> MigrationMode {
 pub fn view(state: &State) -> Result<ClusterView, OrchError> {
     let records = state.vm_records();
     let running = state.running_migrations();
+    let agents = state.agents();
     let mut hosts = Vec::new();
     let mut vms = Vec::new();
-    for agent in state.agents() {
+    // VMs placed a moment ago that no agent reports yet still take room where they went.
+    let reported: std::collections::HashSet<&str> = agents
+        .iter()
+        .flat_map(|a| a.vms.iter().map(|v| v.name.as_str()))
+        .collect();
+    let mut pending: BTreeMap<&str, Vec<&VmRecord>> = BTreeMap::new();
+    for r in records.values() {
+        if !reported.contains(r.spec.name.as_str()) {
+            pending.entry(r.host.as_str()).or_default().push(r);
+        }
+    }
+    for agent in &agents {
         let capacity = state.capacity(&agent.host);
         let memory_total = agent.host.memory_total_mib * MIB;
-        let used = agent.host.memory_vms_mib * MIB;
+        let waiting = pending
+            .get(agent.name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let used = agent.host.memory_vms_mib * MIB
+            + waiting.iter().map(|r| r.spec.memory_mib * MIB).sum::<u64>();
         let in_flight = running
             .iter()
             .filter(|m| m.from == agent.name || m.to == agent.name)
             .count() as u32;
         hosts.push(Host {
             name: agent.name.clone(),
-            up: state.is_up(&agent),
+            up: state.is_up(agent),
             labels: agent.host.labels.clone(),
             cpu_cores: capacity,
             memory_total_bytes: memory_total,
@@ -71,7 +90,8 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
                 info.vcpus,
                 info.memory_mib * MIB,
             );
-            vm.cpu_usage_cores = info.cpu_usage_cores;
+            // Every VM costs a little, so idle VMs still spread out.
+            vm.cpu_usage_cores = info.cpu_usage_cores.max(MIN_VM_CORES);
             vm.dirty_rate_bytes_per_s = info.dirty_rate_bytes_s;
             if let Some(r) = record {
                 vm.policy = MigrationPolicy {
@@ -92,9 +112,34 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
             }
             vms.push(vm);
         }
+        for r in waiting {
+            let mut vm = Vm::new(
+                r.spec.name.clone(),
+                agent.name.clone(),
+                r.spec.vcpus,
+                r.spec.memory_mib * MIB,
+            );
+            vm.cpu_usage_cores = expected_cpu(&r.spec).max(MIN_VM_CORES);
+            // Not running yet: nothing to move.
+            vm.policy.migratable = false;
+            vm.anti_affinity_group = r.spec.anti_affinity_group.clone();
+            vm.affinity_group = r.spec.affinity_group.clone();
+            vms.push(vm);
+        }
     }
     ClusterView::new(hosts, vms, running.len() as u32)
         .map_err(|e| OrchError::Internal(format!("The cluster snapshot is inconsistent: {e}")))
+}
+
+/// CPU a new VM is expected to use, cores, from what its guest does: a spinning guest its duty
+/// cycle, a writer a fifth of a core per vCPU, idle and ticking guests next to nothing.
+fn expected_cpu(spec: &ClusterCreateVm) -> f64 {
+    let vcpus = f64::from(spec.vcpus.max(1));
+    match &spec.guest {
+        godwit_api::GuestSpec::Spin { duty_percent } => vcpus * f64::from(*duty_percent) / 100.0,
+        godwit_api::GuestSpec::Dirty { .. } => vcpus * 0.2,
+        godwit_api::GuestSpec::Idle | godwit_api::GuestSpec::Ticker { .. } => 0.01,
+    }
 }
 
 /// Chooses a host for a new VM; returns it with the reason.
@@ -104,7 +149,7 @@ pub fn place(state: &State, spec: &ClusterCreateVm) -> Result<(String, String), 
         name: spec.name.clone(),
         vcpus: spec.vcpus,
         memory_bytes: spec.memory_mib * MIB,
-        expected_cpu_cores: None,
+        expected_cpu_cores: Some(expected_cpu(spec)),
         affinity_group: spec.affinity_group.clone(),
         anti_affinity_group: spec.anti_affinity_group.clone(),
         required_labels: spec.require_labels.clone(),

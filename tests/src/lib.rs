@@ -80,11 +80,16 @@ pub struct Orchestrator {
 impl Orchestrator {
     /// Starts an orchestrator keeping its data in `data_dir` (reuse it to restart).
     pub fn start(data_dir: &Path, config_toml: &str) -> Result<Orchestrator> {
+        Self::start_at(data_dir, config_toml, "127.0.0.1:0")
+    }
+
+    /// As `start`, on a given address (a restart keeps the address its agents report to).
+    pub fn start_at(data_dir: &Path, config_toml: &str, listen: &str) -> Result<Orchestrator> {
         std::fs::create_dir_all(data_dir)?;
         let config = data_dir.join("config.toml");
         std::fs::write(&config, config_toml)?;
         let mut child = Command::new(bin_dir().join("orchestrator"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .arg("--config")
             .arg(&config)

@@ -201,9 +201,12 @@ fn balancer_resolves_a_hotspot_and_records_survive_a_restart() {
     }
     let plan: PlanView = c
         .orch
-        .wait("/v1/plan", WAIT, "a plan with moves", |p: &PlanView| {
-            !p.moves.is_empty()
-        })
+        .wait(
+            "/v1/plan",
+            WAIT,
+            "host-1 hot with moves planned",
+            |p: &PlanView| p.hot_hosts.contains(&"host-1".to_string()) && !p.moves.is_empty(),
+        )
         .unwrap();
     assert!(plan.hot_hosts.contains(&"host-1".to_string()), "{plan:?}");
     assert!(plan
@@ -269,7 +272,8 @@ fn balancer_resolves_a_hotspot_and_records_survive_a_restart() {
     let decisions_before: Vec<Decision> = c.orch.get("/v1/decisions?limit=20000").unwrap();
     let data = c.orch.data_dir.clone();
     c.orch.terminate().unwrap();
-    c.orch = Orchestrator::start(&data, &config("automatic")).unwrap();
+    let listen = c.orch.url.trim_start_matches("http://").to_owned();
+    c.orch = Orchestrator::start_at(&data, &config("automatic"), &listen).unwrap();
     let vms_after: Vec<ClusterVm> = c.orch.get("/v1/vms").unwrap();
     let names = |v: &[ClusterVm]| {
         let mut n: Vec<(String, String)> =
