@@ -38,6 +38,9 @@ enum Bench {
         /// Bulk channels per migration (default: the agent's choice).
         #[arg(long)]
         channels: Option<u32>,
+        /// Start agents with --no-prefault.
+        #[arg(long)]
+        no_prefault: bool,
         /// Only these scenarios (comma-separated: idle, random, hotcold).
         #[arg(long, value_delimiter = ',', default_value = "idle,random,hotcold")]
         only: Vec<String>,
@@ -67,9 +70,10 @@ fn main() {
         Bench::Migration {
             memory_mib,
             no_huge_pages,
+            no_prefault,
             channels,
             only,
-        } => migration::run(memory_mib, no_huge_pages, channels, &only),
+        } => migration::run(memory_mib, no_huge_pages, no_prefault, channels, &only),
     };
     if let Err(e) = result {
         eprintln!("godwit-bench: {e:#}");

@@ -152,11 +152,12 @@ struct Row {
 pub fn run(
     memory_mib: u64,
     no_huge_pages: bool,
+    no_prefault: bool,
     channels: Option<u32>,
     only: &[String],
 ) -> Result<()> {
     let tcp = loopback_throughput().context("loopback TCP measurement")?;
-    let pair = Pair::start(no_huge_pages)?;
+    let pair = Pair::start(no_huge_pages, no_prefault)?;
     let mut rows: Vec<Row> = Vec::new();
     let body = |mode: &str, extra: serde_json::Value| {
         let mut b = json!({"mode": mode, "verify": false});
@@ -281,8 +282,9 @@ pub fn run(
     }
 
     println!(
-        "migration benchmark: {memory_mib} MiB guests with 2 vCPUs, huge pages {}, raw loopback TCP {:.0} MiB/s (one connection, 256 KiB writes)",
+        "migration benchmark: {memory_mib} MiB guests with 2 vCPUs, huge pages {}, target prefault {}, raw loopback TCP {:.0} MiB/s (one connection, 256 KiB writes)",
         if no_huge_pages { "off" } else { "on" },
+        if no_prefault { "off" } else { "on" },
         tcp / MIB
     );
     println!("| scenario | mode | total | downtime (pause / pages / state / resume) | rounds | wire | zero/raw/zstd pages | faults p50/p99 | note |");
