@@ -55,15 +55,17 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(no_huge_pages: bool) -> Result<Pair> {
+    fn start(no_huge_pages: bool, no_prefault: bool) -> Result<Pair> {
         let dir = tempfile::Builder::new()
             .prefix("godwit-bench-mig-")
             .tempdir()?;
-        let extra: Vec<&str> = if no_huge_pages {
-            vec!["--no-huge-pages"]
-        } else {
-            vec![]
-        };
+        let mut extra: Vec<&str> = vec![];
+        if no_huge_pages {
+            extra.push("--no-huge-pages");
+        }
+        if no_prefault {
+            extra.push("--no-prefault");
+        }
         let a = LocalAgent::start_with(
             "bench-a",
             &dir.path().join("a"),
