@@ -39,8 +39,8 @@ struct Args {
     /// --listen.
     #[arg(long)]
     migration_ip: Option<std::net::IpAddr>,
-    /// Do not prefault the memory of incoming pre-copy and stop-and-copy migrations (by default
-    /// it is touched at setup, before the guest pauses, because first touch is slow).
+    /// Do not prefault the memory of incoming stop-and-copy migrations (by default it is
+    /// touched at setup, before the guest pauses, because first touch is slow).
     #[arg(long)]
     no_prefault: bool,
     /// Host label KEY=VALUE (repeatable), e.g. a device class the host offers.

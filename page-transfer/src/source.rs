@@ -29,6 +29,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const CHUNK_PAGES: u64 = 64;
 /// A page batch is flushed at this many pages.
 const BATCH_PAGES: usize = 256;
+/// Downtime spent outside the last pages (pause, state, start on the target), measured at
+/// 2-5 ms here; pre-copy stops only when the remaining pages fit the rest of the target.
+const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(4);
 /// Auto switches to post-copy when a round keeps at least this share of the previous one.
 const NOT_SHRINKING: f64 = 0.9;
 
@@ -423,16 +426,25 @@ impl Source<'_> {
             if let Some(cap) = self.cfg.bandwidth {
                 bandwidth = bandwidth.min(cap as f64);
             }
-            let bytes_per_page = (round_wire / pages_sent.max(1) as f64).max(64.0);
             let dirty_rate = n as f64 * PAGE as f64 / round_time;
-            let predicted = Duration::from_secs_f64(n as f64 * bytes_per_page / bandwidth.max(1.0));
+            // What one dirty page costs to move. The full pass is mostly zero pages, which cost
+            // next to nothing and say little about dirty ones; later rounds are dirty pages,
+            // measured end to end (read, compress, send, applied on the target).
+            let per_page_s = if self.phase == 1 {
+                (PAGE as f64 / bandwidth.max(1.0)).max(round_time / pages_sent.max(1) as f64)
+            } else {
+                round_time / pages_sent.max(1) as f64
+            };
+            let predicted = Duration::from_secs_f64(n as f64 * per_page_s);
+            // Pausing, sending the state and starting the VM on the target cost a few ms too.
+            let budget = self.cfg.downtime.saturating_sub(SWITCHOVER_OVERHEAD);
             let rounds = self.phase;
             self.progress.set_remaining_pages(n);
             self.progress.update(|i| {
                 i.rounds = rounds;
                 i.dirty_rate_bytes_s = dirty_rate;
             });
-            if predicted <= self.cfg.downtime {
+            if predicted <= budget {
                 return self.precopy_finish(dirty);
             }
             if previous_dirty.is_some_and(|p| n as f64 >= p as f64 * NOT_SHRINKING) {

@@ -380,6 +380,7 @@ pub fn receive(
             (
                 IncomingSetup {
                     postcopy_from_start: mode == 2,
+                    stop_and_copy: mode == 1,
                     regions: regions
                         .into_iter()
                         .map(|(gpa, size)| Region { gpa, size })

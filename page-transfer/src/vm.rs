@@ -84,6 +84,8 @@ pub trait TargetVm: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct IncomingSetup {
     pub postcopy_from_start: bool,
+    /// Stop-and-copy: every page arrives while the guest is paused.
+    pub stop_and_copy: bool,
     pub regions: Vec<Region>,
     pub config_blob: Vec<u8>,
 }

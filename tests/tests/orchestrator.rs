@@ -25,6 +25,9 @@ agent_timeout_ms = 3000
 balance_interval_ms = 1000
 load_history = 8
 
+[policy.balance]
+imbalance_target = 0.15
+
 [policy.anti_thrash]
 min_move_interval_ms = 600000
 move_window_ms = 600000
@@ -265,8 +268,18 @@ fn balancer_resolves_a_hotspot_and_records_survive_a_restart() {
         vms.iter().filter(|v| v.host != "host-1").count() >= 1,
         "{vms:?} {hosts:?}"
     );
-    let b: BalancerState = c.orch.get("/v1/balancer").unwrap();
-    assert!(b.imbalance < 0.25, "imbalance {}", b.imbalance);
+    // Four 25% guests on three hosts of one core: 2/1/1 is the best split (spread 0.12),
+    // under the configured target of 0.15.
+    let b: BalancerState = c
+        .orch
+        .wait(
+            "/v1/balancer",
+            WAIT,
+            "the spread under target",
+            |b: &BalancerState| b.imbalance < 0.15,
+        )
+        .unwrap();
+    assert!(b.hot_hosts.is_empty(), "{b:?}");
 
     // Restart: every VM record, migration and decision is still there.
     let decisions_before: Vec<Decision> = c.orch.get("/v1/decisions?limit=20000").unwrap();
