@@ -39,9 +39,7 @@ pub fn router(state: Shared) -> Router {
         .fallback(|| async {
             OrchError::NotFound("No such API endpoint; see docs/orchestrator-api.md".into())
         })
-        .method_not_allowed_fallback(|| async {
-            OrchError::BadRequest("This endpoint does not accept that method".into())
-        })
+        .method_not_allowed_fallback(|| async { OrchError::MethodNotAllowed })
         .with_state(state)
 }
 
@@ -94,6 +92,17 @@ async fn create_vm(
     body: Bytes,
 ) -> Result<(StatusCode, Json<ClusterVmCreated>), OrchError> {
     let spec: ClusterCreateVm = parse(&body)?;
+    if !(1..=4).contains(&spec.vcpus) {
+        return Err(OrchError::BadRequest(format!(
+            "vcpus must be 1-4, not {}",
+            spec.vcpus
+        )));
+    }
+    if spec.memory_mib < 4 {
+        return Err(OrchError::BadRequest(
+            "memory_mib must be at least 4".into(),
+        ));
+    }
     if s.vm_record(&spec.name).is_ok() {
         return Err(OrchError::Conflict(format!(
             "A VM named {:?} already exists in the cluster",

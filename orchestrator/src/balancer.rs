@@ -42,6 +42,7 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
         .iter()
         .flat_map(|a| a.vms.iter().map(|v| v.name.as_str()))
         .collect();
+    let mut seen = std::collections::HashSet::new();
     let mut pending: BTreeMap<&str, Vec<&VmRecord>> = BTreeMap::new();
     for r in records.values() {
         if !reported.contains(r.spec.name.as_str()) {
@@ -81,6 +82,12 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
         });
         for info in &agent.vms {
             if info.migrating || info.state != VmState::Running {
+                continue;
+            }
+            // Two agents reporting one VM running (a split after a failed migration) must
+            // not make the whole snapshot invalid: the first report counts.
+            if !seen.insert(info.name.clone()) {
+                tracing::warn!(vm = %info.name, agent = %agent.name, "VM reported running on two hosts");
                 continue;
             }
             let record = records.get(&info.name);
@@ -296,18 +303,22 @@ pub async fn run_once(state: &Arc<State>) -> Result<(), OrchError> {
             .with_label_values(&[&name])
             .set(n as f64);
     }
-    // Record what was decided: every move, and notes only when something was at stake (a
-    // hot host or a planned move), so a calm cluster does not fill the store.
-    let mut record = pv.moves.clone();
-    if !pv.hot_hosts.is_empty() || !pv.moves.is_empty() {
-        record.extend(pv.notes.iter().cloned());
+    // Record what was decided: every move (executed once it really started), and notes only
+    // when something was at stake (a hot host or a planned move), so a calm cluster does not
+    // fill the store.
+    let mut record: Vec<Decision> = pv.notes.clone();
+    if pv.hot_hosts.is_empty() && pv.moves.is_empty() {
+        record.clear();
     }
-    state.record_decisions(&record);
     if !executed {
+        let moves: Vec<Decision> = pv.moves.clone();
+        record.extend(moves);
+        state.record_decisions(&record);
         return Ok(());
     }
-    for m in &plan.moves {
-        match driver::start_migration(
+    state.record_decisions(&record);
+    for (m, decided) in plan.moves.iter().zip(&pv.moves) {
+        let started = driver::start_migration(
             state,
             &m.vm,
             &m.to,
@@ -316,17 +327,23 @@ pub async fn run_once(state: &Arc<State>) -> Result<(), OrchError> {
             m.reason.clone(),
             None,
         )
-        .await
-        {
-            Ok(_) => {}
+        .await;
+        match started {
+            Ok(_) => state.record_decisions(std::slice::from_ref(decided)),
             Err(e) => {
                 tracing::warn!(vm = %m.vm, to = %m.to, error = %e, "planned migration did not start");
-                state.record_decisions(&[Decision {
-                    vm: Some(m.vm.clone()),
-                    from: Some(m.from.clone()),
-                    to: Some(m.to.clone()),
-                    ..decision("migrate", "start_failed", e.to_string(), false)
-                }]);
+                state.record_decisions(&[
+                    Decision {
+                        executed: false,
+                        ..decided.clone()
+                    },
+                    Decision {
+                        vm: Some(m.vm.clone()),
+                        from: Some(m.from.clone()),
+                        to: Some(m.to.clone()),
+                        ..decision("migrate", "start_failed", e.to_string(), false)
+                    },
+                ]);
             }
         }
     }

@@ -84,11 +84,22 @@ impl Config {
                 "agent_timeout_ms must be at least poll_interval_ms".into(),
             ));
         }
-        if self.load_history == 0 {
+        if self.migration_poll_ms == 0 {
             return Err(ConfigError::Invalid(
-                "load_history must be at least 1".into(),
+                "migration_poll_ms must be above 0".into(),
             ));
         }
+        let window = self.policy.hotspot.window;
+        if self.load_history < window.max(1) {
+            return Err(ConfigError::Invalid(format!(
+                "load_history ({}) must be at least policy.hotspot.window ({window}), or no host \
+                 could ever be found hot",
+                self.load_history
+            )));
+        }
+        self.policy
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("policy: {e}")))?;
         Ok(())
     }
 }
@@ -106,6 +117,15 @@ mod tests {
         assert_eq!(c.balancer, BalancerMode::Recommend);
         assert_eq!(c.poll_interval_ms, 500);
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn policy_parameters_are_checked() {
+        let c: Config = toml::from_str("load_history = 3\n").unwrap();
+        assert!(c.check().unwrap_err().to_string().contains("load_history"));
+        let c: Config = toml::from_str("[policy.hotspot]\nthreshold = -1.0\n").unwrap();
+        assert!(c.check().is_err());
+        assert!(Config::default().check().is_ok());
     }
 
     #[test]

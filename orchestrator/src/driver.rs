@@ -117,7 +117,13 @@ pub async fn start_migration(
     let req = MigrateRequest {
         target: dst.address().to_owned(),
         mode,
-        downtime_ms: record.spec.downtime_ms,
+        // The downtime target the policy planned with.
+        downtime_ms: Some(
+            record
+                .spec
+                .downtime_ms
+                .unwrap_or(state.config.policy.migration.default_downtime_target_ms),
+        ),
         bandwidth_mib_s,
         channels: None,
         compress: Default::default(),

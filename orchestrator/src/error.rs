@@ -24,6 +24,8 @@ pub enum OrchError {
     Agent(String),
     #[error("{0}")]
     Internal(String),
+    #[error("This endpoint does not accept that method; see docs/orchestrator-api.md")]
+    MethodNotAllowed,
 }
 
 impl OrchError {
@@ -40,6 +42,7 @@ impl OrchError {
             OrchError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             OrchError::Agent(_) => StatusCode::BAD_GATEWAY,
             OrchError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            OrchError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 }

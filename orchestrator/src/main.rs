@@ -31,7 +31,8 @@ struct Args {
     /// TOML config file; every key has a default (docs/orchestrator.md).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Balancer mode at first start: off, recommend or automatic (overrides the config file).
+    /// Balancer mode: off, recommend or automatic (overrides the config file; a mode set later
+    /// through the API is remembered and wins over both).
     #[arg(long)]
     balancer: Option<String>,
 }
@@ -49,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    config.check()?;
     if let Some(mode) = &args.balancer {
         config.balancer = serde_json::from_value(serde_json::Value::String(mode.clone()))
             .with_context(|| {

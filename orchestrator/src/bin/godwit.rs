@@ -141,7 +141,7 @@ struct UpArgs {
     #[arg(long, default_value_t = 3)]
     agents: usize,
     /// CPU capacity each agent declares to the balancer, cores.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 2.0)]
     capacity: f64,
     /// Where to keep data and logs (default: a new temporary directory).
     #[arg(long)]
@@ -203,7 +203,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("placement:  {}", vm.placement_reason);
             println!("moves:      {}", vm.moves.len());
             if let Some(i) = &vm.info {
-                println!("state:      {:?}", i.state);
+                println!("state:      {}", api_name(&i.state));
                 println!(
                     "cpu:        {:.2} cores ({:.1} s total)",
                     i.cpu_usage_cores, i.cpu_seconds
@@ -261,8 +261,8 @@ fn run(cli: Cli) -> Result<()> {
                 print_json(&state)
             } else {
                 println!(
-                    "mode {:?}, imbalance {:.3}, hot hosts [{}], {} runs",
-                    state.mode,
+                    "mode {}, imbalance {:.3}, hot hosts [{}], {} runs",
+                    api_name(&state.mode),
                     state.imbalance,
                     state.hot_hosts.join(", "),
                     state.runs
@@ -277,6 +277,14 @@ fn run(cli: Cli) -> Result<()> {
 fn parse_enum<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .with_context(|| format!("{text:?} is not a valid {what}"))
+}
+
+/// The API's own spelling of an enum value (`stop-and-copy`, `completed`, `automatic`).
+fn api_name(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
+    }
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
@@ -370,17 +378,17 @@ fn vm_list(c: &Client, json: bool) -> Result<()> {
         return print_json(&vms);
     }
     println!(
-        "{:<14} {:<10} {:<7} {:>5} {:>7} {:>7} {:>10} {:>5}",
-        "VM", "HOST", "GUEST", "VCPU", "MEM", "CPU", "DIRTY MB/s", "MOVES"
+        "{:<14} {:<10} {:<7} {:>5} {:>7} {:>7} {:>11} {:>5}",
+        "VM", "HOST", "GUEST", "VCPU", "MEM", "CPU", "DIRTY MiB/s", "MOVES"
     );
     for v in vms {
         let (cpu, dirty) = v
             .info
             .as_ref()
-            .map(|i| (i.cpu_usage_cores, i.dirty_rate_bytes_s / 1e6))
+            .map(|i| (i.cpu_usage_cores, i.dirty_rate_bytes_s / (1 << 20) as f64))
             .unwrap_or((0.0, 0.0));
         println!(
-            "{:<14} {:<10} {:<7} {:>5} {:>7} {:>7.2} {:>10.1} {:>5}",
+            "{:<14} {:<10} {:<7} {:>5} {:>7} {:>7.2} {:>11.1} {:>5}",
             v.name,
             v.host,
             v.spec.guest.kind(),
@@ -462,11 +470,11 @@ fn migrate(
         print_json(&done)?;
     } else if let Some(s) = &done.stats {
         println!(
-            "{vm}: {:?} {} -> {} with {:?}: total {:.0} ms, downtime {:.1} ms, {:.1} MiB sent, {} rounds{}",
-            done.status,
+            "{vm}: {} {} -> {} with {}: total {:.0} ms, downtime {:.1} ms, {:.1} MiB sent, {} rounds{}",
+            api_name(&done.status),
             done.from,
             done.to,
-            done.mode,
+            api_name(&done.mode),
             s.total_ms,
             s.downtime_ms.unwrap_or(0.0),
             s.pages.wire_bytes as f64 / (1 << 20) as f64,
@@ -476,8 +484,8 @@ fn migrate(
     }
     if done.status != MigrationStatus::Completed {
         bail!(
-            "the migration ended {:?}: {}",
-            done.status,
+            "the migration ended {}: {}",
+            api_name(&done.status),
             done.error.unwrap_or_default()
         );
     }
@@ -505,9 +513,9 @@ fn migrations(c: &Client, json: bool) -> Result<()> {
             m.vm,
             m.from,
             m.to,
-            format!("{:?}", m.mode).to_lowercase(),
-            format!("{:?}", m.trigger).to_lowercase(),
-            format!("{:?}", m.status).to_lowercase(),
+            api_name(&m.mode),
+            api_name(&m.trigger),
+            api_name(&m.status),
             down,
             total,
             m.reason
@@ -522,8 +530,8 @@ fn plan(c: &Client, json: bool) -> Result<()> {
         return print_json(&p);
     }
     println!(
-        "balancer {:?}; imbalance {:.3}; hot hosts: {}",
-        p.mode,
+        "balancer {}; imbalance {:.3}; hot hosts: {}",
+        api_name(&p.mode),
         p.imbalance,
         if p.hot_hosts.is_empty() {
             "none".into()
@@ -536,11 +544,11 @@ fn plan(c: &Client, json: bool) -> Result<()> {
     }
     for m in &p.moves {
         println!(
-            "move {} {} -> {} ({:?}): {}",
+            "move {} {} -> {} ({}): {}",
             m.vm.as_deref().unwrap_or("?"),
             m.from.as_deref().unwrap_or("?"),
             m.to.as_deref().unwrap_or("?"),
-            m.mode.unwrap_or_default(),
+            api_name(&m.mode.unwrap_or_default()),
             m.reason
         );
     }
@@ -730,19 +738,19 @@ fn demo(args: DemoArgs) -> Result<()> {
             if seen.insert(key) {
                 match m.status {
                     MigrationStatus::Running => println!(
-                        "[{:>5.1}s] balancer: migrate {} {} -> {} ({:?}) because {}",
+                        "[{:>5.1}s] balancer: migrate {} {} -> {} ({}) because {}",
                         started.elapsed().as_secs_f64(),
                         m.vm,
                         m.from,
                         m.to,
-                        m.mode,
+                        api_name(&m.mode),
                         m.reason
                     ),
                     status => println!(
-                        "[{:>5.1}s] {} {:?}: downtime {:.1} ms, total {:.0} ms{}",
+                        "[{:>5.1}s] {} {}: downtime {:.1} ms, total {:.0} ms{}",
                         started.elapsed().as_secs_f64(),
                         m.vm,
-                        status,
+                        api_name(&status),
                         m.stats.as_ref().and_then(|s| s.downtime_ms).unwrap_or(0.0),
                         m.stats.as_ref().map(|s| s.total_ms).unwrap_or(0.0),
                         m.error.map(|e| format!(": {e}")).unwrap_or_default()
