@@ -12,6 +12,10 @@
 //!   model in [`cost`].
 //! - [`hotspot::assess`] / [`hotspot::detect`]: which hosts are hot.
 //! - [`load`]: host loads, the imbalance, and loads projected after hypothetical moves.
+//! - [`rebinding`]: what becomes of each of a VM's resources (disk, endpoint, scratch,
+//!   device) when it migrates: MV, CP, GR or RB per the classic table ([`rebinding::choose`],
+//!   [`rebinding::choose_all`]), and whether a target can bind them all
+//!   ([`rebinding::eligible`]).
 //!
 //! Tunables live in [`Params`], readable from TOML with every field optional.
 //!
@@ -49,6 +53,7 @@ pub mod model;
 pub mod params;
 pub mod placement;
 pub mod plan;
+pub mod rebinding;
 mod units;
 pub mod view;
 
@@ -60,4 +65,8 @@ pub use model::{Host, LoadSample, MigrationPolicy, ModelError, Vm};
 pub use params::{Params, ParamsError};
 pub use placement::{place, Placement, PlacementError, VmRequest};
 pub use plan::{Decision, Gain, Move, Plan, ReasonClass};
+pub use rebinding::{
+    Action, Attachment, Binding, Choice, Refusal, Resource, ResourceKind, TargetCapabilities,
+    Unbindable,
+};
 pub use view::ClusterView;
