@@ -458,6 +458,10 @@ pub struct FaultStats {
     /// bounds: the last counts samples above the last bound).
     pub latency_buckets_us: Vec<f64>,
     pub latency_counts: Vec<u64>,
+    /// Sum of all latencies, microseconds (with the counts, the histogram Prometheus exports).
+    /// Absent from an older agent's report.
+    #[serde(default)]
+    pub latency_sum_us: f64,
 }
 
 /// `GET /v1/migrations/{id}`: live while running, final afterwards. In the spirit of QEMU's

@@ -224,7 +224,7 @@ impl Manager {
             memory_total: host::memory_total_bytes(),
             cores: host::cores(),
             host_load: Mutex::new(HostLoad::default()),
-            metrics: Metrics::new(),
+            metrics: Metrics::new(&config.name),
             config,
         };
         // Open KVM now so a missing device shows in /v1/host from the start; creation retries.
@@ -620,8 +620,11 @@ impl Manager {
         Ok(info)
     }
 
-    /// Samples VM and host CPU use; the agent's background loop calls this every interval.
+    /// Samples VM and host CPU use and running migrations; the agent's background loop calls
+    /// this every interval.
     pub fn sample(&self) {
+        // A VM migrating away is not probed; its last pre-copy round measured its dirty rate.
+        let measured_by_migration = self.sample_migrations();
         let entries: Vec<(String, Arc<VmEntry>)> = lock(&self.registry)
             .vms
             .iter()
@@ -631,7 +634,16 @@ impl Manager {
             if let Some(interval) = self.config.dirty_probe_interval {
                 entry.probe_dirty_rate(interval);
             }
-            let cpu: f64 = lock(&entry.vm).vcpu_cpu_seconds().iter().sum();
+            let broken = entry.broken().is_some();
+            let (cpu, vcpus, state) = {
+                let vm = lock(&entry.vm);
+                let cpu: f64 = vm.vcpu_cpu_seconds().iter().sum();
+                (cpu, vm.config().vcpus, vm_state(&vm, broken))
+            };
+            let dirty_rate = measured_by_migration
+                .get(name)
+                .copied()
+                .unwrap_or_else(|| lock(&entry.probe).rate);
             let memory_bytes = entry.memory_bytes;
             let mut usage = lock(&entry.usage);
             let delta = (cpu - usage.last_cpu_seconds).max(0.0);
@@ -650,6 +662,8 @@ impl Manager {
                 .vm_memory_bytes
                 .with_label_values(&[name])
                 .set(memory_bytes as f64);
+            self.metrics
+                .set_vm(name, state, vcpus, dirty_rate, entry.is_migrating());
             drop(registry);
         }
         let mut load = lock(&self.host_load);
@@ -715,14 +729,8 @@ fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
             .guest_status()
             .map_err(|e| vm_error(vm.name(), "inspect", e))?,
     };
+    let state = vm_state(&vm, broken.is_some());
     let crash_reason = broken.or_else(|| vm.crash_reason());
-    let state = if crash_reason.is_some() {
-        ApiVmState::Crashed
-    } else if vm.is_paused() {
-        ApiVmState::Paused
-    } else {
-        ApiVmState::Running
-    };
     let vcpu_cpu_seconds = vm.vcpu_cpu_seconds();
     Ok(VmInfo {
         name: vm.name().to_owned(),
@@ -740,6 +748,17 @@ fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
         crash_reason,
         restored_from: entry.restored_from.clone(),
     })
+}
+
+/// The VM's lifecycle state as the API and the metrics report it.
+fn vm_state(vm: &MicroVm, broken: bool) -> ApiVmState {
+    if broken || vm.crash_reason().is_some() {
+        ApiVmState::Crashed
+    } else if vm.is_paused() {
+        ApiVmState::Paused
+    } else {
+        ApiVmState::Running
+    }
 }
 
 /// Maps a monitor error to the API: the caller's mistakes are 4xx, the host's are 5xx.

@@ -28,6 +28,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{chain, AgentError};
 use crate::manager::{validate_name, Manager, VmEntry};
+use crate::metrics::{InProgress, Outcome, Role};
 use crate::microvm::layout::MIB;
 use crate::microvm::memory::{self, GuestMemory};
 use crate::microvm::postcopy::{self, PostcopyMemory};
@@ -87,6 +88,17 @@ impl Migrations {
             .values()
             .filter(|r| r.progress.info().status == MigrationStatus::Running)
             .count() as u32
+    }
+
+    /// Running migrations with their ids (either side).
+    fn running_records(&self) -> Vec<(String, Arc<MigrationRecord>)> {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r)| r.progress.info().status == MigrationStatus::Running)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect()
     }
 
     fn get(&self, id: &str) -> Option<Arc<MigrationRecord>> {
@@ -386,7 +398,10 @@ impl TargetFactory for Factory {
                 vm.config.vcpus, self.vcpus
             )));
         }
-        let prefault = !setup.postcopy_from_start && self.manager.config().prefault;
+        // First touch of fresh memory is slow here. Stop-and-copy pays it inside the downtime,
+        // so its target memory is touched at setup, before the guest pauses; pre-copy pays it
+        // while the guest still runs, and an idle guest's zero pages never need it.
+        let prefault = setup.stop_and_copy && self.manager.config().prefault;
         if prefault {
             let t = std::time::Instant::now();
             memory::prefault(&memory).map_err(|e| vm_err("Cannot prefault guest memory", e))?;
@@ -490,6 +505,11 @@ impl Manager {
             }
             (vm.config().clone(), vm.memory().clone())
         };
+        let blob = serde_json::to_vec(&MigratingVm {
+            name: name.to_owned(),
+            config: config.clone(),
+        })
+        .map_err(|e| AgentError::Internal(format!("Cannot describe the VM: {e}")))?;
         let (id, id_bytes) = new_id(name);
         let incoming = IncomingMigration {
             id: id.clone(),
@@ -509,6 +529,8 @@ impl Manager {
             now_unix_ms(),
         ));
         let record = self.migrations.add(&id, progress.clone(), false);
+        self.metrics
+            .migration_started(&id, name, Role::Source, req.mode);
         let cfg = SourceConfig {
             mode: req.mode,
             downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
@@ -524,11 +546,6 @@ impl Manager {
             migration_id: id_bytes,
             connect_timeout: Duration::from_secs(10),
         };
-        let blob = serde_json::to_vec(&MigratingVm {
-            name: name.to_owned(),
-            config,
-        })
-        .map_err(|e| AgentError::Internal(format!("Cannot describe the VM: {e}")))?;
         let source = VmSource {
             entry: entry.clone(),
             memory,
@@ -542,7 +559,9 @@ impl Manager {
         let manager = self.clone();
         let vm_name = name.to_owned();
         let mode = req.mode;
-        std::thread::Builder::new()
+        let migration_id = id.clone();
+        let spawn_progress = progress.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("migrate-{name}"))
             .spawn(move || {
                 tracing::info!(vm = %vm_name, %addr, ?mode, "migration started");
@@ -552,6 +571,11 @@ impl Manager {
                 match result {
                     Ok(()) => {
                         progress.finish(MigrationStatus::Completed, None);
+                        manager.metrics.migration_ended(
+                            &migration_id,
+                            &progress.info(),
+                            Outcome::Completed,
+                        );
                         let _ = manager.remove(&vm_name);
                         let info = progress.info();
                         tracing::info!(
@@ -562,11 +586,12 @@ impl Manager {
                         );
                     }
                     Err(e) => {
-                        let status = if matches!(e, page_transfer::MigrationError::Cancelled) {
-                            MigrationStatus::Cancelled
-                        } else {
-                            MigrationStatus::Failed
-                        };
+                        let (status, outcome) =
+                            if matches!(e, page_transfer::MigrationError::Cancelled) {
+                                (MigrationStatus::Cancelled, Outcome::Cancelled)
+                            } else {
+                                (MigrationStatus::Failed, Outcome::Failed(failure_class(&e)))
+                            };
                         let mut text = chain(&e);
                         if switched {
                             text.push_str(
@@ -576,12 +601,21 @@ impl Manager {
                         }
                         tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
                         progress.finish(status, Some(text));
+                        manager
+                            .metrics
+                            .migration_ended(&migration_id, &progress.info(), outcome);
                         // Either way the operator can act on this copy again.
                         source.entry.migrating.store(false, Ordering::Release);
                     }
                 }
-            })
-            .map_err(|e| AgentError::Internal(format!("Cannot start the migration thread: {e}")))?;
+            });
+        if let Err(e) = spawned {
+            let text = format!("Cannot start the migration thread: {e}");
+            spawn_progress.finish(MigrationStatus::Failed, Some(text.clone()));
+            self.metrics
+                .migration_ended(&id, &spawn_progress.info(), Outcome::Failed("other"));
+            return Err(AgentError::Internal(text));
+        }
         Ok(MigrationStarted { id })
     }
 
@@ -620,6 +654,8 @@ impl Manager {
             now_unix_ms(),
         ));
         self.migrations.add(&req.id, progress.clone(), true);
+        self.metrics
+            .migration_started(&req.id, &req.vm, Role::Target, req.mode);
         let factory = Factory {
             manager: self.clone(),
             host,
@@ -629,6 +665,8 @@ impl Manager {
         };
         let manager = self.clone();
         let name = req.vm.clone();
+        let migration_id = req.id.clone();
+        let spawn_progress = progress.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("incoming-{name}"))
             .spawn(move || {
@@ -640,19 +678,35 @@ impl Manager {
                     ACCEPT_TIMEOUT,
                 );
                 manager.release(&name);
-                match result {
-                    Ok(_) => progress.finish(MigrationStatus::Completed, None),
+                let outcome = match result {
+                    Ok(_) => {
+                        progress.finish(MigrationStatus::Completed, None);
+                        Outcome::Completed
+                    }
+                    Err(e) if cancelled_by_source(&e) => {
+                        tracing::info!(vm = %name, "incoming migration cancelled by the source");
+                        // The record says failed, as docs/migration.md promises for the
+                        // target's side; the metrics count what happened, a cancel.
+                        progress.finish(MigrationStatus::Failed, Some(chain(&e)));
+                        Outcome::Cancelled
+                    }
                     Err(e) => {
                         tracing::warn!(vm = %name, error = %chain(&e), "incoming migration failed");
                         progress.finish(MigrationStatus::Failed, Some(chain(&e)));
+                        Outcome::Failed(failure_class(&e))
                     }
-                }
+                };
+                manager
+                    .metrics
+                    .migration_ended(&migration_id, &progress.info(), outcome);
             });
         if let Err(e) = spawned {
             self.release(&req.vm);
-            return Err(AgentError::Internal(format!(
-                "Cannot start the migration thread: {e}"
-            )));
+            let text = format!("Cannot start the migration thread: {e}");
+            spawn_progress.finish(MigrationStatus::Failed, Some(text.clone()));
+            self.metrics
+                .migration_ended(&req.id, &spawn_progress.info(), Outcome::Failed("other"));
+            return Err(AgentError::Internal(text));
         }
         let ip = self.config().migration_ip;
         Ok(IncomingAccepted {
@@ -662,6 +716,31 @@ impl Manager {
             // "the address you reached my API at".
             host: (!ip.is_unspecified()).then(|| ip.to_string()),
         })
+    }
+
+    /// Meters running migrations for the 1 s sample: live byte counters and gauges, and the
+    /// count by role and phase. Returns the dirty rate each VM migrating away last measured.
+    pub(crate) fn sample_migrations(&self) -> HashMap<String, f64> {
+        let mut counts = InProgress::default();
+        let mut dirty_rates = HashMap::new();
+        for (id, record) in self.migrations.running_records() {
+            let info = record.progress.info();
+            if info.status != MigrationStatus::Running {
+                continue;
+            }
+            let role = if record.incoming {
+                Role::Target
+            } else {
+                Role::Source
+            };
+            counts.count(role, info.phase);
+            self.metrics.migration_progress(&id, &info);
+            if role == Role::Source && info.dirty_rate_bytes_s > 0.0 {
+                dirty_rates.insert(info.vm.clone(), info.dirty_rate_bytes_s);
+            }
+        }
+        self.metrics.set_in_progress(&counts);
+        dirty_rates
     }
 
     pub fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
@@ -705,6 +784,28 @@ impl Manager {
         record.cancel.store(true, Ordering::Release);
         Ok(info)
     }
+}
+
+/// The bounded reason class of a failed migration, for metrics.
+fn failure_class(e: &page_transfer::MigrationError) -> &'static str {
+    use page_transfer::MigrationError as E;
+    match e {
+        E::Connect { .. } => "connect",
+        E::Channel { .. } => "channel",
+        E::Protocol(_) => "protocol",
+        E::Vm(_) => "vm",
+        E::Remote(_) => "peer",
+        E::NotConverged(_) => "not_converged",
+        E::Timeout(_) => "timeout",
+        E::DigestMismatch { .. } => "digest_mismatch",
+        E::Cancelled | E::Failed(_) => "other",
+    }
+}
+
+/// The target learns of a cancel as the source's abort carrying the cancel's own words (on the
+/// control channel or a data channel, whichever reads it first).
+fn cancelled_by_source(e: &page_transfer::MigrationError) -> bool {
+    chain(e).ends_with(&page_transfer::MigrationError::Cancelled.to_string())
 }
 
 /// Asks the target agent to get ready; its refusal comes back as the same kind of error.

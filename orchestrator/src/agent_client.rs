@@ -2,55 +2,34 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use godwit_api::{
-    CreateVm, DigestInfo, ErrorBody, HostInfo, MigrationInfo, MigrationStarted, RestoreInfo,
-    RestoreRequest, SnapshotInfo, SnapshotRequest, VmInfo,
+    CreateVm, DigestInfo, HostInfo, MigrationInfo, MigrationStarted, RestoreInfo, RestoreRequest,
+    SnapshotInfo, SnapshotRequest, VmInfo,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::http::JsonClient;
+
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    base: String,
-    http: reqwest::blocking::Client,
+    http: JsonClient,
 }
 
 impl AgentClient {
     pub fn new(base: &str) -> Result<Self> {
         Ok(AgentClient {
-            base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(300))
-                .build()?,
+            http: JsonClient::new(base, "the agent", Duration::from_secs(300))?,
         })
     }
 
-    fn send<T: DeserializeOwned>(&self, req: reqwest::blocking::RequestBuilder) -> Result<T> {
-        let resp = req
-            .send()
-            .with_context(|| format!("Cannot reach the agent at {}", self.base))?;
-        let status = resp.status();
-        let text = resp.text()?;
-        if !status.is_success() {
-            let message = serde_json::from_str::<ErrorBody>(&text)
-                .map(|e| e.error)
-                .unwrap_or(text);
-            bail!("{message} (HTTP {})", status.as_u16());
-        }
-        if text.is_empty() {
-            return Ok(serde_json::from_str("null")?);
-        }
-        serde_json::from_str(&text)
-            .with_context(|| format!("Unexpected answer from the agent: {text}"))
-    }
-
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
+        self.http.get(path)
     }
 
     fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+        self.http.post(path, body)
     }
 
     pub fn host(&self) -> Result<HostInfo> {
@@ -70,9 +49,7 @@ impl AgentClient {
     }
 
     pub fn delete_vm(&self, name: &str) -> Result<()> {
-        let _: serde_json::Value =
-            self.send(self.http.delete(format!("{}/v1/vms/{name}", self.base)))?;
-        Ok(())
+        self.http.delete(&format!("/v1/vms/{name}"))
     }
 
     pub fn pause(&self, name: &str) -> Result<VmInfo> {
@@ -106,11 +83,6 @@ impl AgentClient {
     }
 
     pub fn console(&self, name: &str) -> Result<String> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/vms/{name}/console", self.base))
-            .send()?
-            .error_for_status()?;
-        Ok(resp.text()?)
+        self.http.text(&format!("/v1/vms/{name}/console"))
     }
 }

@@ -2,56 +2,38 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use godwit_api::{
     BalancerState, ClusterCreateVm, ClusterHost, ClusterMigrate, ClusterMigration, ClusterVm,
-    ClusterVmCreated, Decision, ErrorBody, PlanView,
+    ClusterVmCreated, Decision, PlanView,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::http::JsonClient;
+
 #[derive(Debug, Clone)]
 pub struct Client {
-    base: String,
-    http: reqwest::blocking::Client,
+    http: JsonClient,
 }
 
 impl Client {
     pub fn new(base: &str) -> Result<Self> {
         Ok(Client {
-            base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()?,
+            http: JsonClient::new(base, "the orchestrator", Duration::from_secs(120))?,
         })
     }
 
     pub fn base(&self) -> &str {
-        &self.base
-    }
-
-    fn send<T: DeserializeOwned>(&self, req: reqwest::blocking::RequestBuilder) -> Result<T> {
-        let resp = req
-            .send()
-            .with_context(|| format!("Cannot reach the orchestrator at {}", self.base))?;
-        let status = resp.status();
-        let text = resp.text()?;
-        if !status.is_success() {
-            let message = serde_json::from_str::<ErrorBody>(&text)
-                .map(|e| e.error)
-                .unwrap_or(text);
-            bail!("{message}");
-        }
-        let text = if text.is_empty() { "null".into() } else { text };
-        serde_json::from_str(&text).with_context(|| "Unexpected answer from the orchestrator")
+        self.http.base()
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
+        self.http.get(path)
     }
 
     fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+        self.http.post(path, body)
     }
 
     pub fn hosts(&self) -> Result<Vec<ClusterHost>> {
@@ -71,9 +53,7 @@ impl Client {
     }
 
     pub fn delete_vm(&self, name: &str) -> Result<()> {
-        let _: serde_json::Value =
-            self.send(self.http.delete(format!("{}/v1/vms/{name}", self.base)))?;
-        Ok(())
+        self.http.delete(&format!("/v1/vms/{name}"))
     }
 
     pub fn migrate(&self, vm: &str, req: &ClusterMigrate) -> Result<ClusterMigration> {
@@ -101,10 +81,7 @@ impl Client {
     }
 
     pub fn set_balancer(&self, mode: godwit_api::BalancerMode) -> Result<BalancerState> {
-        self.send(
-            self.http
-                .put(format!("{}/v1/balancer", self.base))
-                .json(&serde_json::json!({ "mode": mode })),
-        )
+        self.http
+            .put("/v1/balancer", &serde_json::json!({ "mode": mode }))
     }
 }

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod state;
@@ -42,29 +43,7 @@ async fn poll_agents(state: Arc<State>) {
             }
         });
         futures_join_all(polls).await;
-        let (mut up, mut down) = (0, 0);
-        for agent in state.agents() {
-            if state.is_up(&agent) {
-                up += 1;
-            } else {
-                down += 1;
-            }
-            state
-                .metrics
-                .host_load
-                .with_label_values(&[&agent.name])
-                .set(agent.samples.back().map(|(_, l)| *l).unwrap_or(0.0));
-        }
-        state
-            .metrics
-            .agents
-            .with_label_values(&["up"])
-            .set(up as f64);
-        state
-            .metrics
-            .agents
-            .with_label_values(&["down"])
-            .set(down as f64);
+        state.metrics.observe_cluster(&state);
     }
 }
 

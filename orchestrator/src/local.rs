@@ -1,5 +1,6 @@
-//! Starting Godwit processes on this machine (for `godwit demo` and trying things out): the
-//! binaries are expected next to the running `godwit` executable.
+//! Starting Godwit processes on this machine (for `godwit up`, `godwit demo` and the
+//! benchmarks): the binaries are expected next to the running executable, listen on a free
+//! loopback port and print their address as the first line on stdout.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,10 +16,72 @@ pub fn bin_dir() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("The executable {} has no directory", exe.display()))
 }
 
-/// An agent process started by the CLI; killed when dropped.
+/// A Godwit daemon started here; killed when dropped unless stopped first.
+#[derive(Debug)]
+struct Process {
+    child: Child,
+    url: String,
+}
+
+impl Process {
+    /// Starts `binary` with `args` (stderr to `log`) and reads its address.
+    fn start(binary: &str, args: &[&str], log: &Path) -> Result<Process> {
+        let path = bin_dir()?.join(binary);
+        if !path.exists() {
+            bail!(
+                "{} is missing: build it first (cargo build --release --bins)",
+                path.display()
+            );
+        }
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("Cannot create log file {}", log.display()))?;
+        let mut child = Command::new(&path)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("Cannot start {}", path.display()))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{binary} did not start; see its log {}", log.display());
+        };
+        Ok(Process {
+            url: url.to_owned(),
+            child,
+        })
+    }
+
+    /// SIGTERM, then wait.
+    fn stop(mut self) -> Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn path_arg(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow!("{} is not valid UTF-8", p.display()))
+}
+
+/// An agent process started by the CLI.
 #[derive(Debug)]
 pub struct LocalAgent {
-    child: Child,
+    process: Process,
     pub url: String,
     pub name: String,
 }
@@ -31,110 +94,48 @@ impl LocalAgent {
 
     /// As `start`, with extra agent arguments.
     pub fn start_with(name: &str, data_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
-        let agent = bin_dir()?.join("hypervisor-agent");
-        if !agent.exists() {
-            bail!(
-                "{} is missing: build it first (cargo build --release --bins)",
-                agent.display()
-            );
-        }
-        let log_file = std::fs::File::create(log)
-            .with_context(|| format!("Cannot create log file {}", log.display()))?;
-        let mut child = Command::new(&agent)
-            .args(["--listen", "127.0.0.1:0", "--name", name, "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("Cannot start {}", agent.display()))?;
-        let mut line = String::new();
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        BufReader::new(stdout).read_line(&mut line)?;
-        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
-            let _ = child.kill();
-            bail!("Agent {name} did not start; see its log {}", log.display());
-        };
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--data-dir",
+            path_arg(data_dir)?,
+        ];
+        args.extend_from_slice(extra);
+        let process = Process::start("hypervisor-agent", &args, log)?;
         Ok(LocalAgent {
-            url: url.to_owned(),
+            url: process.url.clone(),
             name: name.to_owned(),
-            child,
+            process,
         })
     }
 
     /// Stops the agent with SIGTERM and waits for it.
-    pub fn stop(mut self) -> Result<()> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        self.child.wait()?;
-        Ok(())
+    pub fn stop(self) -> Result<()> {
+        self.process.stop()
     }
 }
 
-impl Drop for LocalAgent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// An orchestrator process started by the CLI; killed when dropped.
+/// An orchestrator process started by the CLI.
 #[derive(Debug)]
 pub struct LocalOrchestrator {
-    child: Child,
+    process: Process,
     pub url: String,
 }
 
 impl LocalOrchestrator {
     pub fn start(data_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
-        let bin = bin_dir()?.join("orchestrator");
-        if !bin.exists() {
-            bail!(
-                "{} is missing: build it first (cargo build --release --bins)",
-                bin.display()
-            );
-        }
-        let log_file = std::fs::File::create(log)
-            .with_context(|| format!("Cannot create log file {}", log.display()))?;
-        let mut child = Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("Cannot start {}", bin.display()))?;
-        let mut line = String::new();
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        BufReader::new(stdout).read_line(&mut line)?;
-        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
-            let _ = child.kill();
-            bail!(
-                "The orchestrator did not start; see its log {}",
-                log.display()
-            );
-        };
+        let mut args = vec!["--listen", "127.0.0.1:0", "--data-dir", path_arg(data_dir)?];
+        args.extend_from_slice(extra);
+        let process = Process::start("orchestrator", &args, log)?;
         Ok(LocalOrchestrator {
-            url: url.to_owned(),
-            child,
+            url: process.url.clone(),
+            process,
         })
     }
 
-    pub fn stop(mut self) -> Result<()> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for LocalOrchestrator {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn stop(self) -> Result<()> {
+        self.process.stop()
     }
 }

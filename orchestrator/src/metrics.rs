@@ -1,15 +1,27 @@
-//! The orchestrator's Prometheus metrics (`GET /metrics`).
+//! The orchestrator's Prometheus metrics (`GET /metrics`), listed in `docs/metrics.md`.
+//!
+//! Cluster-wide gauges (agents, host loads, hot hosts, moves per VM) are refreshed by the agent
+//! poll loop (`observe_cluster`); the balancer's own numbers at each run; decisions, migrations
+//! and placement failures when they happen. Per-host series are labelled `host` with the
+//! agent's name, the value the agents' own series carry.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
     TextEncoder,
 };
 
+use crate::state::{lock, State};
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     pub agents: GaugeVec,
+    pub agent_up: GaugeVec,
     pub host_load: GaugeVec,
+    pub host_hot: GaugeVec,
     pub imbalance: Gauge,
     pub hot_hosts: Gauge,
     pub balancer_runs: IntCounter,
@@ -19,6 +31,8 @@ pub struct Metrics {
     pub migrations: IntCounterVec,
     pub placement_failures: IntCounter,
     pub vm_moves_in_window: GaugeVec,
+    /// VMs that have a `vm_moves_in_window` series, so deleted VMs' series can go.
+    moves_series: Mutex<BTreeSet<String>>,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -31,12 +45,27 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let opts = |n: &str, h: &str| Opts::new(n, h);
-        Metrics {
+        let m = Metrics {
             agents: register(
                 &r,
                 GaugeVec::new(
-                    opts("godwit_orchestrator_agents", "Registered agents by state (up, down)."),
+                    opts(
+                        "godwit_orchestrator_agents",
+                        "Registered agents by state (up: heard from within the agent timeout, down).",
+                    ),
                     &["state"],
+                )
+                .expect("valid"),
+            ),
+            agent_up: register(
+                &r,
+                GaugeVec::new(
+                    opts(
+                        "godwit_orchestrator_agent_up",
+                        "1 while the orchestrator hears from the host's agent within the agent \
+                         timeout, 0 once it is down.",
+                    ),
+                    &["host"],
                 )
                 .expect("valid"),
             ),
@@ -45,7 +74,19 @@ impl Metrics {
                 GaugeVec::new(
                     opts(
                         "godwit_orchestrator_host_load_ratio",
-                        "Latest CPU load of each host as the balancer sees it (VM CPU over capacity).",
+                        "Latest CPU load of each host as the balancer sees it: VM CPU over the \
+                         host's CPU capacity (0-1).",
+                    ),
+                    &["host"],
+                )
+                .expect("valid"),
+            ),
+            host_hot: register(
+                &r,
+                GaugeVec::new(
+                    opts(
+                        "godwit_orchestrator_host_hot",
+                        "1 if the last balancer run found the host hot, else 0.",
                     ),
                     &["host"],
                 )
@@ -55,7 +96,7 @@ impl Metrics {
                 &r,
                 Gauge::new(
                     "godwit_orchestrator_imbalance",
-                    "Standard deviation of host loads at the last balancer run.",
+                    "Standard deviation of host load ratios at the last balancer run.",
                 )
                 .expect("valid"),
             ),
@@ -69,15 +110,18 @@ impl Metrics {
             ),
             balancer_runs: register(
                 &r,
-                IntCounter::new("godwit_orchestrator_balancer_runs_total", "Balancer runs.")
-                    .expect("valid"),
+                IntCounter::new(
+                    "godwit_orchestrator_balancer_runs_total",
+                    "Balancer runs (recommend or automatic mode).",
+                )
+                .expect("valid"),
             ),
             balancer_seconds: register(
                 &r,
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "godwit_orchestrator_balancer_duration_seconds",
-                        "Time one balancer run takes to plan.",
+                        "Time one balancer run takes to plan, seconds.",
                     )
                     .buckets(vec![0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0]),
                 )
@@ -99,7 +143,7 @@ impl Metrics {
                 IntCounterVec::new(
                     opts(
                         "godwit_orchestrator_decisions_total",
-                        "Decisions taken, by action and reason class.",
+                        "Decisions recorded, by action (place, migrate, skip) and reason class.",
                     ),
                     &["action", "class"],
                 )
@@ -110,7 +154,8 @@ impl Metrics {
                 IntCounterVec::new(
                     opts(
                         "godwit_orchestrator_migrations_total",
-                        "Migrations the orchestrator drove, by mode, trigger and outcome.",
+                        "Migrations the orchestrator drove to their end, by mode, trigger \
+                         (manual, balancer) and outcome (completed, failed, cancelled).",
                     ),
                     &["mode", "trigger", "outcome"],
                 )
@@ -129,13 +174,76 @@ impl Metrics {
                 GaugeVec::new(
                     opts(
                         "godwit_orchestrator_vm_moves_in_window",
-                        "Moves of each VM within the anti-thrash window.",
+                        "Completed moves of each VM within the anti-thrash window \
+                         (policy.anti_thrash.move_window_ms).",
                     ),
                     &["vm"],
                 )
                 .expect("valid"),
             ),
+            moves_series: Mutex::new(BTreeSet::new()),
             registry: r,
+        };
+        // Known label values start at zero, so rates and alerts see the first change.
+        for mode in ["precopy", "stop-and-copy", "postcopy", "auto"] {
+            for trigger in ["manual", "balancer"] {
+                for outcome in ["completed", "failed", "cancelled"] {
+                    m.migrations.with_label_values(&[mode, trigger, outcome]);
+                }
+            }
+        }
+        for state in ["up", "down"] {
+            m.agents.with_label_values(&[state]).set(0.0);
+        }
+        m
+    }
+
+    /// Refreshes the cluster-wide gauges from the orchestrator's state; the agent poll loop
+    /// calls this after each poll.
+    pub fn observe_cluster(&self, state: &State) {
+        // As GET /v1/balancer: the last run's hot hosts, kept while the balancer is off.
+        let hot = lock(&state.balancer).hot_hosts.clone();
+        let (mut up, mut down) = (0, 0);
+        for agent in state.agents() {
+            let is_up = state.is_up(&agent);
+            if is_up {
+                up += 1;
+            } else {
+                down += 1;
+            }
+            let host = agent.name.as_str();
+            self.agent_up
+                .with_label_values(&[host])
+                .set(if is_up { 1.0 } else { 0.0 });
+            self.host_load
+                .with_label_values(&[host])
+                .set(agent.samples.back().map(|(_, l)| *l).unwrap_or(0.0));
+            let is_hot = hot.iter().any(|h| h == host);
+            self.host_hot
+                .with_label_values(&[host])
+                .set(if is_hot { 1.0 } else { 0.0 });
+        }
+        self.agents.with_label_values(&["up"]).set(up as f64);
+        self.agents.with_label_values(&["down"]).set(down as f64);
+
+        let now = now_unix_ms();
+        let window = state.config.policy.anti_thrash.move_window_ms;
+        let records = state.vm_records();
+        let mut series = lock(&self.moves_series);
+        for gone in series.iter().filter(|vm| !records.contains_key(*vm)) {
+            let _ = self.vm_moves_in_window.remove_label_values(&[gone]);
+        }
+        series.retain(|vm| records.contains_key(vm));
+        for (name, r) in &records {
+            let n = r
+                .moves
+                .iter()
+                .filter(|&&t| now.saturating_sub(t) <= window)
+                .count();
+            self.vm_moves_in_window
+                .with_label_values(&[name])
+                .set(n as f64);
+            series.insert(name.clone());
         }
     }
 
@@ -146,8 +254,46 @@ impl Metrics {
     }
 }
 
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_help_and_follows_the_names() {
+        let m = Metrics::new();
+        m.agent_up.with_label_values(&["h"]).set(1.0);
+        m.host_load.with_label_values(&["h"]).set(0.5);
+        m.host_hot.with_label_values(&["h"]).set(0.0);
+        m.hotspots.with_label_values(&["h"]).inc();
+        m.decisions.with_label_values(&["migrate", "hotspot"]).inc();
+        m.vm_moves_in_window.with_label_values(&["v"]).set(1.0);
+        let text = m.render();
+        let mut n = 0;
+        for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = line.split_once(' ').unwrap();
+            n += 1;
+            assert!(name.starts_with("godwit_orchestrator_"), "{name}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{name}");
+            let help = format!("# HELP {name} ");
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&help) && l.len() > help.len() + 10),
+                "{name} has no HELP text"
+            );
+        }
+        assert_eq!(n, 13, "{text}");
     }
 }

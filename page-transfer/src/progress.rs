@@ -233,6 +233,7 @@ impl LatencyRecorder {
         stats.latency_p50_us = q(0.5);
         stats.latency_p99_us = q(0.99);
         stats.latency_max_us = s.last().copied().unwrap_or(0.0);
+        stats.latency_sum_us = s.iter().sum();
         stats.latency_buckets_us = LATENCY_BOUNDS_US.to_vec();
         let mut counts = vec![0u64; LATENCY_BOUNDS_US.len() + 1];
         for v in &s {
@@ -273,5 +274,6 @@ mod tests {
         assert_eq!(f.latency_p99_us, 99.0);
         assert_eq!(f.latency_counts.iter().sum::<u64>(), 100);
         assert_eq!(f.latency_counts[0], 25);
+        assert_eq!(f.latency_sum_us, 5050.0);
     }
 }

@@ -68,13 +68,109 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
+/// A Godwit HTTP/JSON API at `url` (an agent's or the orchestrator's).
+#[derive(Debug)]
+pub struct Api {
+    pub url: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn new(url: String, timeout: Duration) -> Result<Api> {
+        Ok(Api {
+            url,
+            http: reqwest::blocking::Client::builder()
+                .timeout(timeout)
+                .build()?,
+        })
+    }
+
+    /// Sends a request; returns the status and the body parsed as JSON (Null when empty).
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send()?;
+        let status = resp.status().as_u16();
+        let text = resp.text()?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, value))
+    }
+
+    /// Sends raw bytes as a JSON body (for malformed-input tests).
+    pub fn post_raw(&self, path: &str, body: &'static [u8]) -> Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().unwrap_or(Value::Null)))
+    }
+
+    /// GET that must succeed, parsed into `T`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (status, value) = self.request(reqwest::Method::GET, path, None)?;
+        if status != 200 {
+            bail!("GET {path} answered {status}: {value}");
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// A request with a JSON body that must succeed (2xx), parsed into `T`.
+    pub fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T> {
+        let body = serde_json::to_value(body)?;
+        let (status, value) = self.request(method.clone(), path, Some(&body))?;
+        if !(200..300).contains(&status) {
+            bail!("{method} {path} answered {status}: {value}");
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// POST that must succeed (2xx), parsed into `T`.
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        self.send(reqwest::Method::POST, path, body)
+    }
+
+    pub fn text(&self, path: &str) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()?
+            .error_for_status()?
+            .text()?)
+    }
+}
+
 /// A real `orchestrator` process on a free loopback port.
 #[derive(Debug)]
 pub struct Orchestrator {
     child: Option<Child>,
-    pub url: String,
     pub data_dir: PathBuf,
-    http: reqwest::blocking::Client,
+    api: Api,
+}
+
+impl std::ops::Deref for Orchestrator {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Orchestrator {
@@ -111,55 +207,9 @@ impl Orchestrator {
             .to_owned();
         Ok(Orchestrator {
             child: Some(child),
-            url,
             data_dir: data_dir.to_owned(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()?,
+            api: Api::new(url, Duration::from_secs(60))?,
         })
-    }
-
-    pub fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value)> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(body) = body {
-            req = req.json(body);
-        }
-        let resp = req.send()?;
-        let status = resp.status().as_u16();
-        let text = resp.text()?;
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Ok((status, value))
-    }
-
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let (status, value) = self.request(reqwest::Method::GET, path, None)?;
-        if status != 200 {
-            bail!("GET {path} answered {status}: {value}");
-        }
-        Ok(serde_json::from_value(value)?)
-    }
-
-    pub fn send<T: DeserializeOwned>(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: &impl Serialize,
-    ) -> Result<T> {
-        let body = serde_json::to_value(body)?;
-        let (status, value) = self.request(method.clone(), path, Some(&body))?;
-        if !(200..300).contains(&status) {
-            bail!("{method} {path} answered {status}: {value}");
-        }
-        Ok(serde_json::from_value(value)?)
     }
 
     /// Polls until `pred` holds on the value of GET `path`.
@@ -208,10 +258,16 @@ impl Drop for Orchestrator {
 #[derive(Debug)]
 pub struct Agent {
     child: Option<Child>,
-    pub url: String,
     pub name: String,
     pub data_dir: tempfile::TempDir,
-    http: reqwest::blocking::Client,
+    api: Api,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Agent {
@@ -246,12 +302,9 @@ impl Agent {
             .to_owned();
         let agent = Agent {
             child: Some(child),
-            url,
             name: name.to_owned(),
             data_dir,
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()?,
+            api: Api::new(url, Duration::from_secs(120))?,
         };
         agent.wait_healthy()?;
         Ok(agent)
@@ -268,68 +321,6 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("agent {} did not become healthy", self.name)
-    }
-
-    /// Sends a request; returns the status and the body parsed as JSON (Null when empty).
-    pub fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value)> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(body) = body {
-            req = req.json(body);
-        }
-        let resp = req.send()?;
-        let status = resp.status().as_u16();
-        let text = resp.text()?;
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Ok((status, value))
-    }
-
-    /// Sends raw bytes as a JSON body (for malformed-input tests).
-    pub fn post_raw(&self, path: &str, body: &'static [u8]) -> Result<(u16, Value)> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.json().unwrap_or(Value::Null)))
-    }
-
-    /// GET that must succeed, parsed into `T`.
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let (status, value) = self.request(reqwest::Method::GET, path, None)?;
-        if status != 200 {
-            bail!("GET {path} answered {status}: {value}");
-        }
-        Ok(serde_json::from_value(value)?)
-    }
-
-    /// POST that must succeed (2xx), parsed into `T`.
-    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
-        let body = serde_json::to_value(body)?;
-        let (status, value) = self.request(reqwest::Method::POST, path, Some(&body))?;
-        if !(200..300).contains(&status) {
-            bail!("POST {path} answered {status}: {value}");
-        }
-        Ok(serde_json::from_value(value)?)
-    }
-
-    pub fn text(&self, path: &str) -> Result<String> {
-        Ok(self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()?
-            .error_for_status()?
-            .text()?)
     }
 
     pub fn vm(&self, name: &str) -> Result<godwit_api::VmInfo> {

@@ -84,9 +84,13 @@ fn every_guest_kind_runs_and_four_vms_run_at_once() {
     assert!(host.kvm_available);
 
     let metrics = agent.text("/metrics").unwrap();
-    assert!(metrics.contains("godwit_agent_vms 4"), "{metrics}");
+    // Every agent series carries the agent's name as `host`.
     assert!(
-        metrics.contains("godwit_vm_cpu_seconds_total{vm=\"s\"}"),
+        metrics.contains("godwit_agent_vms{host=\"kinds\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("godwit_vm_cpu_seconds_total{vm=\"s\",host=\"kinds\"}"),
         "{metrics}"
     );
 
