@@ -32,12 +32,17 @@ async fn poll_agents(state: Arc<State>) {
     loop {
         tick.tick().await;
         let agents = state.agents();
+        // A hung agent must not hold up the round: each poll gets two intervals (at least 2 s).
+        let limit = Duration::from_millis((state.config.poll_interval_ms * 2).max(2000));
         let polls = agents.into_iter().map(|agent| {
             let state = state.clone();
             async move {
-                let host = driver::get::<HostInfo>(&state, &agent.url, "/v1/host").await;
-                let vms = driver::get::<Vec<VmInfo>>(&state, &agent.url, "/v1/vms").await;
-                if let (Ok(host), Ok(vms)) = (host, vms) {
+                let poll = async {
+                    let host = driver::get::<HostInfo>(&state, &agent.url, "/v1/host").await;
+                    let vms = driver::get::<Vec<VmInfo>>(&state, &agent.url, "/v1/vms").await;
+                    (host, vms)
+                };
+                if let Ok((Ok(host), Ok(vms))) = tokio::time::timeout(limit, poll).await {
                     state.observe(&agent.url, host, vms);
                 }
             }
