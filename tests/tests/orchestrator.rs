@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(120);
 
 /// Fast loops for tests; anti-thrash long enough that no VM may move twice during a test.
+/// Four guests spinning at 25% ask one core of host-1; with other tests' guests on the same
+/// two physical cores they get less, so the hot threshold sits at 0.6, not 0.75.
 fn config(balancer: &str) -> String {
     format!(
         r#"
@@ -24,6 +26,9 @@ poll_interval_ms = 500
 agent_timeout_ms = 3000
 balance_interval_ms = 1000
 load_history = 8
+
+[policy.hotspot]
+threshold = 0.6
 
 [policy.balance]
 imbalance_target = 0.15
@@ -247,11 +252,37 @@ fn balancer_resolves_a_hotspot_and_records_survive_a_restart() {
                 !ms.is_empty()
                     && ms.iter().all(|m| m.status != MigrationStatus::Running)
                     && b.hot_hosts.is_empty()
-                    && hosts.iter().all(|h| h.load < 0.75)
+                    && hosts.iter().all(|h| h.load < 0.6)
             },
         )
         .unwrap();
-    let migrations: Vec<ClusterMigration> = c.orch.get("/v1/migrations").unwrap();
+    // Four 25% guests on three hosts of one core: 2/1/1 is the best split (spread 0.12),
+    // under the configured target of 0.15.
+    let b: BalancerState = c
+        .orch
+        .wait(
+            "/v1/balancer",
+            WAIT,
+            "the spread under target",
+            |b: &BalancerState| b.imbalance < 0.15,
+        )
+        .unwrap();
+    assert!(b.hot_hosts.is_empty(), "{b:?}");
+    // Stop balancing (the mode is remembered across the restart below) and let the last
+    // migration finish, so the records are settled.
+    let _: BalancerState = c
+        .orch
+        .send(Method::PUT, "/v1/balancer", &json!({"mode": "off"}))
+        .unwrap();
+    let migrations: Vec<ClusterMigration> = c
+        .orch
+        .wait(
+            "/v1/migrations",
+            WAIT,
+            "migrations settled",
+            |ms: &Vec<ClusterMigration>| ms.iter().all(|m| m.status != MigrationStatus::Running),
+        )
+        .unwrap();
     assert!(
         migrations
             .iter()
@@ -268,25 +299,15 @@ fn balancer_resolves_a_hotspot_and_records_survive_a_restart() {
         vms.iter().filter(|v| v.host != "host-1").count() >= 1,
         "{vms:?} {hosts:?}"
     );
-    // Four 25% guests on three hosts of one core: 2/1/1 is the best split (spread 0.12),
-    // under the configured target of 0.15.
-    let b: BalancerState = c
-        .orch
-        .wait(
-            "/v1/balancer",
-            WAIT,
-            "the spread under target",
-            |b: &BalancerState| b.imbalance < 0.15,
-        )
-        .unwrap();
-    assert!(b.hot_hosts.is_empty(), "{b:?}");
 
-    // Restart: every VM record, migration and decision is still there.
+    // Restart: every VM record, migration and decision is still there, and the mode too.
     let decisions_before: Vec<Decision> = c.orch.get("/v1/decisions?limit=20000").unwrap();
     let data = c.orch.data_dir.clone();
     c.orch.terminate().unwrap();
     let listen = c.orch.url.trim_start_matches("http://").to_owned();
     c.orch = Orchestrator::start_at(&data, &config("automatic"), &listen).unwrap();
+    let mode: BalancerState = c.orch.get("/v1/balancer").unwrap();
+    assert_eq!(mode.mode, godwit_api::BalancerMode::Off);
     let vms_after: Vec<ClusterVm> = c.orch.get("/v1/vms").unwrap();
     let names = |v: &[ClusterVm]| {
         let mut n: Vec<(String, String)> =
