@@ -180,7 +180,7 @@ pub async fn follow(state: Arc<State>, id: String) {
                     finish(&state, m);
                     return;
                 }
-                state.put_migration(m);
+                state.refresh_migration(m);
             }
             Err(e) => {
                 let since = *unreachable_since.get_or_insert_with(Instant::now);

@@ -293,10 +293,17 @@ impl State {
         }
     }
 
+    /// Records a migration in memory and in the store.
     pub fn put_migration(&self, m: ClusterMigration) {
         if let Err(e) = self.store.put_migration(&m.id, &m) {
             tracing::error!(error = %e, "cannot record a migration");
         }
+        lock(&self.migrations).insert(m.id.clone(), m);
+    }
+
+    /// Updates a running migration's live statistics in memory only: the store keeps its
+    /// start and its end, not every poll.
+    pub fn refresh_migration(&self, m: ClusterMigration) {
         lock(&self.migrations).insert(m.id.clone(), m);
     }
 

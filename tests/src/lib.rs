@@ -68,6 +68,29 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
+/// Starts a Godwit daemon (stderr inherited, RUST_LOG defaulting to `warn`) and reads the
+/// address it prints as its first line on stdout.
+fn spawn_daemon(cmd: &mut Command, what: &str) -> Result<(Child, String)> {
+    let mut child = cmd
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("Cannot start {what}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .ok_or_else(|| anyhow!("{what} did not print its address, said {line:?}"))?
+        .to_owned();
+    Ok((child, url))
+}
+
 /// A Godwit HTTP/JSON API at `url` (an agent's or the orchestrator's).
 #[derive(Debug)]
 pub struct Api {
@@ -184,27 +207,14 @@ impl Orchestrator {
         std::fs::create_dir_all(data_dir)?;
         let config = data_dir.join("config.toml");
         std::fs::write(&config, config_toml)?;
-        let mut child = Command::new(bin_dir().join("orchestrator"))
-            .args(["--listen", listen, "--data-dir"])
-            .arg(data_dir)
-            .arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("Cannot start orchestrator")?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .ok_or_else(|| anyhow!("orchestrator did not print its address, said {line:?}"))?
-            .to_owned();
+        let (child, url) = spawn_daemon(
+            Command::new(bin_dir().join("orchestrator"))
+                .args(["--listen", listen, "--data-dir"])
+                .arg(data_dir)
+                .arg("--config")
+                .arg(&config),
+            "orchestrator",
+        )?;
         Ok(Orchestrator {
             child: Some(child),
             data_dir: data_dir.to_owned(),
@@ -280,26 +290,13 @@ impl Agent {
         let data_dir = tempfile::Builder::new()
             .prefix(&format!("godwit-{name}-"))
             .tempdir()?;
-        let mut child = Command::new(bin_dir().join("hypervisor-agent"))
-            .args(["--listen", "127.0.0.1:0", "--name", name, "--data-dir"])
-            .arg(data_dir.path())
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("Cannot start hypervisor-agent")?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .ok_or_else(|| anyhow!("agent did not print its address, said {line:?}"))?
-            .to_owned();
+        let (child, url) = spawn_daemon(
+            Command::new(bin_dir().join("hypervisor-agent"))
+                .args(["--listen", "127.0.0.1:0", "--name", name, "--data-dir"])
+                .arg(data_dir.path())
+                .args(extra),
+            "hypervisor-agent",
+        )?;
         let agent = Agent {
             child: Some(child),
             name: name.to_owned(),
@@ -321,6 +318,35 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("agent {} did not become healthy", self.name)
+    }
+
+    /// `HOST:PORT` of this agent's API, as a migration `target`.
+    pub fn address(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Starts migrating `vm` to `dst` with the `MigrateRequest` fields in `body`; returns the
+    /// migration id.
+    pub fn migrate(&self, dst: &Agent, vm: &str, mut body: Value) -> Result<String> {
+        body["target"] = Value::String(dst.address().to_owned());
+        let started: godwit_api::MigrationStarted =
+            self.post(&format!("/v1/vms/{vm}/migrate"), &body)?;
+        Ok(started.id)
+    }
+
+    /// Polls this (source) agent until migration `id` ends.
+    pub fn wait_migration(&self, id: &str, timeout: Duration) -> Result<godwit_api::MigrationInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info: godwit_api::MigrationInfo = self.get(&format!("/v1/migrations/{id}"))?;
+            if info.status != godwit_api::MigrationStatus::Running {
+                return Ok(info);
+            }
+            if Instant::now() > deadline {
+                bail!("migration {id} still running after {timeout:?}: {info:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn vm(&self, name: &str) -> Result<godwit_api::VmInfo> {

@@ -28,28 +28,13 @@ fn dirty(rate: f64) -> Value {
 
 /// Starts a migration; returns its id.
 fn start(src: &Agent, dst: &Agent, name: &str, body: Value) -> String {
-    let mut body = body;
-    body["target"] = json!(dst.url.trim_start_matches("http://"));
-    let started: Value = src
-        .post(&format!("/v1/vms/{name}/migrate"), &body)
-        .unwrap_or_else(|e| panic!("migrate {name}: {e:#}"));
-    started["id"].as_str().unwrap().to_owned()
+    src.migrate(dst, name, body)
+        .unwrap_or_else(|e| panic!("migrate {name}: {e:#}"))
 }
 
 /// Polls the source until the migration ends.
 fn finish(src: &Agent, id: &str) -> MigrationInfo {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let info: MigrationInfo = src.get(&format!("/v1/migrations/{id}")).unwrap();
-        if info.status != MigrationStatus::Running {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration {id} still running: {info:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    src.wait_migration(id, WAIT).unwrap()
 }
 
 /// Migrates `name` from `src` to `dst` and checks everything the issue asks of a migration:

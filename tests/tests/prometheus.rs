@@ -485,27 +485,12 @@ fn documented_metrics() -> BTreeSet<String> {
 }
 
 fn start_agent_migration(src: &Agent, dst: &Agent, vm: &str, body: Value) -> String {
-    let mut body = body;
-    body["target"] = json!(host_port(&dst.url));
-    let started: Value = src
-        .post(&format!("/v1/vms/{vm}/migrate"), &body)
-        .unwrap_or_else(|e| panic!("migrate {vm}: {e:#}"));
-    started["id"].as_str().unwrap().to_owned()
+    src.migrate(dst, vm, body)
+        .unwrap_or_else(|e| panic!("migrate {vm}: {e:#}"))
 }
 
 fn wait_agent_migration(src: &Agent, id: &str) -> MigrationInfo {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let info: MigrationInfo = src.get(&format!("/v1/migrations/{id}")).unwrap();
-        if info.status != MigrationStatus::Running {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration still running: {info:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    src.wait_migration(id, WAIT).unwrap()
 }
 
 fn wait_orchestrated(orch: &Orchestrator, id: &str) -> ClusterMigration {
