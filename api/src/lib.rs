@@ -31,6 +31,165 @@ pub struct CreateVm {
     /// Start paused instead of running. Default false.
     #[serde(default)]
     pub paused: bool,
+    /// Resources the VM uses (docs/resources.md): at most one disk, one endpoint and one
+    /// `entropy` device, any number of scratch directories (up to 8 resources in all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceSpec>,
+}
+
+pub use policies::rebinding::{Action as ResourceAction, Attachment, Binding, ResourceKind};
+
+/// One resource a VM declares when it is created; what happens to it when the VM migrates
+/// follows from its binding and attachment (DESIGN.md section 4, `docs/resources.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpec {
+    /// Unique within the VM: 1-32 characters of `[A-Za-z0-9_-]`.
+    pub name: String,
+    pub kind: ResourceKind,
+    /// How the VM refers to it. Default: by the kind (disk and endpoint `identifier`, scratch
+    /// `value`, device `type`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<Binding>,
+    /// How firmly it belongs to its host. Default: by the kind (disk `fastened`, scratch
+    /// `unattached`, endpoint and device `fixed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Attachment>,
+    /// Disk: capacity in MiB (default 16, at most 1024). Scratch: MiB of data the agent
+    /// writes into the directory at creation (default 4, at most 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
+    /// Device: the class the host must offer (`entropy` is visible to the guest; other classes,
+    /// such as `gpu`, are matched against the host's advertised classes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// Whether leaving it on the source behind a global reference (GR) is acceptable.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub allow_global_ref: bool,
+    /// Endpoint: the TCP port to publish on; absent = any free port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// Default disk capacity, MiB.
+pub const DEFAULT_DISK_MIB: u64 = 16;
+/// Default scratch data, MiB.
+pub const DEFAULT_SCRATCH_MIB: u64 = 4;
+
+impl ResourceSpec {
+    /// A resource of `kind` with every default.
+    pub fn new(name: impl Into<String>, kind: ResourceKind) -> Self {
+        ResourceSpec {
+            name: name.into(),
+            kind,
+            binding: None,
+            attachment: None,
+            size_mib: None,
+            class: None,
+            allow_global_ref: true,
+            port: None,
+        }
+    }
+
+    /// Bytes of data it holds: a disk's capacity, a scratch directory's data, else 0.
+    pub fn size_bytes(&self) -> u64 {
+        let mib = match self.kind {
+            ResourceKind::Disk => self.size_mib.unwrap_or(DEFAULT_DISK_MIB),
+            ResourceKind::Scratch => self.size_mib.unwrap_or(DEFAULT_SCRATCH_MIB),
+            ResourceKind::Endpoint | ResourceKind::Device => 0,
+        };
+        mib.saturating_mul(1 << 20)
+    }
+
+    /// The resource as the rebinding policy sees it, defaults applied.
+    pub fn to_policy(&self) -> policies::rebinding::Resource {
+        policies::rebinding::Resource {
+            binding: self.binding.unwrap_or(self.kind.default_binding()),
+            attachment: self.attachment.unwrap_or(self.kind.default_attachment()),
+            size_bytes: self.size_bytes(),
+            device_class: self.class.clone(),
+            allow_global_ref: self.allow_global_ref,
+            ..policies::rebinding::Resource::new(self.name.clone(), self.kind)
+        }
+    }
+}
+
+/// A resource of a VM as it is bound on this host now (`VmInfo::resources`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResourceInfo {
+    pub spec: ResourceSpec,
+    /// The binding and attachment in force (the spec's, defaults applied).
+    pub binding: Binding,
+    pub attachment: Attachment,
+    /// Where it is: `file PATH`, `nbd HOST:PORT/EXPORT`, `scratch PATH`, `entropy HOST#ID`, ...
+    pub location: String,
+    /// The host holding its data or device (differs from the VM's host after a GR).
+    pub host: String,
+    /// Endpoint: the published address clients connect to (stays the same across moves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Disk: blocks the guest wrote through it on this host.
+    #[serde(default)]
+    pub writes: u64,
+    /// Endpoint: client connections served (accepted or forwarded in) on this host.
+    #[serde(default)]
+    pub connections: u64,
+}
+
+/// Where a resource action of a migration is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceStatus {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+/// What a migration did with one resource, and why (`MigrationInfo::resources`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResourceMigration {
+    pub name: String,
+    pub kind: ResourceKind,
+    /// The action taken: `move` (MV), `copy` (CP), `global_ref` (GR), `rebind` (RB).
+    pub action: ResourceAction,
+    /// The first choice of the table's row.
+    pub first_choice: ResourceAction,
+    /// Whether `action` is an alternative because the first choice was impossible.
+    pub fallback: bool,
+    /// The choice in one sentence.
+    pub reason: String,
+    pub status: ResourceStatus,
+    /// What was done, in a sentence (bytes, passes, checksums, the new binding).
+    #[serde(default)]
+    pub detail: String,
+    /// Resource data sent to the target, bytes.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Time spent on the action, milliseconds.
+    #[serde(default)]
+    pub duration_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the source tells the target about one resource of a migrating VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingResource {
+    pub spec: ResourceSpec,
+    pub action: ResourceAction,
+    /// For a GR: where the target reaches the resource (`HOST:PORT/EXPORT` of a disk's NBD
+    /// export, `http://HOST:PORT` of a device's agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// The host holding the resource for a GR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
+    /// Endpoint: the published address, which stays where it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 fn default_vcpus() -> u32 {
@@ -66,6 +225,9 @@ pub enum GuestSpec {
         /// (incompressible).
         #[serde(default, skip_serializing_if = "is_default")]
         content: PageContent,
+        /// With a disk: blocks (4 KiB) written and re-read per second through it. Default 200.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_ops_s: Option<u32>,
     },
     /// Burns CPU at a duty cycle on every vCPU.
     Spin {
@@ -77,6 +239,9 @@ pub enum GuestSpec {
         /// Interval between lines in milliseconds, 1-3,600,000.
         interval_ms: u64,
     },
+    /// Serves its devices and nothing else: answers each line received on the endpoint
+    /// stream with the same line, and exercises the disk and entropy device if it has them.
+    Echo,
 }
 
 impl GuestSpec {
@@ -87,6 +252,7 @@ impl GuestSpec {
             GuestSpec::Dirty { .. } => "dirty",
             GuestSpec::Spin { .. } => "spin",
             GuestSpec::Ticker { .. } => "ticker",
+            GuestSpec::Echo => "echo",
         }
     }
 }
@@ -144,6 +310,35 @@ pub struct GuestInfo {
     pub verified_pages: u64,
     /// Per-vCPU progress counters.
     pub vcpu_progress: Vec<u64>,
+    /// What the guest did with its devices (absent when it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<GuestDevices>,
+}
+
+/// The guest's own account of its devices (`docs/guest-abi.md`, device status).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestDevices {
+    /// Disk blocks the guest tracks (writes and verifies).
+    pub disk_blocks: u64,
+    pub disk_writes: u64,
+    /// Blocks read back and compared with what the guest last wrote there.
+    pub disk_verified: u64,
+    /// Blocks that read back wrong. Must stay 0.
+    pub disk_errors: u64,
+    /// Block index of the first bad block, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_first_error: Option<u64>,
+    /// Complete verification passes over every tracked block.
+    pub disk_passes: u64,
+    /// Disk requests the monitor failed (I/O errors seen by the guest).
+    pub disk_io_errors: u64,
+    /// 32-bit words read from the entropy device.
+    pub entropy_reads: u64,
+    /// Identifier of the entropy device last read (which host's device the VM is bound to).
+    pub entropy_device: u64,
+    /// Lines answered on the endpoint stream, and their bytes.
+    pub echo_lines: u64,
+    pub echo_bytes: u64,
 }
 
 /// `GET /v1/vms/{name}`.
@@ -176,6 +371,9 @@ pub struct VmInfo {
     /// The snapshot file this instance was restored from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// The VM's resources as bound on this host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceInfo>,
 }
 
 /// `GET /v1/host`.
@@ -205,6 +403,12 @@ pub struct HostInfo {
     /// Migrations this agent is running as source or target.
     #[serde(default)]
     pub migrations_in_flight: u32,
+    /// Space for VM resources (disks, scratch data) still free, bytes.
+    #[serde(default)]
+    pub disk_free_bytes: u64,
+    /// Device classes this host offers VMs (`--device`), e.g. `entropy`.
+    #[serde(default)]
+    pub device_classes: Vec<String>,
 }
 
 /// `POST /v1/agents/heartbeat` on the orchestrator: an agent announces itself and its state.
@@ -510,6 +714,9 @@ pub struct MigrationInfo {
     pub source_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_digest: Option<String>,
+    /// What happened to each of the VM's resources.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceMigration>,
 }
 
 /// `POST /v1/migrations/incoming` (agent to agent): the source asks the target to get ready.
@@ -525,6 +732,9 @@ pub struct IncomingMigration {
     pub mode: MigrationMode,
     /// Name of the source agent, for the record.
     pub source: String,
+    /// The VM's resources and the action chosen for each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<IncomingResource>,
 }
 
 /// The target's answer: where to open the migration channels.
@@ -537,6 +747,10 @@ pub struct IncomingAccepted {
     /// Address to connect to; absent = the host of the target's API address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// TCP port of the target agent's resource listener (resource data, endpoint links), on
+    /// the same address as `port`.
+    #[serde(default)]
+    pub resource_port: u16,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -573,6 +787,10 @@ pub struct ClusterCreateVm {
     /// Never move it automatically. Default false.
     #[serde(default)]
     pub pinned: bool,
+    /// Resources the VM uses; placement and balancing only pick hosts where every one can be
+    /// bound.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceSpec>,
 }
 
 fn default_true() -> bool {

@@ -1,0 +1,2 @@
+//! NBD client and qemu-nbd export supervisor (being written).
+#![forbid(unsafe_code)]
