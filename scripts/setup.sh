@@ -8,6 +8,7 @@ need_apt=()
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v objcopy >/dev/null || need_apt+=(binutils)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v qemu-nbd >/dev/null || need_apt+=(qemu-utils)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         echo "setup: installing ${need_apt[*]}"
