@@ -129,6 +129,7 @@ fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
                 memory_mib: mib,
                 guest: GuestSpec::Idle,
                 paused: false,
+                resources: Vec::new(),
             })?;
             row.create_idle.push(ms(t));
             a.delete_vm(&name)?;
@@ -148,8 +149,10 @@ fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
                     hot_mib: None,
                     hot_percent: None,
                     content: godwit_api::PageContent::Counter,
+                    disk_ops_s: None,
                 },
                 paused: false,
+                resources: Vec::new(),
             })?;
             row.create_dirty.push(ms(t));
             while a.vm(&name)?.guest.progress == 0 {

@@ -141,6 +141,7 @@ fn dirty_guest(
         hot_mib: hot,
         hot_percent: hot.map(|_| 95),
         content,
+        disk_ops_s: None,
     }
 }
 
@@ -181,6 +182,7 @@ pub fn run(
             memory_mib,
             guest,
             paused: false,
+            resources: Vec::new(),
         })?;
         Ok(())
     };

@@ -1,5 +1,5 @@
 /*
- * Godwit's built-in guest programs: idle, dirty, spin and ticker.
+ * Godwit's built-in guest programs: idle, dirty, spin, ticker and echo.
  *
  * The contract with the monitor (memory layout, ABI block, ports, workloads) is
  * docs/guest-abi.md. This runs freestanding (no libc) in 64-bit long mode at CPL3 with interrupts
@@ -23,7 +23,7 @@
  */
 #define MAX_VCPUS 40u
 
-enum kind { KIND_IDLE = 0, KIND_DIRTY = 1, KIND_SPIN = 2, KIND_TICKER = 3 };
+enum kind { KIND_IDLE = 0, KIND_DIRTY = 1, KIND_SPIN = 2, KIND_TICKER = 3, KIND_ECHO = 4 };
 enum pattern { PATTERN_UNIFORM = 0, PATTERN_HOTCOLD = 1 };
 
 /* Status of one vCPU: written by the guest, read by the monitor. */
@@ -53,9 +53,43 @@ struct abi {
 	uint32_t interval_ms;
 	uint64_t seed;
 	uint32_t content;
-	uint8_t reserved[0x100 - 0x5c];
+	uint32_t disk_ops_per_s;
+	uint8_t reserved[0x100 - 0x60];
 	struct status status[];
 };
+
+/*
+ * What the guest did with its devices, at ABI + 0xc00 (written by vCPU 0, which serves them).
+ */
+struct devstatus {
+	uint64_t disk_blocks;      /* blocks tracked: min(capacity, DISK_TRACK_MAX) */
+	uint64_t disk_writes;
+	uint64_t disk_verified;
+	uint64_t disk_errors;
+	uint64_t disk_first_error; /* block + 1, 0 = none */
+	uint64_t disk_passes;
+	uint64_t disk_io_errors;
+	uint64_t entropy_reads;
+	uint64_t entropy_device;
+	uint64_t echo_lines;
+	uint64_t echo_bytes;
+};
+
+/* A block request at ABI + 0xd00, its GPA written to PORT_BLOCK. */
+struct blkreq {
+	uint32_t op;      /* 1 read, 2 write, 3 flush */
+	uint32_t status;  /* written by the monitor: 0 ok, 1 I/O error, 2 bad request, 3 no disk */
+	uint64_t block;   /* first 4 KiB block */
+	uint64_t gpa;     /* buffer */
+	uint32_t count;   /* blocks, 1-64 */
+	uint32_t reserved;
+};
+
+#define DEVSTATUS_OFFSET 0xc00u
+#define BLKREQ_OFFSET 0xd00u
+#define DISK_GEN_ADDR 0x51000u   /* u16 generation per tracked block, up to DISK_BUF_ADDR */
+#define DISK_BUF_ADDR 0x5f000u   /* one 4 KiB block buffer */
+#define DISK_TRACK_MAX ((DISK_BUF_ADDR - DISK_GEN_ADDR) / 2)
 
 /* The layout is the contract: fail the build if the compiler disagrees. */
 _Static_assert(sizeof(struct status) == 64, "status is 64 bytes");
@@ -72,11 +106,14 @@ _Static_assert(offsetof(struct abi, duty_percent) == 0x48, "duty_percent");
 _Static_assert(offsetof(struct abi, interval_ms) == 0x4c, "interval_ms");
 _Static_assert(offsetof(struct abi, seed) == 0x50, "seed");
 _Static_assert(offsetof(struct abi, content) == 0x58, "content");
+_Static_assert(offsetof(struct abi, disk_ops_per_s) == 0x5c, "disk_ops_per_s");
+_Static_assert(sizeof(struct devstatus) == 88, "devstatus");
+_Static_assert(sizeof(struct blkreq) == 32, "blkreq");
 _Static_assert(offsetof(struct abi, status) == 0x100, "status");
 _Static_assert(offsetof(struct status, running) == 0x20, "running");
 
 /* The status slots must stay inside the ABI page. */
-_Static_assert(0x100 + 64 * MAX_VCPUS <= 0x1000, "status slots fit in the ABI page");
+_Static_assert(0x100 + 64 * MAX_VCPUS <= DEVSTATUS_OFFSET, "status slots end before the device status");
 
 /* ---------------------------------------------------------------------------------------- */
 /* Ports (docs/guest-abi.md, "Ports") and panic codes.                                      */
@@ -85,6 +122,12 @@ _Static_assert(0x100 + 64 * MAX_VCPUS <= 0x1000, "status slots fit in the ABI pa
 #define PORT_SLEEP 0x500
 #define PORT_VERIFY_ERROR 0x504
 #define PORT_PANIC 0x508
+#define PORT_BLOCK 0x510        /* out32: GPA of a struct blkreq */
+#define PORT_BLOCK_BLOCKS 0x514 /* in32: disk capacity in 4 KiB blocks, 0 = no disk */
+#define PORT_ENTROPY 0x520      /* in32: 32 random bits */
+#define PORT_ENTROPY_ID 0x524   /* in32: identifier of the bound entropy device, 0 = none */
+#define PORT_STREAM 0x530       /* in32: 0x100 | byte received, or 0; out8: send a byte */
+#define PORT_STREAM_PRESENT 0x534 /* in32: 1 when an endpoint stream is attached */
 
 #define SLEEP_FOREVER 0xffffffffu   /* "until woken" */
 #define SLEEP_MAX_US 0xfffffffeu    /* longest finite sleep */
@@ -141,6 +184,13 @@ static inline void outb(uint16_t port, uint8_t v)
 static inline void outl(uint16_t port, uint32_t v)
 {
 	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory");
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+	uint32_t v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+	return v;
 }
 
 static inline uint64_t rdtsc(void)
@@ -402,6 +452,164 @@ static uint64_t bucket_take(struct bucket *b, uint64_t now)
 	return b->cost - (uint64_t)credit;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Devices: the disk, the entropy device and the endpoint stream, served by vCPU 0 of the   */
+/* dirty and echo guests (docs/guest-abi.md, "Devices").                                     */
+
+#define LINE_MAX 256u
+#define DISK_OPS_PER_CALL 8u
+
+struct services {
+	volatile struct devstatus *ds;
+	volatile uint16_t *gen;     /* disk generation per tracked block */
+	uint64_t blocks;            /* tracked blocks, 0 = no disk */
+	uint64_t cursor;            /* next block to verify */
+	uint64_t seed;
+	uint64_t rng;
+	struct bucket disk;         /* disk operations (a write and a verify each) */
+	uint32_t entropy;           /* an entropy device is attached */
+	uint32_t stream;            /* an endpoint stream is attached */
+	uint32_t line_len;
+	char line[LINE_MAX];
+};
+
+/* Word i of disk block b at generation g (g = 0: a block never written reads as zeros). */
+static inline uint64_t disk_word(const struct services *s, uint64_t b, uint32_t g, uint32_t i)
+{
+	return mix64(s->seed ^ (b << 32) ^ ((uint64_t)g << 12) ^ i);
+}
+
+static uint32_t blk_io(uint32_t op, uint64_t block)
+{
+	volatile struct blkreq *r = (volatile struct blkreq *)(uintptr_t)(0x50000u + BLKREQ_OFFSET);
+
+	r->op = op;
+	r->status = 0xffffffffu;
+	r->block = block;
+	r->gpa = DISK_BUF_ADDR;
+	r->count = 1;
+	outl(PORT_BLOCK, 0x50000u + BLKREQ_OFFSET);
+	return r->status;
+}
+
+static void disk_write_one(struct services *s)
+{
+	uint64_t b = rng_below(&s->rng, s->blocks);
+	uint32_t g = (uint32_t)s->gen[b] + 1;
+	uint64_t *w = (uint64_t *)(uintptr_t)DISK_BUF_ADDR;
+
+	if (g > 0xffff)
+		g = 1;
+	for (uint32_t i = 0; i < WORDS_PER_PAGE; i++)
+		w[i] = disk_word(s, b, g, i);
+	if (blk_io(2, b) != 0) {
+		s->ds->disk_io_errors++;
+		return;
+	}
+	/* Recorded only once the write is done: a block's generation is what the disk holds. */
+	s->gen[b] = (uint16_t)g;
+	s->ds->disk_writes++;
+}
+
+static void disk_verify_one(struct services *s)
+{
+	uint64_t b = s->cursor;
+	const volatile uint64_t *w = (const volatile uint64_t *)(uintptr_t)DISK_BUF_ADDR;
+
+	if (blk_io(1, b) != 0) {
+		s->ds->disk_io_errors++;
+		return;
+	}
+	uint32_t g = s->gen[b];
+	int ok = 1;
+	for (uint32_t i = 0; i < WORDS_PER_PAGE; i++) {
+		if (w[i] != (g ? disk_word(s, b, g, i) : 0)) {
+			ok = 0;
+			break;
+		}
+	}
+	if (!ok) {
+		if (!s->ds->disk_errors)
+			s->ds->disk_first_error = b + 1;
+		s->ds->disk_errors++;
+	}
+	s->ds->disk_verified++;
+	if (++s->cursor == s->blocks) {
+		s->cursor = 0;
+		s->ds->disk_passes++;
+	}
+}
+
+static void services_init(struct services *s, volatile struct abi *abi)
+{
+	uint64_t capacity = inl(PORT_BLOCK_BLOCKS);
+
+	s->ds = (volatile struct devstatus *)((uintptr_t)abi + DEVSTATUS_OFFSET);
+	s->gen = (volatile uint16_t *)(uintptr_t)DISK_GEN_ADDR;
+	s->blocks = capacity < DISK_TRACK_MAX ? capacity : DISK_TRACK_MAX;
+	s->seed = abi->seed;
+	s->rng = rng_seed(abi->seed, 0x5eed);
+	s->entropy = inl(PORT_ENTROPY_ID) != 0;
+	s->stream = inl(PORT_STREAM_PRESENT) == 1;
+	s->ds->disk_blocks = s->blocks;
+	if (s->blocks && abi->disk_ops_per_s) {
+		uint64_t ops = abi->disk_ops_per_s;
+		s->disk.cost = abi->tsc_hz / ops ? abi->tsc_hz / ops : 1;
+		s->disk.burst = abi->tsc_hz / 10 > s->disk.cost ? abi->tsc_hz / 10 : s->disk.cost;
+		s->disk.empty_at = rdtsc() - s->disk.cost;
+	} else {
+		s->blocks = 0;
+		/* No disk to pace the entropy reads: 100 a second. */
+		s->disk.cost = abi->tsc_hz / 100;
+		s->disk.burst = s->disk.cost;
+		s->disk.empty_at = rdtsc() - s->disk.cost;
+	}
+}
+
+/* One round of device work; returns whether anything was done. */
+static int services_run(struct services *s)
+{
+	int busy = 0;
+
+	if (s->stream) {
+		for (uint32_t n = 0; n < LINE_MAX; n++) {
+			uint32_t v = inl(PORT_STREAM);
+			if (!(v & 0x100))
+				break;
+			busy = 1;
+			char c = (char)(v & 0xff);
+			s->line[s->line_len++] = c;
+			if (c == '\n' || s->line_len == LINE_MAX) {
+				for (uint32_t i = 0; i < s->line_len; i++)
+					outb(PORT_STREAM, (uint8_t)s->line[i]);
+				s->ds->echo_bytes += s->line_len;
+				if (c == '\n')
+					s->ds->echo_lines++;
+				s->line_len = 0;
+			}
+		}
+	}
+	if (s->blocks) {
+		for (uint32_t n = 0; n < DISK_OPS_PER_CALL && !bucket_take(&s->disk, rdtsc()); n++) {
+			disk_write_one(s);
+			disk_verify_one(s);
+			busy = 1;
+			if (s->entropy) {
+				(void)inl(PORT_ENTROPY);
+				s->ds->entropy_reads++;
+				s->ds->entropy_device = inl(PORT_ENTROPY_ID);
+			}
+		}
+	} else if (s->entropy && !bucket_take(&s->disk, rdtsc())) {
+		(void)inl(PORT_ENTROPY);
+		s->ds->entropy_reads++;
+		s->ds->entropy_device = inl(PORT_ENTROPY_ID);
+		busy = 1;
+	}
+	return busy;
+}
+
+
 static __attribute__((noreturn)) void run_dirty(uint32_t vcpu, volatile struct abi *abi,
 						volatile struct status *st)
 {
@@ -468,7 +676,14 @@ static __attribute__((noreturn)) void run_dirty(uint32_t vcpu, volatile struct a
 		b.empty_at = rdtsc() - b.cost; /* start with one batch of credit */
 	}
 
+	/* vCPU 0 also serves the devices, between batches. */
+	struct services svc = { 0 };
+	if (vcpu == 0)
+		services_init(&svc, abi);
+
 	for (;;) {
+		if (vcpu == 0)
+			services_run(&svc);
 		if (rate) {
 			uint64_t wait = bucket_take(&b, rdtsc());
 			if (wait) {
@@ -482,6 +697,29 @@ static __attribute__((noreturn)) void run_dirty(uint32_t vcpu, volatile struct a
 			write_one_page(&d);
 		st->progress = d.written;
 		verify_pages(&d, VERIFY_PER_WRITE * batch);
+	}
+}
+
+
+/* ---------------------------------------------------------------------------------------- */
+/* echo                                                                                     */
+
+#define ECHO_IDLE_SLEEP_US 500u
+
+static __attribute__((noreturn)) void run_echo(uint32_t vcpu, volatile struct abi *abi,
+					       volatile struct status *st)
+{
+	struct services s = { 0 };
+
+	if (abi->tsc_hz < 1000000)
+		panic(PANIC_BAD_TSC_HZ);
+	if (vcpu != 0)
+		idle_forever();
+	services_init(&s, abi);
+	for (;;) {
+		if (!services_run(&s))
+			sleep_us(ECHO_IDLE_SLEEP_US);
+		st->progress = s.ds->echo_lines;
 	}
 }
 
@@ -620,6 +858,8 @@ void guest_main(uint32_t vcpu, volatile struct abi *abi)
 		run_spin(abi, st);
 	case KIND_TICKER:
 		run_ticker(vcpu, abi, st);
+	case KIND_ECHO:
+		run_echo(vcpu, abi, st);
 	default:
 		panic(PANIC_UNKNOWN_KIND);
 	}

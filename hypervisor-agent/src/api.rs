@@ -37,6 +37,7 @@ pub fn router(manager: Shared) -> Router {
         .route("/v1/migrations/incoming", post(incoming_migration))
         .route("/v1/migrations/{id}", get(get_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/devices/entropy", get(read_entropy))
         .fallback(|| async {
             AgentError::NotFound("No such API endpoint; see docs/agent-api.md".into())
         })
@@ -144,6 +145,25 @@ async fn cancel_migration(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
     Ok(Json(blocking(&m, move |m| m.cancel_migration(&id)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct EntropyQuery {
+    bytes: Option<usize>,
+}
+
+/// Bytes from this host's entropy device, for a VM on another host that reaches it by a
+/// global reference (GR).
+async fn read_entropy(
+    State(m): State<Shared>,
+    Query(q): Query<EntropyQuery>,
+) -> Result<impl IntoResponse, AgentError> {
+    let n = q.bytes.unwrap_or(4096);
+    if !(4..=65536).contains(&n) {
+        return Err(AgentError::BadRequest(format!("bytes must be 4-65536, not {n}")));
+    }
+    let data = blocking(&m, move |m| m.read_entropy(n)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data))
 }
 
 async fn metrics(State(m): State<Shared>) -> impl IntoResponse {

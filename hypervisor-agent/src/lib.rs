@@ -9,6 +9,7 @@ pub mod manager;
 pub mod metrics;
 pub mod microvm;
 pub mod migration;
+pub mod resources;
 pub mod sealed;
 pub mod snapshot;
 

@@ -56,6 +56,15 @@ struct Args {
     /// URL the orchestrator reaches this agent at. Default: http://<the address it listens on>.
     #[arg(long)]
     advertise_url: Option<String>,
+    /// A device class this host offers VMs (repeatable). `entropy` is served from
+    /// /dev/urandom to guests through a port; other classes (`gpu`) are advertised for
+    /// placement only.
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Space offered to VM resource data (disks and scratch directories) in the data
+    /// directory, MiB.
+    #[arg(long, default_value_t = 4096)]
+    resource_capacity_mib: u64,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
@@ -104,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
         kvm_device: args.kvm_device,
         huge_pages: !args.no_huge_pages,
         reserved_memory_bytes: args.reserved_memory_mib.saturating_mul(1 << 20),
+        resource_capacity_bytes: args.resource_capacity_mib.saturating_mul(1 << 20),
+        device_classes: args.devices.into_iter().collect(),
     };
     let manager = Arc::new(
         tokio::task::spawn_blocking(move || Manager::new(config))
@@ -120,6 +131,11 @@ async fn main() -> anyhow::Result<()> {
         manager.config().name
     );
     tracing::info!(%addr, name = %manager.config().name, "agent started");
+    manager.set_api_url(
+        args.advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+    );
     let report = args
         .orchestrator
         .map(|orchestrator| hypervisor_agent::Report {

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::microvm::layout::MIB;
 use crate::microvm::state::VmState;
 use crate::microvm::{memory, KvmHost, MicroVm, VmError, VmPlacement};
+use crate::resources::{HostResources, VmResources};
 use crate::snapshot::{self, SnapshotLimits, SnapshotReader};
 
 /// Agent settings that the manager needs.
@@ -42,6 +43,10 @@ pub struct ManagerConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// How often each VM's dirty rate is probed (one second of KVM dirty logging); None = never.
     pub dirty_probe_interval: Option<std::time::Duration>,
+    /// Space this host offers VM resource data (disks, scratch), bytes.
+    pub resource_capacity_bytes: u64,
+    /// Device classes this host offers VMs (`entropy` is a real device here).
+    pub device_classes: std::collections::BTreeSet<String>,
 }
 
 /// One VM and what the agent tracks about it.
@@ -59,6 +64,8 @@ pub(crate) struct VmEntry {
     probe: Mutex<DirtyProbe>,
     /// Why this VM can never run again here (a post-copy that broke with pages missing).
     broken: Mutex<Option<String>>,
+    /// Its resources as bound on this host.
+    pub(crate) resources: Mutex<VmResources>,
 }
 
 /// The periodic dirty-rate measurement of one VM: dirty logging on for about a second, then
@@ -71,7 +78,12 @@ struct DirtyProbe {
 }
 
 impl VmEntry {
-    pub(crate) fn new(vm: MicroVm, memory_bytes: u64, restored_from: Option<String>) -> Self {
+    pub(crate) fn new(
+        vm: MicroVm,
+        memory_bytes: u64,
+        restored_from: Option<String>,
+        resources: VmResources,
+    ) -> Self {
         VmEntry {
             vm: Mutex::new(vm),
             memory_bytes,
@@ -81,6 +93,7 @@ impl VmEntry {
             migrating: std::sync::atomic::AtomicBool::new(false),
             probe: Mutex::new(DirtyProbe::default()),
             broken: Mutex::new(None),
+            resources: Mutex::new(resources),
         }
     }
 
@@ -173,6 +186,7 @@ pub struct Manager {
     cores: u32,
     host_load: Mutex<HostLoad>,
     pub metrics: Metrics,
+    pub(crate) resources: Arc<HostResources>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -217,7 +231,15 @@ impl Manager {
                 config.data_dir.display()
             ))
         })?;
+        let resources = HostResources::start(
+            &config.name,
+            &config.data_dir,
+            config.resource_capacity_bytes,
+            config.device_classes.clone(),
+            config.migration_ip,
+        )?;
         let manager = Manager {
+            resources,
             migrations: crate::migration::Migrations::default(),
             kvm: Mutex::new(None),
             registry: Mutex::new(Registry::default()),
@@ -237,6 +259,22 @@ impl Manager {
             .host_memory_bytes
             .set(manager.memory_total as f64);
         Ok(manager)
+    }
+
+    /// `n` bytes from this host's entropy device.
+    pub fn read_entropy(&self, n: usize) -> Result<Vec<u8>, AgentError> {
+        let e = self.resources.local_entropy().ok_or_else(|| {
+            AgentError::NotFound("This host offers no entropy device".into())
+        })?;
+        let mut buf = vec![0u8; n];
+        e.fill(&mut buf)
+            .map_err(|err| AgentError::Internal(format!("Cannot read the entropy device: {err}")))?;
+        Ok(buf)
+    }
+
+    /// The URL peers reach this agent's API at (for devices other hosts' VMs use).
+    pub fn set_api_url(&self, url: String) {
+        *lock(&self.resources.api_url) = Some(url);
     }
 
     pub fn config(&self) -> &ManagerConfig {
@@ -279,6 +317,7 @@ impl Manager {
         Ok(VmPlacement {
             name: name.to_owned(),
             console_path,
+            attachments: Default::default(),
         })
     }
 
@@ -354,10 +393,13 @@ impl Manager {
         validate_name(&req.name)?;
         MicroVm::validate(req.vcpus, memory_bytes, &req.guest)
             .map_err(|e| vm_error(&req.name, "create", e))?;
+        self.resources.validate(&req.resources)?;
         let _reservation = self.reserve(&req.name, memory_bytes)?;
         let kvm = self.kvm()?;
-        let placement = self.placement(&req.name)?;
+        let mut placement = self.placement(&req.name)?;
         let started = Instant::now();
+        let resources = self.resources.create(&req.name, &req.resources)?;
+        placement.attachments = resources.attachments();
         let vm = MicroVm::create(
             &kvm,
             &placement,
@@ -366,7 +408,10 @@ impl Manager {
             &req.guest,
             req.paused,
         )
-        .map_err(|e| vm_error(&req.name, "create", e))?;
+        .map_err(|e| {
+            self.resources.delete_vm(&req.name, &resources);
+            vm_error(&req.name, "create", e)
+        })?;
         tracing::info!(
             vm = %req.name,
             vcpus = req.vcpus,
@@ -375,7 +420,7 @@ impl Manager {
             ms = ms_since(started),
             "VM created"
         );
-        self.insert(&req.name, VmEntry::new(vm, memory_bytes, None));
+        self.insert(&req.name, VmEntry::new(vm, memory_bytes, None, resources));
         self.info(&req.name)
     }
 
@@ -397,7 +442,10 @@ impl Manager {
                 "VM {name:?} is being migrated; cancel the migration first"
             )));
         }
-        self.remove(name)
+        let resources = lock(&self.entry(name)?.resources).clone();
+        self.remove(name)?;
+        self.resources.delete_vm(name, &resources);
+        Ok(())
     }
 
     /// Removes a VM whatever it is doing (a migration that completed removes its source).
@@ -604,7 +652,12 @@ impl Manager {
         let restore_state_ms = ms_since(t);
         self.insert(
             &req.name,
-            VmEntry::new(vm, memory_bytes, Some(path.display().to_string())),
+            VmEntry::new(
+                vm,
+                memory_bytes,
+                Some(path.display().to_string()),
+                VmResources::default(),
+            ),
         );
         self.metrics
             .snapshots
@@ -707,6 +760,8 @@ impl Manager {
             kvm_error,
             labels: self.config.labels.clone(),
             migrations_in_flight: self.migrations.running(),
+            disk_free_bytes: self.resources.disk_free_bytes(),
+            device_classes: self.resources.device_classes(),
         }
     }
 
@@ -715,6 +770,7 @@ impl Manager {
         let entries: Vec<Arc<VmEntry>> = lock(&self.registry).vms.drain().map(|(_, e)| e).collect();
         let n = entries.len();
         drop(entries);
+        self.resources.shutdown();
         tracing::info!(vms = n, "all VMs stopped");
     }
 }
@@ -730,6 +786,11 @@ fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
             .map_err(|e| vm_error(vm.name(), "inspect", e))?,
     };
     let state = vm_state(&vm, broken.is_some());
+    let devices = if broken.is_some() {
+        None
+    } else {
+        vm.guest_devices()
+    };
     let crash_reason = broken.or_else(|| vm.crash_reason());
     let vcpu_cpu_seconds = vm.vcpu_cpu_seconds();
     Ok(VmInfo {
@@ -737,7 +798,7 @@ fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
         state,
         vcpus: vm.config().vcpus,
         memory_mib: vm.config().memory_bytes / MIB,
-        guest: guest::summarize(vm.guest(), &status),
+        guest: guest::summarize(vm.guest(), &status, devices),
         cpu_seconds: vcpu_cpu_seconds.iter().sum(),
         vcpu_cpu_seconds,
         cpu_usage_cores: lock(&entry.usage).cores,
@@ -747,6 +808,7 @@ fn vm_info(entry: &VmEntry) -> Result<VmInfo, AgentError> {
         console_bytes: vm.devices().console_bytes(),
         crash_reason,
         restored_from: entry.restored_from.clone(),
+        resources: lock(&entry.resources).info(),
     })
 }
 

@@ -34,6 +34,8 @@ use crate::microvm::memory::{self, GuestMemory};
 use crate::microvm::postcopy::{self, PostcopyMemory};
 use crate::microvm::state::{VmConfig, VmState};
 use crate::microvm::{KvmHost, MicroVm, PreparedVm};
+use crate::resources::plan::{self as resource_plan, MigrationPlan};
+use crate::resources::transfer::{Incoming, SourceTransfer};
 
 /// How long the target waits for the source's channels after accepting.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -173,6 +175,8 @@ struct VmSource {
     entry: Arc<VmEntry>,
     memory: GuestMemory,
     blob: Vec<u8>,
+    /// The VM's resource data on its way to the target.
+    transfer: Arc<SourceTransfer>,
 }
 
 fn vm_err(what: &str, e: impl std::error::Error) -> VmAccessError {
@@ -226,6 +230,10 @@ impl SourceVm for VmSource {
     }
 
     fn pause(&self) -> Result<(), VmAccessError> {
+        // The disk copy's first full pass ends while the guest still runs.
+        self.transfer
+            .before_pause()
+            .map_err(|e| vm_err("Cannot copy the VM's resources", e))?;
         self.with_vm(|vm| vm.pause())
             .map_err(|e| vm_err("Cannot pause the VM", e))
     }
@@ -236,6 +244,11 @@ impl SourceVm for VmSource {
     }
 
     fn save_state(&self) -> Result<Vec<u8>, VmAccessError> {
+        // Resources first: the endpoint stream freezes (its unread bytes go into the state)
+        // and the target commits the VM's disk and scratch data before the switchover.
+        self.transfer
+            .at_pause()
+            .map_err(|e| vm_err("Cannot carry the VM's resources over", e))?;
         let state = self
             .with_vm(|vm| vm.save_state())
             .map_err(|e| vm_err("Cannot save the VM state", e))?;
@@ -262,6 +275,7 @@ struct IncomingVm {
     postcopy: OnceLock<PostcopyMemory>,
     started: AtomicBool,
     prefaulted: bool,
+    resources: Arc<Incoming>,
 }
 
 impl IncomingVm {
@@ -319,6 +333,12 @@ impl TargetVm for IncomingVm {
             .manager
             .placement(&self.name)
             .map_err(|e| VmAccessError::new(e.to_string()))?;
+        let mut placement = placement;
+        let resources = self
+            .resources
+            .bind(&self.manager.resources)
+            .map_err(|e| vm_err("Cannot bind the VM's resources here", e))?;
+        placement.attachments = resources.attachments();
         let prepared = self
             .prepared
             .lock()
@@ -329,7 +349,7 @@ impl TargetVm for IncomingVm {
             .map_err(|e| vm_err("Cannot start the migrated VM", e))?;
         let bytes = state.config.memory_bytes;
         self.manager
-            .insert(&self.name, VmEntry::new(vm, bytes, None));
+            .insert(&self.name, VmEntry::new(vm, bytes, None, resources));
         self.started.store(true, Ordering::Release);
         tracing::info!(vm = %self.name, "migrated VM running on this host");
         Ok(())
@@ -341,6 +361,7 @@ impl TargetVm for IncomingVm {
 
     fn abort(&self) {
         if !self.started.load(Ordering::Acquire) {
+            self.resources.discard();
             tracing::info!(vm = %self.name, "incoming migration aborted; memory released");
             return;
         }
@@ -367,6 +388,7 @@ struct Factory {
     name: String,
     memory_bytes: u64,
     vcpus: u32,
+    resources: Arc<Incoming>,
 }
 
 impl TargetFactory for Factory {
@@ -418,6 +440,7 @@ impl TargetFactory for Factory {
             postcopy: OnceLock::new(),
             started: AtomicBool::new(false),
             prefaulted: prefault,
+            resources: self.resources.clone(),
         }))
     }
 }
@@ -511,6 +534,24 @@ impl Manager {
         })
         .map_err(|e| AgentError::Internal(format!("Cannot describe the VM: {e}")))?;
         let (id, id_bytes) = new_id(name);
+        let vm_resources = entry
+            .resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let plan = if vm_resources.items.is_empty() {
+            MigrationPlan::default()
+        } else {
+            let info = resource_plan::target_info(&req.target)?;
+            resource_plan::plan(
+                &self.resources,
+                name,
+                &vm_resources,
+                &info,
+                &self.advertise_host(),
+                &self.api_url(),
+            )?
+        };
         let incoming = IncomingMigration {
             id: id.clone(),
             vm: name.to_owned(),
@@ -518,8 +559,15 @@ impl Manager {
             memory_mib: config.memory_bytes / MIB,
             mode: req.mode,
             source: self.config().name.clone(),
+            resources: plan.incoming.clone(),
         };
-        let accepted = ask_target(&req.target, &incoming)?;
+        let accepted = match ask_target(&req.target, &incoming) {
+            Ok(a) => a,
+            Err(e) => {
+                resource_plan::undo_exports(&self.resources, name, &plan.planned);
+                return Err(e);
+            }
+        };
         let progress = Arc::new(Progress::new(
             &id,
             name,
@@ -546,16 +594,71 @@ impl Manager {
             migration_id: id_bytes,
             connect_timeout: Duration::from_secs(10),
         };
+        let target_ip = accepted.host.as_deref().unwrap_or(host).to_owned();
+        let resource_addr: Option<std::net::SocketAddr> =
+            format!("{target_ip}:{}", accepted.resource_port)
+                .parse()
+                .ok()
+                .or_else(|| {
+                    std::net::ToSocketAddrs::to_socket_addrs(&(
+                        target_ip.as_str(),
+                        accepted.resource_port,
+                    ))
+                    .ok()
+                    .and_then(|mut a| a.next())
+                });
+        let transfer = match SourceTransfer::start(
+            resource_addr.filter(|_| accepted.resource_port != 0),
+            &id,
+            plan.planned.clone(),
+            plan.records.clone(),
+            progress.clone(),
+            vm_resources.stream(),
+        ) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                let text = format!("Cannot start copying the VM's resources: {e}");
+                resource_plan::undo_exports(&self.resources, name, &plan.planned);
+                progress.finish(MigrationStatus::Failed, Some(text.clone()));
+                self.metrics
+                    .migration_ended(&id, &progress.info(), Outcome::Failed("resources"));
+                return Err(AgentError::BadGateway(text));
+            }
+        };
         let source = VmSource {
             entry: entry.clone(),
             memory,
             blob,
+            transfer: transfer.clone(),
         };
-        let addr = format!(
-            "{}:{}",
-            accepted.host.as_deref().unwrap_or(host),
-            accepted.port
-        );
+        let addr = format!("{target_ip}:{}", accepted.port);
+        // The endpoint follows the VM as soon as the target runs it (post-copy keeps the
+        // migration going long after that).
+        if let Some(link) = resource_addr.filter(|_| {
+            plan.planned
+                .iter()
+                .any(|p| p.bound.spec.kind == godwit_api::ResourceKind::Endpoint)
+        }) {
+            let (progress, planned, transfer) =
+                (progress.clone(), plan.planned.clone(), transfer.clone());
+            let _ = std::thread::Builder::new()
+                .name(format!("handover-{name}"))
+                .spawn(move || loop {
+                    let info = progress.info();
+                    if info.downtime_ms.is_some() && progress.switched() {
+                        if let Some(detail) = resource_plan::hand_over_endpoint(&planned, link) {
+                            transfer.note_endpoint(&detail);
+                        }
+                        return;
+                    }
+                    if info.status != MigrationStatus::Running {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                });
+        }
+        let planned = plan.planned;
+        let target_name = accepted.agent.clone();
         let manager = self.clone();
         let vm_name = name.to_owned();
         let mode = req.mode;
@@ -577,6 +680,13 @@ impl Manager {
                             Outcome::Completed,
                         );
                         let _ = manager.remove(&vm_name);
+                        let details = resource_plan::finish_source(
+                            &manager.resources,
+                            &vm_name,
+                            &planned,
+                            &target_name,
+                        );
+                        source.transfer.complete(&details);
                         let info = progress.info();
                         tracing::info!(
                             vm = %vm_name,
@@ -600,6 +710,10 @@ impl Manager {
                             );
                         }
                         tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
+                        if !switched {
+                            source.transfer.abort(&text);
+                            resource_plan::undo_exports(&manager.resources, &vm_name, &planned);
+                        }
                         progress.finish(status, Some(text));
                         manager
                             .metrics
@@ -634,6 +748,7 @@ impl Manager {
             .filter(|&b| b > 0)
             .ok_or_else(|| AgentError::BadRequest("memory_mib is out of range".into()))?;
         let host = self.kvm()?;
+        self.check_incoming_resources(req)?;
         self.claim(&req.vm, memory_bytes)?;
         let listener = match TcpListener::bind((self.config().migration_ip, 0)) {
             Ok(l) => l,
@@ -656,12 +771,43 @@ impl Manager {
         self.migrations.add(&req.id, progress.clone(), true);
         self.metrics
             .migration_started(&req.id, &req.vm, Role::Target, req.mode);
+        let resources = Arc::new(Incoming::new(
+            &req.id,
+            &req.vm,
+            req.resources.clone(),
+            self.resources.vm_dir(&req.vm),
+        ));
+        self.resources
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(req.id.clone(), resources.clone());
+        progress.update(|i| {
+            i.resources = req
+                .resources
+                .iter()
+                .map(|r| godwit_api::ResourceMigration {
+                    name: r.spec.name.clone(),
+                    kind: r.spec.kind,
+                    action: r.action,
+                    first_choice: r.action,
+                    fallback: false,
+                    reason: "chosen by the source".into(),
+                    status: godwit_api::ResourceStatus::Pending,
+                    detail: String::new(),
+                    bytes: 0,
+                    duration_ms: 0.0,
+                    error: None,
+                })
+                .collect()
+        });
         let factory = Factory {
             manager: self.clone(),
             host,
             name: req.vm.clone(),
             memory_bytes,
             vcpus: req.vcpus,
+            resources: resources.clone(),
         };
         let manager = self.clone();
         let name = req.vm.clone();
@@ -678,6 +824,35 @@ impl Manager {
                     ACCEPT_TIMEOUT,
                 );
                 manager.release(&name);
+                manager
+                    .resources
+                    .incoming
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&migration_id);
+                let ok = result.is_ok();
+                let bound = manager
+                    .entry(&name)
+                    .ok()
+                    .map(|e| e.resources.lock().unwrap_or_else(|p| p.into_inner()).info());
+                let received = resources.bytes();
+                progress.update(|i| {
+                    for r in &mut i.resources {
+                        r.status = if ok {
+                            godwit_api::ResourceStatus::Done
+                        } else {
+                            godwit_api::ResourceStatus::Failed
+                        };
+                        if let Some(b) = bound.iter().flatten().find(|b| b.spec.name == r.name) {
+                            r.detail = format!("bound here as {} (on {})", b.location, b.host);
+                        }
+                    }
+                    if let Some(r) = i.resources.iter_mut().find(|r| {
+                        crate::resources::transfer::carries_data(r.kind, r.action)
+                    }) {
+                        r.bytes = received;
+                    }
+                });
                 let outcome = match result {
                     Ok(_) => {
                         progress.finish(MigrationStatus::Completed, None);
@@ -710,12 +885,78 @@ impl Manager {
         }
         let ip = self.config().migration_ip;
         Ok(IncomingAccepted {
+            resource_port: self.resources.listener_port(),
             port,
             agent: self.config().name.clone(),
             // A specific migration address is where the source must connect; a wildcard means
             // "the address you reached my API at".
             host: (!ip.is_unspecified()).then(|| ip.to_string()),
         })
+    }
+
+    /// Refuses an incoming VM whose resources cannot be bound here as the source planned.
+    fn check_incoming_resources(&self, req: &IncomingMigration) -> Result<(), AgentError> {
+        use godwit_api::{ResourceAction, ResourceKind};
+        let specs: Vec<_> = req.resources.iter().map(|r| r.spec.clone()).collect();
+        self.resources.validate(&specs)?;
+        let mut needed = 0u64;
+        for r in &req.resources {
+            match (r.spec.kind, r.action) {
+                (ResourceKind::Device, ResourceAction::Rebind) => {
+                    let class = r.spec.class.as_deref().unwrap_or_default();
+                    if !self.resources.device_classes().iter().any(|c| c == class) {
+                        return Err(AgentError::Conflict(format!(
+                            "This host has no {class:?} device to rebind {} to",
+                            r.spec.name
+                        )));
+                    }
+                }
+                (kind, ResourceAction::Move | ResourceAction::Copy)
+                    if crate::resources::transfer::carries_data(kind, r.action) =>
+                {
+                    needed += r.spec.size_bytes();
+                }
+                (ResourceKind::Disk | ResourceKind::Device, ResourceAction::GlobalRef)
+                    if r.remote.is_none() =>
+                {
+                    return Err(AgentError::BadRequest(format!(
+                        "resource {} is kept on the source but no address to reach it was sent",
+                        r.spec.name
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let free = self.resources.disk_free_bytes();
+        if needed > free {
+            return Err(AgentError::InsufficientMemory(format!(
+                "The VM's moved and copied resources need {} MiB, this host has {} MiB free",
+                needed / MIB,
+                free / MIB
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host name or IP peers reach this host's exports at.
+    fn advertise_host(&self) -> String {
+        let ip = self.config().migration_ip;
+        if !ip.is_unspecified() {
+            return ip.to_string();
+        }
+        let url = self.api_url();
+        url.trim_start_matches("http://")
+            .rsplit_once(':')
+            .map_or("127.0.0.1".to_owned(), |(h, _)| h.to_owned())
+    }
+
+    fn api_url(&self) -> String {
+        self.resources
+            .api_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into())
     }
 
     /// Meters running migrations for the 1 s sample: live byte counters and gauges, and the

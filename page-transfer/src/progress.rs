@@ -82,6 +82,7 @@ impl Progress {
                 faults: FaultStats::default(),
                 source_digest: None,
                 target_digest: None,
+                resources: Vec::new(),
             }),
         }
     }

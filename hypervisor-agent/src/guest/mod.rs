@@ -4,7 +4,7 @@
 
 mod image;
 
-use godwit_api::{DirtyPattern, GuestInfo, GuestSpec, PageContent};
+use godwit_api::{DirtyPattern, GuestDevices, GuestInfo, GuestSpec, PageContent};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::microvm::layout::{self, ABI_ADDR, GEN_TABLE_ADDR, IMAGE_ADDR, MIB, PAGE_SIZE};
@@ -16,6 +16,11 @@ pub const ABI_MAGIC: u32 = 0x5457_4447;
 pub const ABI_VERSION: u32 = 1;
 const STATUS_OFFSET: u64 = 0x100;
 const STATUS_SIZE: u64 = 64;
+
+/// Disk blocks written (and re-read) per second by a guest with a disk, unless the spec says.
+pub const DEFAULT_DISK_OPS_PER_S: u32 = 200;
+/// Where the guest keeps its device status, and its fields (docs/guest-abi.md, "Devices").
+const DEVSTATUS_OFFSET: u64 = 0xc00;
 
 /// Guest memory the built-in guests need besides a `dirty` working set: boot structures, stacks,
 /// the program and the first 2 MiB page of the generation table.
@@ -38,6 +43,7 @@ pub struct GuestParams {
     pub interval_ms: u32,
     pub seed: u64,
     pub content: u32,
+    pub disk_ops_per_s: u32,
 }
 
 /// A workload that cannot run in the requested VM; the message is for the API caller.
@@ -74,8 +80,16 @@ pub fn params(
             hot_mib,
             hot_percent,
             content,
+            disk_ops_s,
         } => {
             p.kind = 1;
+            p.disk_ops_per_s = disk_ops_s.unwrap_or(DEFAULT_DISK_OPS_PER_S);
+            if p.disk_ops_per_s > 100_000 {
+                return Err(InvalidGuest(format!(
+                    "disk_ops_s must be 0-100000, not {}",
+                    p.disk_ops_per_s
+                )));
+            }
             p.content = match content {
                 PageContent::Counter => 0,
                 PageContent::Random => 1,
@@ -143,6 +157,10 @@ pub fn params(
             p.kind = 3;
             p.interval_ms = *interval_ms as u32;
         }
+        GuestSpec::Echo => {
+            p.kind = 4;
+            p.disk_ops_per_s = DEFAULT_DISK_OPS_PER_S;
+        }
     }
     Ok(p)
 }
@@ -167,6 +185,7 @@ pub fn load(memory: &GuestMemory, p: &GuestParams) -> Result<(), vm_memory::Gues
     memory.write_obj(p.interval_ms, a(0x4c))?;
     memory.write_obj(p.seed, a(0x50))?;
     memory.write_obj(p.content, a(0x58))?;
+    memory.write_obj(p.disk_ops_per_s, a(0x5c))?;
     Ok(())
 }
 
@@ -200,9 +219,34 @@ pub fn read_status(
         .collect()
 }
 
-/// Sums per-vCPU status into the API's view.
-pub fn summarize(spec: &GuestSpec, status: &[VcpuGuestStatus]) -> GuestInfo {
+/// Reads what the guest reports about its devices.
+pub fn read_devices(memory: &GuestMemory) -> Result<GuestDevices, vm_memory::GuestMemoryError> {
+    let field = |i: u64| memory.read_obj::<u64>(GuestAddress(ABI_ADDR + DEVSTATUS_OFFSET + 8 * i));
+    let first_error = field(4)?;
+    Ok(GuestDevices {
+        disk_blocks: field(0)?,
+        disk_writes: field(1)?,
+        disk_verified: field(2)?,
+        disk_errors: field(3)?,
+        disk_first_error: first_error.checked_sub(1),
+        disk_passes: field(5)?,
+        disk_io_errors: field(6)?,
+        entropy_reads: field(7)?,
+        entropy_device: field(8)?,
+        echo_lines: field(9)?,
+        echo_bytes: field(10)?,
+    })
+}
+
+/// Sums per-vCPU status into the API's view; `devices` is what the guest reports about its
+/// devices, for a VM that has any.
+pub fn summarize(
+    spec: &GuestSpec,
+    status: &[VcpuGuestStatus],
+    devices: Option<GuestDevices>,
+) -> GuestInfo {
     GuestInfo {
+        devices,
         spec: spec.clone(),
         progress: status.iter().map(|s| s.progress).sum(),
         verify_errors: status.iter().map(|s| s.verify_errors).sum(),
@@ -228,6 +272,7 @@ mod tests {
             hot_mib: None,
             hot_percent: None,
             content: PageContent::Counter,
+            disk_ops_s: None,
         }
     }
 
@@ -264,6 +309,7 @@ mod tests {
             hot_mib: None,
             hot_percent: None,
             content: PageContent::Random,
+            disk_ops_s: None,
         };
         assert!(params(&bad_rate, 1, 64 * MIB, 1, 0).is_err());
         assert!(params(&GuestSpec::Idle, 1, MIB, 1, 0).is_err());

@@ -40,6 +40,7 @@ fn info(vm: &str, mode: MigrationMode, phase: MigrationPhase) -> MigrationInfo {
         faults: FaultStats::default(),
         source_digest: None,
         target_digest: None,
+        resources: Vec::new(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The microVM's port I/O devices: COM1 (a 16550 UART from vm-superio whose output goes to the
-//! VM's console log) and the three guest/monitor ports of `docs/guest-abi.md`.
+//! VM's console log), the guest/monitor ports of `docs/guest-abi.md`, and the resource devices
+//! a VM may have: a paravirtual block device, an entropy device and the endpoint stream.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -9,15 +10,43 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::block::{BlockBackend, BLOCK_SIZE};
+use super::entropy::EntropySource;
+use super::memory::GuestMemory;
+use super::stream::Stream;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const PORT_SLEEP: u16 = 0x500;
 pub const PORT_VERIFY_ERROR: u16 = 0x504;
 pub const PORT_PANIC: u16 = 0x508;
+pub const PORT_BLOCK: u16 = 0x510;
+pub const PORT_BLOCK_BLOCKS: u16 = 0x514;
+pub const PORT_ENTROPY: u16 = 0x520;
+pub const PORT_ENTROPY_ID: u16 = 0x524;
+pub const PORT_STREAM: u16 = 0x530;
+pub const PORT_STREAM_PRESENT: u16 = 0x534;
+/// Most blocks one request may move.
+pub const MAX_REQUEST_BLOCKS: u32 = 64;
+
+/// Block request status codes (docs/guest-abi.md).
+const BLK_OK: u32 = 0;
+const BLK_IO_ERROR: u32 = 1;
+const BLK_BAD_REQUEST: u32 = 2;
+const BLK_NO_DISK: u32 = 3;
+
+/// The resource devices a VM is built with; the agent owns their backends.
+#[derive(Debug, Clone, Default)]
+pub struct Attachments {
+    pub disk: Option<Arc<dyn BlockBackend>>,
+    pub entropy: Option<Arc<dyn EntropySource>>,
+    pub stream: Option<Arc<Stream>>,
+}
 /// Sleep value meaning "until woken by a pause or stop".
 pub const SLEEP_FOREVER: u32 = u32::MAX;
 
@@ -64,6 +93,8 @@ impl Write for ConsoleLog {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DevicesState {
     pub serial: SerialRegisters,
+    /// Endpoint stream bytes the guest had not read when the state was saved.
+    pub stream_unread: Vec<u8>,
 }
 
 /// The 16550's registers and receive buffer (vm-superio's `SerialState`, made serializable).
@@ -134,6 +165,9 @@ pub struct Devices {
     console_bytes: Arc<AtomicU64>,
     verify_errors_reported: AtomicU64,
     name: String,
+    memory: GuestMemory,
+    attachments: Attachments,
+    io_errors_reported: AtomicU64,
 }
 
 impl Devices {
@@ -142,6 +176,8 @@ impl Devices {
         name: &str,
         console_path: &Path,
         irq: IrqLine,
+        memory: GuestMemory,
+        attachments: Attachments,
         state: Option<&DevicesState>,
     ) -> Result<Self, DeviceError> {
         let file = OpenOptions::new()
@@ -163,12 +199,18 @@ impl Devices {
             Some(state) => Serial::from_state(&(&state.serial).into(), irq, NoEvents, log)
                 .map_err(|_| DeviceError::SerialRestore)?,
         };
+        if let (Some(stream), Some(state)) = (&attachments.stream, state) {
+            stream.preload(&state.stream_unread);
+        }
         Ok(Devices {
             serial: Mutex::new(serial),
             console_path: console_path.to_owned(),
             console_bytes,
             verify_errors_reported: AtomicU64::new(0),
             name: name.to_owned(),
+            memory,
+            attachments,
+            io_errors_reported: AtomicU64::new(0),
         })
     }
 
@@ -200,7 +242,84 @@ impl Devices {
                 "the guest program panicked with code {:#x}",
                 read_u32(data)
             )),
+            PORT_BLOCK => {
+                self.block_request(u64::from(read_u32(data)));
+                PortAction::Continue
+            }
+            PORT_STREAM => {
+                if let (Some(stream), Some(&b)) = (&self.attachments.stream, data.first()) {
+                    stream.guest_write(b);
+                }
+                PortAction::Continue
+            }
             _ => PortAction::Continue,
+        }
+    }
+
+    /// Serves the block request whose descriptor is at `gpa` (docs/guest-abi.md): the vCPU
+    /// waits for it, which keeps the device simple and the guest's view consistent.
+    fn block_request(&self, gpa: u64) {
+        let status = match self.try_block_request(gpa) {
+            Ok(()) => BLK_OK,
+            Err((code, why)) => {
+                if self.io_errors_reported.fetch_add(1, Ordering::Relaxed) < 16 {
+                    tracing::warn!(vm = %self.name, error = %why, "block request failed");
+                }
+                code
+            }
+        };
+        // A descriptor we cannot write back is a guest bug; nothing more to tell it.
+        let _ = self.memory.write_obj(status, GuestAddress(gpa + 4));
+    }
+
+    fn try_block_request(&self, gpa: u64) -> Result<(), (u32, String)> {
+        let bad = |why: String| (BLK_BAD_REQUEST, why);
+        let field = |off: u64| self.memory.read_obj::<u64>(GuestAddress(gpa + off));
+        let op = self
+            .memory
+            .read_obj::<u32>(GuestAddress(gpa))
+            .map_err(|e| bad(format!("descriptor at {gpa:#x} is unreadable: {e}")))?;
+        let block = field(8).map_err(|e| bad(e.to_string()))?;
+        let buf = field(16).map_err(|e| bad(e.to_string()))?;
+        let count = self
+            .memory
+            .read_obj::<u32>(GuestAddress(gpa + 24))
+            .map_err(|e| bad(e.to_string()))?;
+        let Some(disk) = &self.attachments.disk else {
+            return Err((BLK_NO_DISK, "the VM has no disk".into()));
+        };
+        if op == 3 {
+            return disk
+                .flush()
+                .map_err(|e| (BLK_IO_ERROR, format!("flush: {e}")));
+        }
+        if !(1..=MAX_REQUEST_BLOCKS).contains(&count) {
+            return Err(bad(format!("count {count} is not 1-{MAX_REQUEST_BLOCKS}")));
+        }
+        let len = u64::from(count) * BLOCK_SIZE;
+        if block.checked_add(u64::from(count)).is_none_or(|e| e > disk.blocks()) {
+            return Err(bad(format!(
+                "blocks {block}+{count} are outside a disk of {}",
+                disk.blocks()
+            )));
+        }
+        let mut data = vec![0u8; len as usize];
+        match op {
+            1 => {
+                disk.read(block, &mut data)
+                    .map_err(|e| (BLK_IO_ERROR, format!("read of block {block}: {e}")))?;
+                self.memory
+                    .write_slice(&data, GuestAddress(buf))
+                    .map_err(|e| bad(format!("buffer at {buf:#x}: {e}")))
+            }
+            2 => {
+                self.memory
+                    .read_slice(&mut data, GuestAddress(buf))
+                    .map_err(|e| bad(format!("buffer at {buf:#x}: {e}")))?;
+                disk.write(block, &data)
+                    .map_err(|e| (BLK_IO_ERROR, format!("write of block {block}: {e}")))
+            }
+            _ => Err(bad(format!("unknown operation {op}"))),
         }
     }
 
@@ -210,15 +329,56 @@ impl Devices {
                 let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
                 serial.read((port - COM1_BASE) as u8)
             }
+            PORT_BLOCK_BLOCKS => {
+                let blocks = self.attachments.disk.as_ref().map_or(0, |d| d.blocks());
+                return write_u32(data, u32::try_from(blocks).unwrap_or(u32::MAX));
+            }
+            PORT_ENTROPY => {
+                let word = match &self.attachments.entropy {
+                    Some(e) => e.next_u32().unwrap_or_else(|err| {
+                        if self.io_errors_reported.fetch_add(1, Ordering::Relaxed) < 16 {
+                            tracing::warn!(vm = %self.name, error = %err, "entropy read failed");
+                        }
+                        0
+                    }),
+                    None => 0,
+                };
+                return write_u32(data, word);
+            }
+            PORT_ENTROPY_ID => {
+                let id = self.attachments.entropy.as_ref().map_or(0, |e| e.device_id());
+                return write_u32(data, id);
+            }
+            PORT_STREAM => {
+                let v = match self.attachments.stream.as_ref().and_then(|s| s.guest_read()) {
+                    Some(b) => 0x100 | u32::from(b),
+                    None => 0,
+                };
+                return write_u32(data, v);
+            }
+            PORT_STREAM_PRESENT => {
+                return write_u32(data, u32::from(self.attachments.stream.is_some()));
+            }
             _ => 0xff,
         };
         data.fill(value);
+    }
+
+    /// The resource devices this VM was built with.
+    pub fn attachments(&self) -> &Attachments {
+        &self.attachments
     }
 
     pub fn state(&self) -> DevicesState {
         let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         DevicesState {
             serial: serial.state().into(),
+            stream_unread: self
+                .attachments
+                .stream
+                .as_ref()
+                .map(|s| s.unread())
+                .unwrap_or_default(),
         }
     }
 
@@ -229,6 +389,12 @@ impl Devices {
     pub fn console_bytes(&self) -> u64 {
         self.console_bytes.load(Ordering::Relaxed)
     }
+}
+
+fn write_u32(data: &mut [u8], v: u32) {
+    let bytes = v.to_le_bytes();
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&bytes[..n]);
 }
 
 fn read_u32(data: &[u8]) -> u32 {
@@ -244,7 +410,9 @@ mod tests {
 
     fn devices(dir: &Path) -> Devices {
         let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        Devices::new("t", &dir.join("console.log"), irq, None).unwrap()
+        let memory = super::super::memory::allocate(1 << 20, false).unwrap();
+        Devices::new("t", &dir.join("console.log"), irq, memory, Attachments::default(), None)
+            .unwrap()
     }
 
     #[test]
@@ -291,7 +459,16 @@ mod tests {
         d.io_out(COM1_BASE + 7, &[0x5a]); // scratch register
         let state = d.state();
         let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let restored = Devices::new("t2", &dir.path().join("c2.log"), irq, Some(&state)).unwrap();
+        let memory = super::super::memory::allocate(1 << 20, false).unwrap();
+        let restored = Devices::new(
+            "t2",
+            &dir.path().join("c2.log"),
+            irq,
+            memory,
+            Attachments::default(),
+            Some(&state),
+        )
+        .unwrap();
         assert_eq!(restored.state(), state);
         assert_eq!(state.serial.scratch, 0x5a);
     }

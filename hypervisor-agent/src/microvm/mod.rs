@@ -4,13 +4,16 @@
 //!
 //! This module and its children own every KVM ioctl of the agent.
 
+pub mod block;
 pub mod cpu_time;
 pub mod devices;
+pub mod entropy;
 pub mod dirty_log;
 pub mod layout;
 pub mod memory;
 pub mod postcopy;
 pub mod state;
+pub mod stream;
 pub mod uffd;
 pub mod vcpu;
 
@@ -167,6 +170,8 @@ fn msr_round_trips(vcpu: &VcpuFd, index: u32) -> bool {
 pub struct VmPlacement {
     pub name: String,
     pub console_path: PathBuf,
+    /// The resource devices it is built with.
+    pub attachments: devices::Attachments,
 }
 
 /// A VM built ahead of its state: KVM VM with memory slots and vCPUs that have not run.
@@ -222,7 +227,7 @@ impl MicroVm {
         guest::load(&memory, &params).map_err(VmError::Load)?;
 
         let vm = create_kvm_vm(host, &memory)?;
-        let devices = Arc::new(create_devices(&vm, placement, None)?);
+        let devices = Arc::new(create_devices(&vm, placement, &memory, None)?);
         let config = VmConfig {
             vcpus,
             memory_bytes,
@@ -306,7 +311,12 @@ impl MicroVm {
         let guest: GuestSpec = serde_json::from_str(&state.config.guest_json)
             .map_err(|e| VmError::Invalid(format!("saved guest spec does not parse: {e}")))?;
         restore_kvm_vm_state(&vm, &state.vm)?;
-        let devices = Arc::new(create_devices(&vm, placement, Some(&state.devices))?);
+        let devices = Arc::new(create_devices(
+            &vm,
+            placement,
+            &memory,
+            Some(&state.devices),
+        )?);
         for (fd, saved) in fds.iter().zip(&state.vcpus) {
             vcpu::restore_vcpu(fd, saved)?;
         }
@@ -416,6 +426,15 @@ impl MicroVm {
         self.vcpus.iter().map(|v| v.cpu_seconds()).collect()
     }
 
+    /// What the guest reports about its devices, when it has any.
+    pub fn guest_devices(&self) -> Option<godwit_api::GuestDevices> {
+        let a = self.devices.attachments();
+        if a.disk.is_none() && a.entropy.is_none() && a.stream.is_none() {
+            return None;
+        }
+        guest::read_devices(&self.memory).ok()
+    }
+
     pub fn guest_status(&self) -> Result<Vec<guest::VcpuGuestStatus>, VmError> {
         guest::read_status(&self.memory, self.config.vcpus).map_err(VmError::Load)
     }
@@ -484,6 +503,7 @@ fn restore_kvm_vm_state(vm: &VmFd, state: &KvmVmState) -> Result<(), VmError> {
 fn create_devices(
     vm: &VmFd,
     placement: &VmPlacement,
+    memory: &GuestMemory,
     state: Option<&devices::DevicesState>,
 ) -> Result<Devices, VmError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
@@ -496,6 +516,8 @@ fn create_devices(
         &placement.name,
         &placement.console_path,
         IrqLine(irq),
+        memory.clone(),
+        placement.attachments.clone(),
         state,
     )?)
 }

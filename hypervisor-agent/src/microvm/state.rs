@@ -16,8 +16,10 @@ use crate::sealed::{self, SealedError};
 /// Envelope magic of a VM state blob.
 pub const STATE_MAGIC: [u8; 4] = *b"GVMS";
 /// Current encoding version; `ACCEPTED_VERSIONS` lists what this build can read.
-pub const STATE_VERSION: u16 = 1;
-pub const ACCEPTED_VERSIONS: &[u16] = &[1];
+/// Version 2 added the endpoint stream's unread bytes to the device state; version 1 blobs
+/// (snapshots of the first release) are refused with a clear error.
+pub const STATE_VERSION: u16 = 2;
+pub const ACCEPTED_VERSIONS: &[u16] = &[2];
 /// No honest state blob comes near this: 4 vCPUs of about 10 KiB each plus a few KiB of devices.
 pub const MAX_STATE_BYTES: usize = 4 << 20;
 
@@ -173,6 +175,7 @@ mod tests {
                     scratch: 0,
                     in_buffer: vec![],
                 },
+                stream_unread: vec![1, 2, 3],
             },
         }
     }

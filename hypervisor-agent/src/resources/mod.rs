@@ -1,0 +1,671 @@
+//! A VM's resources on this host (docs/resources.md): the disk, the published endpoint, scratch
+//! directories and devices it declares, bound to real things here, and what carries them
+//! across a migration (the rebinding table of DESIGN.md section 4, chosen by
+//! `policies::rebinding` and carried out by [`transfer`] and [`endpoint`]).
+//!
+//! Layout under the agent's data directory: `resources/<vm>/<resource>/disk.img` for a disk,
+//! `resources/<vm>/<resource>/` for a scratch directory's files.
+
+pub mod endpoint;
+pub mod plan;
+pub mod transfer;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+
+use godwit_api::{
+    Attachment, Binding, ResourceInfo, ResourceKind, ResourceSpec,
+};
+
+use crate::error::AgentError;
+use crate::microvm::block::{BlockBackend, FileDisk, NbdDisk};
+use crate::microvm::devices::Attachments;
+use crate::microvm::entropy::{EntropySource, LocalEntropy, RemoteEntropy};
+use crate::microvm::stream::Stream;
+use endpoint::Endpoint;
+
+const MIB: u64 = 1 << 20;
+/// Most resources one VM may declare.
+pub const MAX_RESOURCES: usize = 8;
+/// Largest disk or scratch directory, MiB.
+pub const MAX_SIZE_MIB: u64 = 1024;
+/// Scratch data is written in files of this size.
+const SCRATCH_FILE_BYTES: u64 = MIB;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One resource as bound on this host.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub spec: ResourceSpec,
+    /// The host holding its data or device.
+    pub host: String,
+    pub state: BoundState,
+}
+
+#[derive(Debug, Clone)]
+pub enum BoundState {
+    Disk {
+        /// The image file when the disk is on this host.
+        local: Option<Arc<FileDisk>>,
+        backend: Arc<dyn BlockBackend>,
+        /// `HOST:PORT/EXPORT` when it stayed on another host.
+        remote: Option<String>,
+    },
+    Endpoint {
+        endpoint: Arc<Endpoint>,
+        stream: Arc<Stream>,
+        /// The published address (on the VM's home host).
+        address: String,
+    },
+    Scratch {
+        /// The directory, when its data is on this host.
+        dir: Option<PathBuf>,
+        /// `HOST:PATH` when it stayed on another host.
+        remote: Option<String>,
+    },
+    Device {
+        entropy: Option<Arc<dyn EntropySource>>,
+        location: String,
+    },
+}
+
+/// All of one VM's resources here.
+#[derive(Debug, Clone, Default)]
+pub struct VmResources {
+    pub items: Vec<Bound>,
+}
+
+impl VmResources {
+    /// The devices the microVM is built with.
+    pub fn attachments(&self) -> Attachments {
+        let mut a = Attachments::default();
+        for b in &self.items {
+            match &b.state {
+                BoundState::Disk { backend, .. } => a.disk = Some(backend.clone()),
+                BoundState::Endpoint { stream, .. } => a.stream = Some(stream.clone()),
+                BoundState::Device {
+                    entropy: Some(e), ..
+                } => a.entropy = Some(e.clone()),
+                _ => {}
+            }
+        }
+        a
+    }
+
+    pub fn info(&self) -> Vec<ResourceInfo> {
+        self.items
+            .iter()
+            .map(|b| {
+                let p = b.spec.to_policy();
+                let (location, address, writes, connections) = match &b.state {
+                    BoundState::Disk { backend, .. } => {
+                        (backend.location(), None, backend.writes(), 0)
+                    }
+                    BoundState::Endpoint {
+                        endpoint, address, ..
+                    } => (
+                        endpoint.location(),
+                        Some(address.clone()),
+                        0,
+                        endpoint.connections(),
+                    ),
+                    BoundState::Scratch { dir, remote } => (
+                        match (dir, remote) {
+                            (Some(d), _) => format!("scratch {}", d.display()),
+                            (None, Some(r)) => format!("scratch {r}"),
+                            (None, None) => "scratch (none)".into(),
+                        },
+                        None,
+                        0,
+                        0,
+                    ),
+                    BoundState::Device { location, .. } => (location.clone(), None, 0, 0),
+                };
+                ResourceInfo {
+                    spec: b.spec.clone(),
+                    binding: p.binding,
+                    attachment: p.attachment,
+                    location,
+                    host: b.host.clone(),
+                    address,
+                    writes,
+                    connections,
+                }
+            })
+            .collect()
+    }
+
+    pub fn stream(&self) -> Option<Arc<Stream>> {
+        self.items.iter().find_map(|b| match &b.state {
+            BoundState::Endpoint { stream, .. } => Some(stream.clone()),
+            _ => None,
+        })
+    }
+}
+
+/// This host's side of every VM's resources: where they live, the devices it offers, the
+/// endpoints and exports it keeps (also for VMs that moved away), and the resource listener.
+#[derive(Debug)]
+pub struct HostResources {
+    host: String,
+    root: PathBuf,
+    capacity_bytes: u64,
+    device_classes: BTreeSet<String>,
+    entropy: Option<Arc<LocalEntropy>>,
+    endpoint_ip: IpAddr,
+    /// This agent's API URL as peers reach it (for remote devices).
+    pub(crate) api_url: Mutex<Option<String>>,
+    endpoints: Mutex<HashMap<(String, String), Arc<Endpoint>>>,
+    exports: Mutex<HashMap<(String, String), godwit_nbd::Export>>,
+    pub(crate) incoming: Mutex<HashMap<String, Arc<transfer::Incoming>>>,
+    /// Bytes of disk and scratch data on this host, by VM.
+    used: Mutex<HashMap<String, u64>>,
+    listener_addr: SocketAddr,
+}
+
+impl HostResources {
+    /// Creates `data_dir/resources` and starts the resource listener on `ip`.
+    pub fn start(
+        host: &str,
+        data_dir: &Path,
+        capacity_bytes: u64,
+        device_classes: BTreeSet<String>,
+        ip: IpAddr,
+    ) -> Result<Arc<Self>, AgentError> {
+        let root = data_dir.join("resources");
+        std::fs::create_dir_all(&root).map_err(|e| {
+            AgentError::Internal(format!("Cannot create {}: {e}", root.display()))
+        })?;
+        let entropy = if device_classes.contains("entropy") {
+            Some(Arc::new(LocalEntropy::open(host).map_err(|e| {
+                AgentError::Internal(format!("Cannot open the entropy device: {e}"))
+            })?))
+        } else {
+            None
+        };
+        let listener = TcpListener::bind((ip, 0)).map_err(|e| {
+            AgentError::Internal(format!("Cannot listen for resource links: {e}"))
+        })?;
+        let listener_addr = listener
+            .local_addr()
+            .map_err(|e| AgentError::Internal(format!("resource listener: {e}")))?;
+        let me = Arc::new(HostResources {
+            host: host.to_owned(),
+            root,
+            capacity_bytes,
+            device_classes,
+            entropy,
+            endpoint_ip: ip,
+            api_url: Mutex::new(None),
+            endpoints: Mutex::new(HashMap::new()),
+            exports: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            used: Mutex::new(HashMap::new()),
+            listener_addr,
+        });
+        let weak = Arc::downgrade(&me);
+        thread::Builder::new()
+            .name("resource-listener".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Some(me) = weak.upgrade() else { return };
+                    if let Ok(conn) = conn {
+                        let _ = thread::Builder::new()
+                            .name("resource-conn".into())
+                            .spawn(move || me.serve_conn(conn));
+                    }
+                }
+            })
+            .map_err(|e| AgentError::Internal(format!("resource listener thread: {e}")))?;
+        Ok(me)
+    }
+
+    pub fn listener_port(&self) -> u16 {
+        self.listener_addr.port()
+    }
+
+    pub fn device_classes(&self) -> Vec<String> {
+        self.device_classes.iter().cloned().collect()
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Space left for resource data here.
+    pub fn disk_free_bytes(&self) -> u64 {
+        let used: u64 = lock(&self.used).values().sum();
+        self.capacity_bytes.saturating_sub(used)
+    }
+
+    pub(crate) fn add_used(&self, vm: &str, bytes: u64) {
+        *lock(&self.used).entry(vm.to_owned()).or_default() += bytes;
+    }
+
+    pub(crate) fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.root.join(vm)
+    }
+
+    /// This host's entropy device, for a peer's remote device.
+    pub fn local_entropy(&self) -> Option<&Arc<LocalEntropy>> {
+        self.entropy.as_ref()
+    }
+
+    fn serve_conn(self: Arc<Self>, conn: TcpStream) {
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+        let header = match endpoint::read_header_line(&conn, 200) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "resource listener: bad header");
+                return;
+            }
+        };
+        let _ = conn.set_read_timeout(None);
+        let (kind, rest) = header.split_once(' ').unwrap_or((header.as_str(), ""));
+        match kind {
+            endpoint::LINK_PREFIX => {
+                let Some((vm, res)) = endpoint::read_link_header(rest) else {
+                    tracing::warn!(header, "resource listener: bad link header");
+                    return;
+                };
+                let ep = lock(&self.endpoints).get(&(vm.clone(), res.clone())).cloned();
+                match ep {
+                    Some(ep) => ep.serve(conn),
+                    None => tracing::warn!(%vm, %res, "link for an endpoint this host does not have"),
+                }
+            }
+            transfer::RESOURCES_PREFIX => {
+                let incoming = lock(&self.incoming).get(rest.trim()).cloned();
+                match incoming {
+                    Some(inc) => inc.receive(conn),
+                    None => {
+                        tracing::warn!(id = rest, "resource data for an unknown migration");
+                    }
+                }
+            }
+            _ => tracing::warn!(header, "resource listener: unknown header"),
+        }
+    }
+
+    /// Checks a VM's resource specs against this host.
+    pub fn validate(&self, specs: &[ResourceSpec]) -> Result<(), AgentError> {
+        let bad = |m: String| Err(AgentError::BadRequest(m));
+        if specs.len() > MAX_RESOURCES {
+            return bad(format!(
+                "a VM may declare at most {MAX_RESOURCES} resources, not {}",
+                specs.len()
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut count = HashMap::new();
+        for s in specs {
+            if s.name.is_empty()
+                || s.name.len() > 32
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return bad(format!(
+                    "resource name {:?} must be 1-32 characters of [A-Za-z0-9_-]",
+                    s.name
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return bad(format!("resource name {:?} is used twice", s.name));
+            }
+            let p = s.to_policy();
+            if let Some(mib) = s.size_mib {
+                if !(1..=MAX_SIZE_MIB).contains(&mib) {
+                    return bad(format!(
+                        "resource {}: size_mib must be 1-{MAX_SIZE_MIB}, not {mib}",
+                        s.name
+                    ));
+                }
+                if !matches!(s.kind, ResourceKind::Disk | ResourceKind::Scratch) {
+                    return bad(format!("resource {}: size_mib is for disks and scratch", s.name));
+                }
+            }
+            if s.port.is_some() && s.kind != ResourceKind::Endpoint {
+                return bad(format!("resource {}: port is for endpoints", s.name));
+            }
+            if s.class.is_some() != (s.kind == ResourceKind::Device) {
+                return bad(format!(
+                    "resource {}: a device needs a class, and only a device has one",
+                    s.name
+                ));
+            }
+            // Only combinations whose every action this agent can carry out.
+            match s.kind {
+                ResourceKind::Disk if p.binding == Binding::Type => {
+                    return bad(format!(
+                        "resource {}: a disk bound by type would be replaced by an empty one, \
+                         and the guest verifies what it wrote; bind it by identifier or value",
+                        s.name
+                    ));
+                }
+                ResourceKind::Endpoint
+                    if p.binding != Binding::Identifier || p.attachment == Attachment::Unattached =>
+                {
+                    return bad(format!(
+                        "resource {}: an endpoint keeps its published address, so it is bound \
+                         by identifier and fixed or fastened (GR); {} and {} are not supported",
+                        s.name, p.binding, p.attachment
+                    ));
+                }
+                ResourceKind::Device if p.binding != Binding::Type => {
+                    return bad(format!(
+                        "resource {}: a device is bound by type (any equivalent device will do)",
+                        s.name
+                    ));
+                }
+                _ => {}
+            }
+            let kind_key = match (s.kind, s.class.as_deref()) {
+                (ResourceKind::Device, Some("entropy")) => "entropy device",
+                (ResourceKind::Device, _) => "",
+                (ResourceKind::Disk, _) => "disk",
+                (ResourceKind::Endpoint, _) => "endpoint",
+                (ResourceKind::Scratch, _) => "",
+            };
+            if !kind_key.is_empty() {
+                let n = count.entry(kind_key).or_insert(0);
+                *n += 1;
+                if *n > 1 {
+                    return bad(format!("a VM may have at most one {kind_key}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds fresh resources for a VM created here.
+    pub fn create(&self, vm: &str, specs: &[ResourceSpec]) -> Result<VmResources, AgentError> {
+        self.validate(specs)?;
+        let needed: u64 = specs.iter().map(|s| s.size_bytes()).sum();
+        if needed > self.disk_free_bytes() {
+            return Err(AgentError::InsufficientMemory(format!(
+                "The VM's disks and scratch data need {} MiB, this host has {} MiB free for them",
+                needed / MIB,
+                self.disk_free_bytes() / MIB
+            )));
+        }
+        for s in specs {
+            if let Some(class) = &s.class {
+                if !self.device_classes.contains(class) {
+                    return Err(AgentError::Conflict(format!(
+                        "This host has no {class:?} device (it offers: {})",
+                        if self.device_classes.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            self.device_classes().join(", ")
+                        }
+                    )));
+                }
+            }
+        }
+        let dir = self.vm_dir(vm);
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let result = specs
+            .iter()
+            .map(|s| self.bind_new(vm, s))
+            .collect::<Result<Vec<_>, _>>();
+        match result {
+            Ok(items) => {
+                self.add_used(vm, needed);
+                Ok(VmResources { items })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn bind_new(&self, vm: &str, s: &ResourceSpec) -> Result<Bound, AgentError> {
+        let internal = |what: &str, e: std::io::Error| {
+            AgentError::Internal(format!("Cannot create {what} for resource {}: {e}", s.name))
+        };
+        let dir = self.vm_dir(vm).join(&s.name);
+        let state = match s.kind {
+            ResourceKind::Disk => {
+                std::fs::create_dir_all(&dir).map_err(|e| internal("its directory", e))?;
+                let disk = Arc::new(
+                    FileDisk::create(&dir.join("disk.img"), s.size_bytes())
+                        .map_err(|e| internal("the disk image", e))?,
+                );
+                BoundState::Disk {
+                    local: Some(disk.clone()),
+                    backend: disk,
+                    remote: None,
+                }
+            }
+            ResourceKind::Scratch => {
+                std::fs::create_dir_all(&dir).map_err(|e| internal("its directory", e))?;
+                fill_scratch(&dir, vm, &s.name, s.size_bytes())
+                    .map_err(|e| internal("its data", e))?;
+                BoundState::Scratch {
+                    dir: Some(dir),
+                    remote: None,
+                }
+            }
+            ResourceKind::Endpoint => {
+                let listener = TcpListener::bind((self.endpoint_ip, s.port.unwrap_or(0)))
+                    .map_err(|e| {
+                        AgentError::Conflict(format!(
+                            "Cannot publish endpoint {} on {}:{}: {e}",
+                            s.name,
+                            self.endpoint_ip,
+                            s.port.unwrap_or(0)
+                        ))
+                    })?;
+                let stream = Arc::new(Stream::new());
+                let endpoint = Endpoint::start(vm, &s.name, stream.clone(), Some(listener))
+                    .map_err(|e| internal("the endpoint", e))?;
+                let address = endpoint
+                    .published()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                lock(&self.endpoints).insert((vm.to_owned(), s.name.clone()), endpoint.clone());
+                BoundState::Endpoint {
+                    endpoint,
+                    stream,
+                    address,
+                }
+            }
+            ResourceKind::Device => self.bind_device(s.class.as_deref().unwrap_or_default()),
+        };
+        Ok(Bound {
+            spec: s.clone(),
+            host: self.host.clone(),
+            state,
+        })
+    }
+
+    /// This host's device of `class` (RB, or a new VM).
+    pub(crate) fn bind_device(&self, class: &str) -> BoundState {
+        match (class, &self.entropy) {
+            ("entropy", Some(e)) => BoundState::Device {
+                entropy: Some(e.clone() as Arc<dyn EntropySource>),
+                location: e.location(),
+            },
+            _ => BoundState::Device {
+                entropy: None,
+                location: format!(
+                    "{class} {}#{:08x}",
+                    self.host,
+                    crate::microvm::entropy::device_id(&self.host, class)
+                ),
+            },
+        }
+    }
+
+    /// A device on another host, reached through its agent (GR).
+    pub(crate) fn remote_device(class: &str, url: &str, host: &str) -> BoundState {
+        if class == "entropy" {
+            match RemoteEntropy::new(url, host) {
+                Ok(e) => {
+                    let location = e.location();
+                    return BoundState::Device {
+                        entropy: Some(Arc::new(e)),
+                        location,
+                    };
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot set up a remote entropy device"),
+            }
+        }
+        BoundState::Device {
+            entropy: None,
+            location: format!("{class} on {host} via {url}"),
+        }
+    }
+
+    /// A disk on another host, through its NBD export (GR).
+    pub(crate) fn remote_disk(remote: &str) -> Result<BoundState, std::io::Error> {
+        let disk = Arc::new(NbdDisk::connect(remote)?);
+        Ok(BoundState::Disk {
+            local: None,
+            backend: disk,
+            remote: Some(remote.to_owned()),
+        })
+    }
+
+    /// Exports a local disk for a VM moving away with its disk left here (GR); returns
+    /// `HOST:PORT/EXPORT`. An existing export of the same disk is reused.
+    pub(crate) fn export_disk(
+        &self,
+        vm: &str,
+        resource: &str,
+        path: &Path,
+        advertise: &str,
+    ) -> Result<String, AgentError> {
+        let key = (vm.to_owned(), resource.to_owned());
+        let mut exports = lock(&self.exports);
+        if let Some(x) = exports.get_mut(&key) {
+            if x.is_running() {
+                return Ok(format!("{advertise}:{}/{}", x.addr().port(), x.export_name()));
+            }
+        }
+        let name = format!("{vm}-{resource}");
+        let export = godwit_nbd::Export::start(path, self.endpoint_ip, &name).map_err(|e| {
+            AgentError::Internal(format!(
+                "Cannot export disk {resource} of {vm}: {}",
+                crate::error::chain(&e)
+            ))
+        })?;
+        let remote = format!("{advertise}:{}/{}", export.addr().port(), export.export_name());
+        exports.insert(key, export);
+        Ok(remote)
+    }
+
+    /// Stops the export of a VM's disk (a failed migration, or the VM came back).
+    pub(crate) fn unexport(&self, vm: &str, resource: &str) {
+        if let Some(x) = lock(&self.exports).remove(&(vm.to_owned(), resource.to_owned())) {
+            x.stop();
+        }
+    }
+
+    /// The endpoint of a VM arriving here: the one this host already has for it (it was
+    /// here before and forwards its published address) rebound to the VM's new stream, or a
+    /// fresh one reached only through links.
+    pub(crate) fn arriving_endpoint(
+        &self,
+        vm: &str,
+        resource: &str,
+        stream: Arc<Stream>,
+    ) -> std::io::Result<Arc<Endpoint>> {
+        let key = (vm.to_owned(), resource.to_owned());
+        let mut endpoints = lock(&self.endpoints);
+        if let Some(ep) = endpoints.get(&key) {
+            ep.rebind_local(stream);
+            return Ok(ep.clone());
+        }
+        let ep = Endpoint::start(vm, resource, stream, None)?;
+        endpoints.insert(key, ep.clone());
+        Ok(ep)
+    }
+
+    /// A VM is deleted here: its local data goes, endpoints that only serve it here stop.
+    /// Forwarders of VMs that moved away are kept: clients still use their addresses.
+    pub fn delete_vm(&self, vm: &str, res: &VmResources) {
+        for b in &res.items {
+            if let BoundState::Endpoint { endpoint, .. } = &b.state {
+                endpoint.stop();
+                lock(&self.endpoints).remove(&(vm.to_owned(), b.spec.name.clone()));
+            }
+        }
+        let dir = self.vm_dir(vm);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(%vm, error = %e, "cannot remove the VM's resource data");
+            }
+        }
+        lock(&self.used).remove(vm);
+    }
+
+    /// After a VM moved away: its data that moved is removed here (`dirs`), its endpoint
+    /// forwards, its GR'd resources stay.
+    pub(crate) fn moved_away(&self, vm: &str, removed: &[PathBuf], kept_bytes: u64) {
+        for d in removed {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                tracing::warn!(%vm, dir = %d.display(), error = %e, "cannot remove moved resource data");
+            }
+        }
+        let mut used = lock(&self.used);
+        if kept_bytes == 0 {
+            used.remove(vm);
+        } else {
+            used.insert(vm.to_owned(), kept_bytes);
+        }
+    }
+
+    pub fn shutdown(&self) {
+        for (_, ep) in lock(&self.endpoints).drain() {
+            ep.stop();
+        }
+        for (_, x) in lock(&self.exports).drain() {
+            x.stop();
+        }
+    }
+}
+
+/// Writes `bytes` of deterministic data into `dir` as 1 MiB files `data-NNN.bin`.
+fn fill_scratch(dir: &Path, vm: &str, name: &str, bytes: u64) -> std::io::Result<()> {
+    let mut xof = blake3::Hasher::new()
+        .update(format!("scratch\0{vm}\0{name}").as_bytes())
+        .finalize_xof();
+    let mut left = bytes;
+    let mut i = 0;
+    let mut buf = vec![0u8; SCRATCH_FILE_BYTES as usize];
+    while left > 0 {
+        let n = left.min(SCRATCH_FILE_BYTES) as usize;
+        std::io::Read::read_exact(&mut xof, &mut buf[..n])?;
+        let mut f = std::fs::File::create(dir.join(format!("data-{i:03}.bin")))?;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The files of a scratch directory, sorted (regular files only, no subdirectories).
+pub(crate) fn scratch_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            files.push(e.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
