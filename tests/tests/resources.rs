@@ -1,0 +1,330 @@
+//! VM resources across migrations, with real agents and real KVM guests: a VM with a disk, a
+//! published endpoint, scratch data and an entropy device migrates in every mode while its
+//! guest writes and verifies the disk and a client talks to its endpoint; fallbacks when the
+//! target lacks space or the device; refusals; a failed resource action.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use godwit_api::{
+    MigrationInfo, MigrationStatus, ResourceAction, ResourceKind, ResourceStatus, VmInfo, VmState,
+};
+use godwit_tests::{kvm_available, Agent};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn create(agent: &Agent, name: &str, resources: Value) -> VmInfo {
+    agent
+        .post(
+            "/v1/vms",
+            &json!({
+                "name": name, "vcpus": 2, "memory_mib": 128,
+                "guest": {"kind": "dirty", "working_set_mib": 16, "rate_mib_s": 8.0,
+                          "disk_ops_s": 300},
+                "resources": resources,
+            }),
+        )
+        .unwrap_or_else(|e| panic!("create {name}: {e:#}"))
+}
+
+fn migrate(src: &Agent, dst: &Agent, name: &str, mode: &str) -> MigrationInfo {
+    let id = src
+        .migrate(dst, name, json!({"mode": mode, "downtime_ms": 50}))
+        .unwrap_or_else(|e| panic!("migrate {name}: {e:#}"));
+    src.wait_migration(&id, WAIT).unwrap()
+}
+
+fn record<'a>(info: &'a MigrationInfo, name: &str) -> &'a godwit_api::ResourceMigration {
+    info.resources
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no record for {name}: {info:?}"))
+}
+
+/// blake3 of every file of a directory, by name.
+fn dir_digests(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let data = std::fs::read(e.path()).unwrap();
+        out.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            blake3::hash(&data).to_hex().to_string(),
+        );
+    }
+    out
+}
+
+/// The guest wrote and verified its disk after `since` and found nothing wrong.
+fn disk_verifies(agent: &Agent, name: &str, since: &VmInfo) -> VmInfo {
+    let before = since.guest.devices.clone().unwrap_or_default();
+    let vm = agent
+        .wait_vm(name, WAIT, "a full disk verification pass", |vm| {
+            vm.guest
+                .devices
+                .as_ref()
+                .is_some_and(|d| d.disk_passes >= before.disk_passes + 2)
+        })
+        .unwrap();
+    let d = vm.guest.devices.clone().unwrap();
+    assert_eq!(d.disk_errors, 0, "disk read back wrong: {d:?}");
+    assert_eq!(d.disk_io_errors, 0, "disk requests failed: {d:?}");
+    assert!(d.disk_writes > before.disk_writes, "{d:?}");
+    assert_eq!(vm.guest.verify_errors, 0);
+    vm
+}
+
+/// A client that sends numbered lines to an endpoint and checks every echo, in order.
+struct Client {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Client {
+    fn start(address: &str) -> Client {
+        let stream = TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+            let mut reader = BufReader::new(stream);
+            let mut n = 0u64;
+            while !s.load(Ordering::Acquire) {
+                // A few lines in flight at a time, to have bytes in every buffer at the pause.
+                for k in 0..3 {
+                    writeln!(writer, "line {} of the endpoint test", n + k)
+                        .map_err(|e| format!("send after {n} lines: {e}"))?;
+                }
+                for k in 0..3 {
+                    let mut line = String::new();
+                    reader
+                        .read_line(&mut line)
+                        .map_err(|e| format!("no echo after {n} lines: {e}"))?;
+                    let want = format!("line {} of the endpoint test\n", n + k);
+                    if line != want {
+                        return Err(format!("got {line:?}, expected {want:?}"));
+                    }
+                }
+                n += 3;
+                thread::sleep(Duration::from_millis(5));
+            }
+            Ok(n)
+        });
+        Client { stop, handle }
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.handle.join().unwrap().unwrap_or_else(|e| panic!("endpoint client: {e}"))
+    }
+}
+
+fn entropy_id(vm: &VmInfo) -> String {
+    let loc = &vm
+        .resources
+        .iter()
+        .find(|r| r.spec.kind == ResourceKind::Device)
+        .unwrap()
+        .location;
+    loc.split('#').nth(1).unwrap()[..8].to_owned()
+}
+
+#[test]
+fn all_resource_kinds_follow_the_vm_in_every_mode() {
+    if !kvm_available("all_resource_kinds_follow_the_vm_in_every_mode") {
+        return;
+    }
+    let a = Agent::start_with("res-a", &["--device", "entropy"]).unwrap();
+    let b = Agent::start_with("res-b", &["--device", "entropy"]).unwrap();
+    let name = "rvm";
+    let vm = create(
+        &a,
+        name,
+        json!([
+            {"name": "root", "kind": "disk", "size_mib": 8, "attachment": "unattached"},
+            {"name": "web", "kind": "endpoint"},
+            {"name": "cache", "kind": "scratch", "size_mib": 3},
+            {"name": "rng", "kind": "device", "class": "entropy"},
+        ]),
+    );
+    let address = vm
+        .resources
+        .iter()
+        .find_map(|r| r.address.clone())
+        .unwrap()
+        .replace("0.0.0.0", "127.0.0.1");
+    let scratch = dir_digests(&a.data_dir.path().join("resources").join(name).join("cache"));
+    assert_eq!(scratch.len(), 3);
+    let mut last = disk_verifies(&a, name, &vm);
+    let client = Client::start(&address);
+
+    let hops: [(&Agent, &Agent, &str); 4] = [
+        (&a, &b, "precopy"),
+        (&b, &a, "stop-and-copy"),
+        (&a, &b, "postcopy"),
+        (&b, &a, "auto"),
+    ];
+    for (src, dst, mode) in hops {
+        let echoed = last.guest.devices.clone().unwrap().echo_lines;
+        let info = migrate(src, dst, name, mode);
+        assert_eq!(info.status, MigrationStatus::Completed, "{mode}: {info:?}");
+        for r in &info.resources {
+            assert_eq!(r.status, ResourceStatus::Done, "{mode}: {r:?}");
+        }
+        let root = record(&info, "root");
+        assert_eq!(root.action, ResourceAction::Move, "{root:?}");
+        assert!(root.detail.contains("target digest matches"), "{root:?}");
+        assert!(root.bytes > 0);
+        let cache = record(&info, "cache");
+        assert_eq!(cache.action, ResourceAction::Copy, "{cache:?}");
+        assert_eq!(record(&info, "web").action, ResourceAction::GlobalRef);
+        assert_eq!(record(&info, "rng").action, ResourceAction::Rebind);
+        let (status, _) = src
+            .request(Method::GET, &format!("/v1/vms/{name}"), None)
+            .unwrap();
+        assert_eq!(status, 404, "{mode}: still on the source");
+        // The disk moved: gone from the source, on the target.
+        let src_disk = src.data_dir.path().join("resources").join(name).join("root");
+        assert!(!src_disk.exists(), "{mode}: source disk left behind");
+        let dst_dir = dst.data_dir.path().join("resources").join(name);
+        assert!(dst_dir.join("root/disk.img").exists());
+        assert_eq!(dir_digests(&dst_dir.join("cache")), scratch, "{mode}");
+        // The guest goes on verifying its disk there, reads the target's entropy device and
+        // keeps answering the client.
+        let on_dst = disk_verifies(dst, name, &last);
+        assert_eq!(on_dst.state, VmState::Running);
+        let dev = on_dst.guest.devices.clone().unwrap();
+        assert_eq!(format!("{:08x}", dev.entropy_device), entropy_id(&on_dst), "{mode}");
+        assert!(entropy_id(&on_dst) != entropy_id(&last) || src.name == dst.name);
+        assert!(dev.echo_lines > echoed, "{mode}: no echo on the target: {dev:?}");
+        let disk_info = on_dst
+            .resources
+            .iter()
+            .find(|r| r.spec.name == "root")
+            .unwrap();
+        assert_eq!(disk_info.host, dst.name);
+        last = on_dst;
+    }
+    let lines = client.finish();
+    assert!(lines > 30, "the client exchanged only {lines} lines");
+}
+
+#[test]
+fn targets_lacking_space_or_devices_fall_back_or_refuse() {
+    if !kvm_available("targets_lacking_space_or_devices_fall_back_or_refuse") {
+        return;
+    }
+    let a = Agent::start_with("fb-a", &["--device", "entropy"]).unwrap();
+    // No entropy device, and room for 4 MiB of resource data only.
+    let c = Agent::start_with("fb-c", &["--resource-capacity-mib", "4"]).unwrap();
+
+    // A device that must stay local: c is not eligible, nothing moves.
+    let strict = create(
+        &a,
+        "strict",
+        json!([{"name": "rng", "kind": "device", "class": "entropy", "allow_global_ref": false}]),
+    );
+    let (status, body) = a
+        .request(
+            Method::POST,
+            "/v1/vms/strict/migrate",
+            Some(&json!({"target": c.address()})),
+        )
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("no \"entropy\" device"),
+        "{body}"
+    );
+    let still = a.vm("strict").unwrap();
+    assert_eq!(still.state, VmState::Running);
+    assert_eq!(still.created_unix_ms, strict.created_unix_ms);
+
+    // A disk that would rather move, too big for c: it stays on a behind an NBD export; the
+    // entropy device is used remotely.
+    let vm = create(
+        &a,
+        "big",
+        json!([
+            {"name": "root", "kind": "disk", "size_mib": 8, "attachment": "unattached"},
+            {"name": "rng", "kind": "device", "class": "entropy"},
+        ]),
+    );
+    let before = disk_verifies(&a, "big", &vm);
+    let info = migrate(&a, &c, "big", "precopy");
+    assert_eq!(info.status, MigrationStatus::Completed, "{info:?}");
+    let root = record(&info, "root");
+    assert_eq!(root.action, ResourceAction::GlobalRef, "{root:?}");
+    assert!(root.fallback && root.first_choice == ResourceAction::Move, "{root:?}");
+    assert!(root.reason.contains("MV impossible"), "{root:?}");
+    let rng = record(&info, "rng");
+    assert_eq!(rng.action, ResourceAction::GlobalRef, "{rng:?}");
+    assert!(rng.reason.contains("no \"entropy\" device"), "{rng:?}");
+    // The disk is still a file on a, and the guest on c verifies through the export.
+    assert!(a
+        .data_dir
+        .path()
+        .join("resources/big/root/disk.img")
+        .exists());
+    let on_c = disk_verifies(&c, "big", &before);
+    let disk = on_c
+        .resources
+        .iter()
+        .find(|r| r.spec.name == "root")
+        .unwrap();
+    assert!(disk.location.starts_with("nbd "), "{disk:?}");
+    assert_eq!(disk.host, a.name);
+    let dev = on_c.guest.devices.clone().unwrap();
+    assert_eq!(format!("{:08x}", dev.entropy_device), entropy_id(&before));
+    assert!(dev.entropy_reads > before.guest.devices.clone().unwrap().entropy_reads);
+}
+
+#[test]
+fn a_failed_resource_action_leaves_the_vm_running_on_the_source() {
+    if !kvm_available("a_failed_resource_action_leaves_the_vm_running_on_the_source") {
+        return;
+    }
+    let a = Agent::start("fail-a").unwrap();
+    let b = Agent::start("fail-b").unwrap();
+    let vm = create(
+        &a,
+        "fragile",
+        json!([
+            {"name": "root", "kind": "disk", "size_mib": 4, "attachment": "unattached"},
+            {"name": "cache", "kind": "scratch", "size_mib": 2},
+            {"name": "web", "kind": "endpoint"},
+        ]),
+    );
+    let address = vm.resources.iter().find_map(|r| r.address.clone()).unwrap();
+    let client = Client::start(&address.replace("0.0.0.0", "127.0.0.1"));
+    // The scratch data vanishes behind the agent's back: copying it must fail.
+    std::fs::remove_dir_all(a.data_dir.path().join("resources/fragile/cache")).unwrap();
+    let t = Instant::now();
+    let info = migrate(&a, &b, "fragile", "precopy");
+    assert_eq!(info.status, MigrationStatus::Failed, "{info:?}");
+    let cache = record(&info, "cache");
+    assert_eq!(cache.status, ResourceStatus::Failed, "{cache:?}");
+    assert!(cache.error.is_some());
+    assert!(t.elapsed() < WAIT);
+    // Still here, still running, still verifying its disk and answering.
+    let here = disk_verifies(&a, "fragile", &a.vm("fragile").unwrap());
+    assert_eq!(here.state, VmState::Running);
+    assert!(!here.migrating);
+    let (status, _) = b
+        .request(Method::GET, "/v1/vms/fragile", None)
+        .unwrap();
+    assert_eq!(status, 404);
+    assert!(!b.data_dir.path().join("resources/fragile/root").exists());
+    assert!(client.finish() > 0);
+}
