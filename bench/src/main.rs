@@ -4,10 +4,12 @@
 //!
 //! `godwit-bench agent`: VM start, snapshot and restore times for small and large guests.
 //! `godwit-bench migration`: the page-transfer modes side by side on the same guests.
+//! `godwit-bench resources`: what moving a disk (MV) or leaving it behind (GR) costs.
 
 #![forbid(unsafe_code)]
 
 mod migration;
+mod resources;
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +47,22 @@ enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "idle,random,hotcold")]
         only: Vec<String>,
     },
+    /// What a VM's disk costs a migration: no disk, a disk left on the source (GR, NBD) and
+    /// a disk that moves (MV), interleaved on the same dirtying guests.
+    Resources {
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+        /// Disk size, MiB (the guest writes the first 112; the rest is filled with random data).
+        #[arg(long, default_value_t = 512)]
+        disk_mib: u64,
+        /// Interleaved repetitions (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Modes to compare (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "precopy,stop-and-copy,postcopy")]
+        modes: Vec<String>,
+    },
     /// VM start, snapshot and restore times.
     Agent {
         /// Guest sizes to measure, MiB.
@@ -74,6 +92,12 @@ fn main() {
             channels,
             only,
         } => migration::run(memory_mib, no_huge_pages, no_prefault, channels, &only),
+        Bench::Resources {
+            memory_mib,
+            disk_mib,
+            runs,
+            modes,
+        } => resources::run(memory_mib, disk_mib, runs, &modes),
     };
     if let Err(e) = result {
         eprintln!("godwit-bench: {e:#}");

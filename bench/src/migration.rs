@@ -45,17 +45,17 @@ fn loopback_throughput() -> Result<f64> {
     Ok(received.min(sent) as f64 / secs)
 }
 
-struct Pair {
-    a: AgentClient,
-    b: AgentClient,
+pub(crate) struct Pair {
+    pub(crate) a: AgentClient,
+    pub(crate) b: AgentClient,
     a_addr: String,
     b_addr: String,
     _agents: (LocalAgent, LocalAgent),
-    _dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Pair {
-    fn start(no_huge_pages: bool, no_prefault: bool) -> Result<Pair> {
+    pub(crate) fn start(no_huge_pages: bool, no_prefault: bool) -> Result<Pair> {
         let dir = tempfile::Builder::new()
             .prefix("godwit-bench-mig-")
             .tempdir()?;
@@ -84,12 +84,12 @@ impl Pair {
             a_addr: a.url.trim_start_matches("http://").to_owned(),
             b_addr: b.url.trim_start_matches("http://").to_owned(),
             _agents: (a, b),
-            _dir: dir,
+            dir,
         })
     }
 
     /// Where `name` runs now: (its agent, the other agent, the other's address).
-    fn locate(&self, name: &str) -> Result<(&AgentClient, &AgentClient, &str)> {
+    pub(crate) fn locate(&self, name: &str) -> Result<(&AgentClient, &AgentClient, &str)> {
         if self.a.vm(name).is_ok() {
             Ok((&self.a, &self.b, &self.b_addr))
         } else if self.b.vm(name).is_ok() {
@@ -99,7 +99,7 @@ impl Pair {
         }
     }
 
-    fn migrate(&self, name: &str, mut body: serde_json::Value) -> Result<MigrationInfo> {
+    pub(crate) fn migrate(&self, name: &str, mut body: serde_json::Value) -> Result<MigrationInfo> {
         let (src, _, target) = self.locate(name)?;
         body["target"] = json!(target);
         let id = src.migrate(name, &body)?;

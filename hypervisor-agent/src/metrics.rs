@@ -193,6 +193,9 @@ pub struct Metrics {
     postcopy_faults: IntCounterVec,
     postcopy_requests: IntCounterVec,
     fault_latency: FaultLatency,
+    resource_actions: IntCounterVec,
+    resource_bytes: IntCounterVec,
+    resource_duration: HistogramVec,
     meters: Mutex<HashMap<String, Meter>>,
 }
 
@@ -347,7 +350,7 @@ impl Metrics {
                 r,
                 "godwit_migration_failures_total",
                 "Failed migrations by mode, role and reason class (connect, channel, protocol, \
-                 vm, peer, not_converged, timeout, digest_mismatch, other).",
+                 vm, peer, not_converged, timeout, digest_mismatch, resources, other).",
                 &["mode", "role", "reason"],
             ),
             migrations_in_progress: int_gauge_vec(
@@ -442,6 +445,29 @@ impl Metrics {
                 &["mode"],
             ),
             fault_latency: register(r, FaultLatency::new()),
+            resource_actions: counter_vec(
+                r,
+                "godwit_migration_resource_actions_total",
+                "Resource actions of outgoing migrations, by resource kind (disk, endpoint, \
+                 scratch, device), action (move, copy, global_ref, rebind) and outcome (done, \
+                 failed).",
+                &["kind", "action", "outcome"],
+            ),
+            resource_bytes: counter_vec(
+                r,
+                "godwit_migration_resource_bytes_total",
+                "Resource data outgoing migrations sent (disk blocks, scratch files), by kind and \
+                 action, bytes.",
+                &["kind", "action"],
+            ),
+            resource_duration: histogram_vec(
+                r,
+                "godwit_migration_resource_action_duration_seconds",
+                "Time of completed resource actions of outgoing migrations, by kind and action, \
+                 seconds.",
+                &["kind", "action"],
+                &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0],
+            ),
             meters: Mutex::new(HashMap::new()),
             registry,
         };
@@ -575,6 +601,29 @@ impl Metrics {
 
     /// A migration ended: adds its last bytes, drops its live series and records its outcome,
     /// times and post-copy faults. A migration not metered (or already ended) is ignored.
+    /// Counts what an outgoing migration did with each resource, once its actions ended.
+    pub fn resource_actions(&self, resources: &[godwit_api::ResourceMigration]) {
+        for r in resources {
+            let (kind, action) = (r.kind.as_str(), r.action.as_str());
+            let outcome = match r.status {
+                godwit_api::ResourceStatus::Done => "done",
+                godwit_api::ResourceStatus::Failed => "failed",
+                _ => continue,
+            };
+            self.resource_actions
+                .with_label_values(&[kind, action, outcome])
+                .inc();
+            self.resource_bytes
+                .with_label_values(&[kind, action])
+                .inc_by(r.bytes);
+            if outcome == "done" {
+                self.resource_duration
+                    .with_label_values(&[kind, action])
+                    .observe(r.duration_ms / 1000.0);
+            }
+        }
+    }
+
     pub fn migration_ended(&self, id: &str, info: &MigrationInfo, outcome: Outcome) {
         let Some(mut meter) = lock(&self.meters).remove(id) else {
             return;

@@ -8,7 +8,7 @@
 //! the VM from the incoming state and registers it under the same name when it starts; the
 //! source removes its copy once the target confirms every page arrived.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -673,6 +673,9 @@ impl Manager {
                 let switched = progress.switched();
                 match result {
                     Ok(()) => {
+                        // Every resource action is over once the target confirmed: the
+                        // record says so before the migration reads completed.
+                        source.transfer.complete(&BTreeMap::new());
                         progress.finish(MigrationStatus::Completed, None);
                         manager.metrics.migration_ended(
                             &migration_id,
@@ -687,6 +690,7 @@ impl Manager {
                             &target_name,
                         );
                         source.transfer.complete(&details);
+                        manager.metrics.resource_actions(&source.transfer.records());
                         let info = progress.info();
                         tracing::info!(
                             vm = %vm_name,
@@ -714,6 +718,7 @@ impl Manager {
                             source.transfer.abort(&text);
                             resource_plan::undo_exports(&manager.resources, &vm_name, &planned);
                         }
+                        manager.metrics.resource_actions(&source.transfer.records());
                         progress.finish(status, Some(text));
                         manager
                             .metrics

@@ -103,6 +103,7 @@ async fn create_vm(
             "memory_mib must be at least 4".into(),
         ));
     }
+    check_resource_names(&spec)?;
     if s.vm_record(&spec.name).is_ok() {
         return Err(OrchError::Conflict(format!(
             "A VM named {:?} already exists in the cluster",
@@ -140,6 +141,7 @@ async fn create_vm(
         memory_mib: spec.memory_mib,
         guest: spec.guest.clone(),
         paused: false,
+        resources: spec.resources.clone(),
     };
     driver::create_on(&s, &agent.url, &req).await?;
     let record = VmRecord {
@@ -172,6 +174,27 @@ async fn create_vm(
     ))
 }
 
+/// Resource names must be there and unique: placement and the migration records refer to
+/// resources by name. The agent checks the rest of each spec.
+fn check_resource_names(spec: &ClusterCreateVm) -> Result<(), OrchError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &spec.resources {
+        if r.name.is_empty() {
+            return Err(OrchError::BadRequest(format!(
+                "VM {:?} declares a resource of kind {} without a name",
+                spec.name, r.kind
+            )));
+        }
+        if !seen.insert(r.name.as_str()) {
+            return Err(OrchError::BadRequest(format!(
+                "VM {:?} declares two resources named {:?}",
+                spec.name, r.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 async fn delete_vm(
     AxState(s): AxState<Shared>,
     Path(name): Path<String>,
@@ -202,6 +225,7 @@ async fn migrate_vm(
 ) -> Result<(StatusCode, Json<godwit_api::ClusterMigration>), OrchError> {
     let req: ClusterMigrate = parse(&body)?;
     let record = s.vm_record(&name)?;
+    balancer::check_target(&s, &record, &req.to)?;
     let (mode, reason) = match req.mode {
         Some(m) => (m, "requested by the operator".to_owned()),
         None => balancer::choose_mode(&s, &record, &req.to)?,

@@ -1,6 +1,7 @@
 //! The orchestrator's side of the policies: builds the cluster snapshot the `policies` crate
-//! decides on from what agents reported, places new VMs, chooses migration modes, and runs
-//! the balancing loop (off, recommend: record the plan only, automatic: also migrate).
+//! decides on from what agents reported, places new VMs, chooses migration modes, checks that
+//! a manual migration's target can bind the VM's resources, and runs the balancing loop (off,
+//! recommend: record the plan only, automatic: also migrate).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Instant;
 use godwit_api::{
     BalancerMode, ClusterCreateVm, Decision, MigrationMode, MigrationTrigger, PlanView, VmState,
 };
-use policies::{ClusterView, Host, LoadSample, MigrationPolicy, Vm};
+use policies::{rebinding, ClusterView, Host, LoadSample, MigrationPolicy, Vm};
 
 use crate::driver;
 use crate::error::OrchError;
@@ -28,9 +29,20 @@ pub fn to_api_mode(mode: policies::Mode) -> MigrationMode {
     }
 }
 
+/// The resources of a VM spec as the policies see them.
+fn resources(spec: &ClusterCreateVm) -> Vec<rebinding::Resource> {
+    spec.resources.iter().map(|r| r.to_policy()).collect()
+}
+
+/// Disk a VM's resources take where it is created: its disks and scratch data.
+fn resource_data_bytes(spec: &ClusterCreateVm) -> u64 {
+    spec.resources.iter().map(|r| r.size_bytes()).sum()
+}
+
 /// The snapshot the policies decide on. Down hosts are included (marked down) so policies can
 /// say why they are not used; VMs are those agents report running, with their records'
-/// policies and move history.
+/// policies, resources and move history. A host's free disk and device classes are what its
+/// agent reports, less the resource data of VMs placed there that it does not report yet.
 pub fn view(state: &State) -> Result<ClusterView, OrchError> {
     let records = state.vm_records();
     let running = state.running_migrations();
@@ -58,6 +70,7 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
             .unwrap_or(&[]);
         let used = agent.host.memory_vms_mib * MIB
             + waiting.iter().map(|r| r.spec.memory_mib * MIB).sum::<u64>();
+        let disk_pending: u64 = waiting.iter().map(|r| resource_data_bytes(&r.spec)).sum();
         let in_flight = running
             .iter()
             .filter(|m| m.from == agent.name || m.to == agent.name)
@@ -79,6 +92,8 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
             bandwidth_to: BTreeMap::new(),
             default_bandwidth_bytes_per_s: None,
             migrations_in_flight: in_flight,
+            disk_free_bytes: agent.host.disk_free_bytes.saturating_sub(disk_pending),
+            device_classes: agent.host.device_classes.iter().cloned().collect(),
         });
         for info in &agent.vms {
             if info.migrating || info.state != VmState::Running {
@@ -112,6 +127,7 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
                 vm.affinity_group = r.spec.affinity_group.clone();
                 vm.anti_affinity_group = r.spec.anti_affinity_group.clone();
                 vm.required_labels = r.spec.require_labels.clone();
+                vm.resources = resources(&r.spec);
             }
             // A VM in flight is not a candidate for another move.
             if running.iter().any(|m| m.vm == info.name) {
@@ -131,6 +147,7 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
             vm.policy.migratable = false;
             vm.anti_affinity_group = r.spec.anti_affinity_group.clone();
             vm.affinity_group = r.spec.affinity_group.clone();
+            vm.resources = resources(&r.spec);
             vms.push(vm);
         }
     }
@@ -145,7 +162,9 @@ fn expected_cpu(spec: &ClusterCreateVm) -> f64 {
     match &spec.guest {
         godwit_api::GuestSpec::Spin { duty_percent } => vcpus * f64::from(*duty_percent) / 100.0,
         godwit_api::GuestSpec::Dirty { .. } => vcpus * 0.2,
-        godwit_api::GuestSpec::Idle | godwit_api::GuestSpec::Ticker { .. } => 0.01,
+        godwit_api::GuestSpec::Idle
+        | godwit_api::GuestSpec::Ticker { .. }
+        | godwit_api::GuestSpec::Echo => 0.01,
     }
 }
 
@@ -160,6 +179,7 @@ pub fn place(state: &State, spec: &ClusterCreateVm) -> Result<(String, String), 
         affinity_group: spec.affinity_group.clone(),
         anti_affinity_group: spec.anti_affinity_group.clone(),
         required_labels: spec.require_labels.clone(),
+        resources: resources(spec),
     };
     match policies::place(&view, &req, &state.config.policy) {
         Ok(p) => Ok((p.host, p.reason)),
@@ -168,6 +188,25 @@ pub fn place(state: &State, spec: &ClusterCreateVm) -> Result<(String, String), 
             spec.name
         ))),
     }
+}
+
+/// Refuses (409) moving `record` to host `to` when `to` cannot bind every one of the VM's
+/// resources, with the rebinding table's reason; the balancer never plans such a move, and a
+/// manual migration must not start one. An unknown target is left to the migration to report.
+pub fn check_target(state: &State, record: &VmRecord, to: &str) -> Result<(), OrchError> {
+    if record.spec.resources.is_empty() {
+        return Ok(());
+    }
+    let view = view(state)?;
+    let Some(host) = view.host(to) else {
+        return Ok(());
+    };
+    rebinding::eligible(&resources(&record.spec), &host.capabilities()).map_err(|e| {
+        OrchError::Conflict(format!(
+            "Host {to} cannot take VM {:?}: {e}",
+            record.spec.name
+        ))
+    })
 }
 
 /// Chooses the mode for moving `record` to `to`.
@@ -348,4 +387,142 @@ pub async fn run_once(state: &Arc<State>) -> Result<(), OrchError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::Store;
+    use godwit_api::{HostInfo, ResourceKind, ResourceSpec, VmInfo};
+
+    fn state(dir: &tempfile::TempDir) -> State {
+        let store = Store::open(&dir.path().join("o.redb")).unwrap();
+        State::new(Config::default(), store).unwrap()
+    }
+
+    fn host(name: &str, disk_free_mib: u64, classes: &[&str]) -> HostInfo {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "version": "test", "cores": 8, "memory_total_mib": 16384,
+            "memory_vms_mib": 0, "vm_count": 0, "vms_cpu_load": 0.0, "host_cpu_busy": 0.0,
+            "kvm_available": true, "disk_free_bytes": disk_free_mib * MIB,
+            "device_classes": classes,
+        }))
+        .unwrap()
+    }
+
+    /// A running VM as an agent reports it, with `resources` bound on `host`.
+    fn vm(name: &str, host: &str, resources: &[ResourceSpec]) -> VmInfo {
+        let resources: Vec<_> = resources
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "spec": r, "binding": r.kind.default_binding(),
+                    "attachment": r.kind.default_attachment(),
+                    "location": "somewhere", "host": host,
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "name": name, "state": "running", "vcpus": 1, "memory_mib": 256,
+            "guest": {"spec": {"kind": "idle"}, "progress": 0, "verify_errors": 0,
+                      "first_error_page": null, "verified_pages": 0, "vcpu_progress": [0]},
+            "cpu_seconds": 0.0, "vcpu_cpu_seconds": [0.0], "cpu_usage_cores": 0.1,
+            "created_unix_ms": 0, "console_bytes": 0, "resources": resources,
+        }))
+        .unwrap()
+    }
+
+    fn gpu(allow_global_ref: bool) -> ResourceSpec {
+        ResourceSpec {
+            class: Some("gpu".into()),
+            allow_global_ref,
+            ..ResourceSpec::new("accel", ResourceKind::Device)
+        }
+    }
+
+    fn spec(name: &str, resources: Vec<ResourceSpec>) -> ClusterCreateVm {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "guest": {"kind": "idle"}, "resources": resources,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_view_carries_resource_facts_and_adopted_vms_keep_their_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = state(&dir);
+        let root = ResourceSpec {
+            size_mib: Some(64),
+            ..ResourceSpec::new("root", ResourceKind::Disk)
+        };
+        s.observe(
+            "http://h1",
+            host("h1", 1024, &["entropy"]),
+            vec![vm("db", "h1", std::slice::from_ref(&root))],
+        );
+        // Placed on h1 a moment ago, not reported yet: its scratch data is already counted.
+        let cache = ResourceSpec {
+            size_mib: Some(100),
+            ..ResourceSpec::new("cache", ResourceKind::Scratch)
+        };
+        s.put_vm(VmRecord {
+            spec: spec("new", vec![cache]),
+            host: "h1".into(),
+            moves: vec![],
+            created_unix_ms: 0,
+            placement_reason: String::new(),
+        })
+        .unwrap();
+        let v = view(&s).unwrap();
+        let h1 = v.host("h1").unwrap();
+        assert_eq!(h1.disk_free_bytes, (1024 - 100) * MIB);
+        assert_eq!(h1.device_classes.iter().collect::<Vec<_>>(), ["entropy"]);
+        assert_eq!(
+            s.vm_record("db").unwrap().spec.resources,
+            std::slice::from_ref(&root)
+        );
+        let db = v.vms().iter().find(|vm| vm.name == "db").unwrap();
+        assert_eq!(db.resources, [root.to_policy()]);
+        let new = v.vms().iter().find(|vm| vm.name == "new").unwrap();
+        assert_eq!(new.resources[0].size_bytes, 100 * MIB);
+    }
+
+    #[test]
+    fn placement_and_manual_targets_must_bind_every_resource() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = state(&dir);
+        s.observe(
+            "http://h1",
+            host("h1", 1024, &["gpu"]),
+            vec![vm("ml", "h1", &[gpu(false)])],
+        );
+        s.observe("http://h2", host("h2", 1024, &["entropy"]), vec![]);
+        s.observe("http://h3", host("h3", 1024, &["gpu"]), vec![]);
+
+        // h2 is as empty as h3 and sorts first, but has no gpu.
+        let (placed, reason) = place(&s, &spec("ml2", vec![gpu(true)])).unwrap();
+        assert_eq!(placed, "h3", "{reason}");
+        assert!(
+            reason.contains("h2 has no \"gpu\" device for the VM's device accel"),
+            "{reason}"
+        );
+
+        let record = s.vm_record("ml").unwrap();
+        let err = check_target(&s, &record, "h2").unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::CONFLICT);
+        assert_eq!(
+            err.to_string(),
+            "Host h2 cannot take VM \"ml\": device accel (by type, fixed) cannot be bound on \
+             this target: RB impossible (target has no \"gpu\" device, it offers entropy), GR \
+             impossible (the VM's spec forbids a global reference)"
+        );
+        check_target(&s, &record, "h3").unwrap();
+        // An unknown host is for the migration itself to report (404).
+        check_target(&s, &record, "h9").unwrap();
+        // With GR allowed, h2 takes the device by a global reference.
+        let mut record = record;
+        record.spec.resources = vec![gpu(true)];
+        check_target(&s, &record, "h2").unwrap();
+    }
 }

@@ -211,6 +211,9 @@ fn finish(state: &State, mut m: ClusterMigration) {
         .migrations
         .with_label_values(&[mode_label(m.mode), trigger_label(m.trigger), outcome])
         .inc();
+    if let Some(stats) = &m.stats {
+        state.metrics.count_resource_actions(&stats.resources);
+    }
     tracing::info!(
         vm = %m.vm,
         from = %m.from,

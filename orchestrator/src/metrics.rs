@@ -2,12 +2,13 @@
 //!
 //! Cluster-wide gauges (agents, host loads, hot hosts, moves per VM) are refreshed by the agent
 //! poll loop (`observe_cluster`); the balancer's own numbers at each run; decisions, migrations
-//! and placement failures when they happen. Per-host series are labelled `host` with the
+//! (with what they did to each resource) and placement failures when they happen. Per-host series are labelled `host` with the
 //! agent's name, the value the agents' own series carry.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
+use godwit_api::{ResourceAction, ResourceKind, ResourceMigration, ResourceStatus};
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
     TextEncoder,
@@ -29,6 +30,7 @@ pub struct Metrics {
     pub hotspots: IntCounterVec,
     pub decisions: IntCounterVec,
     pub migrations: IntCounterVec,
+    pub resource_actions: IntCounterVec,
     pub placement_failures: IntCounter,
     pub vm_moves_in_window: GaugeVec,
     /// VMs that have a `vm_moves_in_window` series, so deleted VMs' series can go.
@@ -161,6 +163,19 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            resource_actions: register(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "godwit_orchestrator_resource_actions_total",
+                        "Resource actions of the migrations the orchestrator drove to their end, \
+                         by resource kind (disk, endpoint, scratch, device), action (move, copy, \
+                         global_ref, rebind) and outcome (done, failed).",
+                    ),
+                    &["kind", "action", "outcome"],
+                )
+                .expect("valid"),
+            ),
             placement_failures: register(
                 &r,
                 IntCounter::new(
@@ -192,10 +207,37 @@ impl Metrics {
                 }
             }
         }
+        for kind in ResourceKind::ALL {
+            for action in ResourceAction::ALL {
+                for outcome in ["done", "failed"] {
+                    m.resource_actions.with_label_values(&[
+                        kind.as_str(),
+                        action.as_str(),
+                        outcome,
+                    ]);
+                }
+            }
+        }
         for state in ["up", "down"] {
             m.agents.with_label_values(&[state]).set(0.0);
         }
         m
+    }
+
+    /// Counts what an ended migration did with each resource, from its final record: a
+    /// resource whose action finished is `done`, one that failed or was still running when
+    /// the migration ended is `failed`; one whose action never started is not counted.
+    pub fn count_resource_actions(&self, resources: &[ResourceMigration]) {
+        for r in resources {
+            let outcome = match r.status {
+                ResourceStatus::Done => "done",
+                ResourceStatus::Failed | ResourceStatus::Running => "failed",
+                ResourceStatus::Pending => continue,
+            };
+            self.resource_actions
+                .with_label_values(&[r.kind.as_str(), r.action.as_str(), outcome])
+                .inc();
+        }
     }
 
     /// Refreshes the cluster-wide gauges from the orchestrator's state; the agent poll loop
@@ -294,6 +336,78 @@ mod tests {
                 "{name} has no HELP text"
             );
         }
-        assert_eq!(n, 13, "{text}");
+        assert_eq!(n, 14, "{text}");
+    }
+
+    fn resource(
+        name: &str,
+        kind: ResourceKind,
+        action: ResourceAction,
+        status: ResourceStatus,
+    ) -> ResourceMigration {
+        ResourceMigration {
+            name: name.into(),
+            kind,
+            action,
+            first_choice: action,
+            fallback: false,
+            reason: String::new(),
+            status,
+            detail: String::new(),
+            bytes: 0,
+            duration_ms: 0.0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn resource_actions_count_once_per_resource_by_outcome() {
+        let m = Metrics::new();
+        let get = |kind: &str, action: &str, outcome: &str| {
+            m.resource_actions
+                .with_label_values(&[kind, action, outcome])
+                .get()
+        };
+        assert_eq!(get("disk", "global_ref", "done"), 0);
+        m.count_resource_actions(&[
+            resource(
+                "root",
+                ResourceKind::Disk,
+                ResourceAction::GlobalRef,
+                ResourceStatus::Done,
+            ),
+            resource(
+                "cache",
+                ResourceKind::Scratch,
+                ResourceAction::Copy,
+                ResourceStatus::Failed,
+            ),
+            resource(
+                "web",
+                ResourceKind::Endpoint,
+                ResourceAction::GlobalRef,
+                ResourceStatus::Running,
+            ),
+            resource(
+                "rng",
+                ResourceKind::Device,
+                ResourceAction::Rebind,
+                ResourceStatus::Pending,
+            ),
+        ]);
+        assert_eq!(get("disk", "global_ref", "done"), 1);
+        assert_eq!(get("scratch", "copy", "failed"), 1);
+        assert_eq!(get("endpoint", "global_ref", "failed"), 1);
+        assert_eq!(
+            get("device", "rebind", "done") + get("device", "rebind", "failed"),
+            0
+        );
+        let text = m.render();
+        assert!(
+            text.contains(
+                "godwit_orchestrator_resource_actions_total{action=\"global_ref\",kind=\"disk\",outcome=\"done\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

@@ -181,6 +181,7 @@ impl State {
                             allow_postcopy: true,
                             downtime_ms: None,
                             pinned: false,
+                            resources: vm.resources.iter().map(|r| r.spec.clone()).collect(),
                         },
                         host: agent.to_owned(),
                         moves: vec![],

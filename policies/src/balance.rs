@@ -13,8 +13,9 @@
 //! threshold), and the move is accepted if its gain (the narrowing of the load gap between
 //! source and target, or the overload it removes from a hot source) reaches the minimum gain
 //! plus a charge per minute of migration. Anti-thrash and the cluster migration limit bound
-//! everything. Each accepted move updates the projected loads, memory and group membership, so
-//! the moves of one plan compose. Everything considered and not done becomes a note.
+//! everything. Each accepted move updates the projected loads, memory, free disk (what the
+//! resources' MV, CP or RB put on the target, and what an MV frees on the source) and group
+//! membership, so the moves of one plan compose. Everything considered and not done becomes a note.
 //!
 //! Cost: hosts are kept in a tree ordered by projected load, so finding the busiest source or
 //! the coolest targets is logarithmic; a VM looks at no more than `target_scan_limit` hosts.
@@ -32,6 +33,7 @@ use crate::hotspot::{self, Heat};
 use crate::load::{LoadStats, Projection};
 use crate::params::Params;
 use crate::plan::{Decision, Move, Plan, ReasonClass};
+use crate::rebinding::{self, Action, TargetCapabilities};
 use crate::units::Bytes;
 use crate::view::{ClusterView, NONE};
 
@@ -119,6 +121,8 @@ struct Planner<'v> {
     busy: Vec<u32>,
     /// Free memory beyond the reserve, after planned moves.
     available: Vec<u64>,
+    /// What each host offers migrating resources, its free disk after planned moves.
+    caps: Vec<TargetCapabilities>,
     /// Changes to group membership by planned moves, (group, host) -> delta.
     affinity_delta: FxHashMap<(u32, u32), i32>,
     anti_affinity_delta: FxHashMap<(u32, u32), i32>,
@@ -164,6 +168,7 @@ impl<'v> Planner<'v> {
                 .iter()
                 .map(|h| h.memory_free_bytes.saturating_sub(reserve))
                 .collect(),
+            caps: hosts.iter().map(|h| h.capabilities()).collect(),
             affinity_delta: FxHashMap::default(),
             anti_affinity_delta: FxHashMap::default(),
             affinity_gained: FxHashMap::default(),
@@ -464,6 +469,7 @@ impl<'v> Planner<'v> {
         self.budget = self.budget.saturating_sub(1);
         self.available[t as usize] = self.available[t as usize].saturating_sub(vm.memory_bytes);
         self.available[s as usize] = self.available[s as usize].saturating_add(vm.memory_bytes);
+        let resources = self.bind_resources(v, s, t);
         for (g, deltas) in [
             (self.view.affinity_of(v), &mut self.affinity_delta),
             (self.view.anti_affinity_of(v), &mut self.anti_affinity_delta),
@@ -514,7 +520,7 @@ impl<'v> Planner<'v> {
         let reason = format!(
             "{opening}: {what} relieves {:.2} of its capacity, {why_vm}; {to} is the best target \
              ({:.2} -> {:.2}), {from} goes {:.2} -> {:.2}; gain {:.3} (gap narrows by {:.3}, \
-             overload drops by {:.3}) >= {:.3} required; imbalance {:.3} -> {:.3}; {}",
+             overload drops by {:.3}) >= {:.3} required; imbalance {:.3} -> {:.3}; {}{resources}",
             vm.cpu_usage_cores / self.view.host_at(s).cpu_cores,
             g.target_load.0,
             g.target_load.1,
@@ -538,5 +544,39 @@ impl<'v> Planner<'v> {
             cost: choice.estimate,
             reason,
         });
+    }
+
+    /// Projects where VM `v`'s resources go when it moves from `s` to `t`: the target's free
+    /// disk loses what their MV, CP or RB put there, the source's gains what an MV takes away.
+    /// Returns `; resources: root GR, cache CP` for the move's reason (empty without
+    /// resources). The agents choose again at migration time, on the facts they have then.
+    fn bind_resources(&mut self, v: u32, s: u32, t: u32) -> String {
+        let resources = &self.view.vm_at(v).resources;
+        if resources.is_empty() {
+            return String::new();
+        }
+        // `evaluate` admitted `t`, so every resource binds.
+        let Ok(choices) = rebinding::choose_all(resources, &self.caps[t as usize]) else {
+            return String::new();
+        };
+        let (mut taken, mut freed) = (0u64, 0u64);
+        let mut summary = String::from("; resources:");
+        for (r, c) in resources.iter().zip(&choices) {
+            taken = taken.saturating_add(rebinding::disk_taken(c.action, r));
+            if c.action == Action::Move {
+                freed = freed.saturating_add(r.size_bytes);
+            }
+            let _ = write!(summary, " {} {}", r.name, c.action);
+            if c.fallback {
+                summary.push_str(" (fallback)");
+            }
+            summary.push(',');
+        }
+        summary.pop();
+        let target = &mut self.caps[t as usize].disk_free_bytes;
+        *target = target.saturating_sub(taken);
+        let source = &mut self.caps[s as usize].disk_free_bytes;
+        *source = source.saturating_add(freed);
+        summary
     }
 }

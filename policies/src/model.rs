@@ -4,12 +4,13 @@
 //! The orchestrator fills [`Host`] and [`Vm`] from what agents report and wraps them in a
 //! [`ClusterView`](crate::view::ClusterView), which validates them with the checks here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::params::Params;
+use crate::rebinding::{Resource, TargetCapabilities};
 
 /// One load measurement of a host: the fraction of its CPU capacity busy, at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -52,10 +53,18 @@ pub struct Host {
     /// Migrations this host currently takes part in, as source or target.
     #[serde(default)]
     pub migrations_in_flight: u32,
+    /// Disk space free for VM resources (disk images, scratch data), bytes. Unknown is 0: a
+    /// host that does not say takes no resource data, only global references.
+    #[serde(default)]
+    pub disk_free_bytes: u64,
+    /// Device classes the host offers VMs (`entropy`, `gpu`), matched exactly.
+    #[serde(default)]
+    pub device_classes: BTreeSet<String>,
 }
 
 impl Host {
-    /// An up, idle host with all its memory free and nothing else set.
+    /// An up, idle host with all its memory free and nothing else set: no free disk for
+    /// resources and no devices (VMs without resources do not care).
     pub fn new(name: impl Into<String>, cpu_cores: f64, memory_total_bytes: u64) -> Self {
         Self {
             name: name.into(),
@@ -69,6 +78,18 @@ impl Host {
             bandwidth_to: BTreeMap::new(),
             default_bandwidth_bytes_per_s: None,
             migrations_in_flight: 0,
+            disk_free_bytes: 0,
+            device_classes: BTreeSet::new(),
+        }
+    }
+
+    /// What this host offers a migrating VM's resources, as the rebinding table sees it. The
+    /// snapshot has no facts on reachability, so the source is taken to export and the host
+    /// to reach it: GR is possible wherever the VM's spec allows it.
+    pub fn capabilities(&self) -> TargetCapabilities {
+        TargetCapabilities {
+            device_classes: self.device_classes.clone(),
+            ..TargetCapabilities::new(self.disk_free_bytes)
         }
     }
 
@@ -153,10 +174,15 @@ pub struct Vm {
     /// Labels a host must carry to run it.
     #[serde(default)]
     pub required_labels: BTreeMap<String, String>,
+    /// Resources it uses; a host is a target only if every one can be bound there
+    /// ([`rebinding::eligible`](crate::rebinding::eligible)).
+    #[serde(default)]
+    pub resources: Vec<Resource>,
 }
 
 impl Vm {
-    /// An idle VM with a default policy and no history, groups or label requirements.
+    /// An idle VM with a default policy and no history, groups, label requirements or
+    /// resources.
     pub fn new(
         name: impl Into<String>,
         host: impl Into<String>,
@@ -176,6 +202,7 @@ impl Vm {
             affinity_group: None,
             anti_affinity_group: None,
             required_labels: BTreeMap::new(),
+            resources: Vec::new(),
         }
     }
 
@@ -363,6 +390,32 @@ mod tests {
         h.bandwidth_to.insert("h3".into(), 2e9);
         assert_eq!(h.bandwidth_to("h2", &p), 5e8);
         assert_eq!(h.bandwidth_to("h3", &p), 2e9);
+    }
+
+    #[test]
+    fn resource_facts_default_to_none_and_feed_the_capabilities() {
+        let h: Host = serde_json::from_str(
+            r#"{"name": "h1", "up": true, "cpu_cores": 4, "memory_total_bytes": 1024,
+                "memory_free_bytes": 1024}"#,
+        )
+        .unwrap();
+        assert_eq!(h, Host::new("h1", 4.0, 1024));
+        assert_eq!((h.disk_free_bytes, h.device_classes.len()), (0, 0));
+        let mut h = h;
+        h.disk_free_bytes = 5 * GIB;
+        h.device_classes.insert("entropy".into());
+        let caps = h.capabilities();
+        assert_eq!(caps.disk_free_bytes, 5 * GIB);
+        assert!(caps.device_classes.contains("entropy"));
+        assert!(caps.can_reach_source && caps.source_can_export);
+        let vm: Vm = serde_json::from_str(
+            r#"{"name": "a", "host": "h1", "vcpus": 1, "memory_bytes": 1024,
+                "cpu_usage_cores": 0.5,
+                "resources": [{"name": "root", "kind": "disk", "size_bytes": 1024}]}"#,
+        )
+        .unwrap();
+        assert_eq!(vm.resources[0].size_bytes, 1024);
+        assert!(vm.resources[0].allow_global_ref);
     }
 
     #[test]

@@ -1,12 +1,20 @@
 //! Placement of a new VM: which host should run it.
 //!
 //! Hard rules reject a host: it must be up, carry the VM's required labels, have at least as
-//! many cores as the VM has vCPUs, have the memory free (less the reserve), run no member of
-//! the VM's anti-affinity group, and stay at or under the load ceiling with the VM's expected
-//! CPU use added. Every host left is scored by CPU headroom and free memory after placing,
-//! plus a bonus when it already runs a member of the VM's affinity group; the best score wins
-//! and ties go to the name that sorts first. The result explains the choice and every host it
-//! did not make.
+//! many cores as the VM has vCPUs, have the memory free (less the reserve), be able to hold
+//! the VM's resources, run no member of the VM's anti-affinity group, and stay at or under
+//! the load ceiling with the VM's expected CPU use added. Every host left is scored by CPU
+//! headroom and free memory after placing, plus a bonus when it already runs a member of the
+//! VM's affinity group; the best score wins and ties go to the name that sorts first. The
+//! result explains the choice and every host it did not make.
+//!
+//! A new VM's resources are created on its host: there is no source to leave them on, so
+//! unlike a migration target ([`eligible`](crate::rebinding::eligible)) the host must offer
+//! every device class the VM names and have free disk for all its disk and scratch data
+//! together.
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write};
@@ -16,6 +24,7 @@ use thiserror::Error;
 
 use crate::model::Host;
 use crate::params::Params;
+use crate::rebinding::{Resource, ResourceKind};
 use crate::units::Bytes;
 use crate::view::{ClusterView, NONE};
 
@@ -43,10 +52,13 @@ pub struct VmRequest {
     /// Labels the host must carry.
     #[serde(default)]
     pub required_labels: BTreeMap<String, String>,
+    /// Resources it uses, created on the chosen host.
+    #[serde(default)]
+    pub resources: Vec<Resource>,
 }
 
 impl VmRequest {
-    /// A request with no groups, labels or CPU estimate.
+    /// A request with no groups, labels, resources or CPU estimate.
     pub fn new(name: impl Into<String>, vcpus: u32, memory_bytes: u64) -> Self {
         Self {
             name: name.into(),
@@ -56,6 +68,7 @@ impl VmRequest {
             affinity_group: None,
             anti_affinity_group: None,
             required_labels: BTreeMap::new(),
+            resources: Vec::new(),
         }
     }
 
@@ -94,6 +107,22 @@ pub enum Rejection {
         /// Free memory less the reserve.
         available: u64,
     },
+    /// The host does not offer a device class one of the VM's devices needs.
+    MissingDevice {
+        /// The device resource, described (`device gpu0 (by type, fixed)`).
+        resource: String,
+        /// The class it needs.
+        class: String,
+        /// The classes the host offers.
+        offered: Vec<String>,
+    },
+    /// The host's free disk cannot hold the VM's disk and scratch data.
+    NotEnoughDisk {
+        /// Bytes of all the VM's disk and scratch data.
+        need: u64,
+        /// The host's free disk for resources.
+        available: u64,
+    },
     /// The host runs a member of the VM's anti-affinity group.
     AntiAffinity {
         /// The group.
@@ -118,6 +147,8 @@ impl Rejection {
             Rejection::MissingLabel { .. } => "missing a label",
             Rejection::TooFewCores { .. } => "too few cores",
             Rejection::NotEnoughMemory { .. } => "not enough memory",
+            Rejection::MissingDevice { .. } => "missing a device",
+            Rejection::NotEnoughDisk { .. } => "not enough disk",
             Rejection::AntiAffinity { .. } => "anti-affinity",
             Rejection::OverLoadCeiling { .. } => "over the load ceiling",
         }
@@ -146,6 +177,25 @@ impl fmt::Display for Rejection {
             Rejection::NotEnoughMemory { need, available } => write!(
                 f,
                 "has {} free beyond its reserve, the VM needs {}",
+                Bytes(*available as f64),
+                Bytes(*need as f64)
+            ),
+            Rejection::MissingDevice {
+                resource,
+                class,
+                offered,
+            } => write!(
+                f,
+                "has no {class:?} device for the VM's {resource}, it offers {}",
+                if offered.is_empty() {
+                    "none".to_string()
+                } else {
+                    offered.join(", ")
+                }
+            ),
+            Rejection::NotEnoughDisk { need, available } => write!(
+                f,
+                "has {} of disk free for resources, the VM's disk and scratch data need {}",
                 Bytes(*available as f64),
                 Bytes(*need as f64)
             ),
@@ -286,6 +336,13 @@ pub fn place(
             "its expected CPU use is not a finite, non-negative number",
         ));
     }
+    if req
+        .resources
+        .iter()
+        .any(|r| r.kind == ResourceKind::Device && r.device_class.is_none())
+    {
+        return Err(invalid("one of its devices names no device class"));
+    }
     let p = &params.placement;
     let affinity = req
         .affinity_group
@@ -404,6 +461,7 @@ fn judge(
             available,
         });
     }
+    can_hold(host, &req.resources)?;
     let members = view.anti_affinity_members(anti, h);
     if members > 0 {
         return Err(Rejection::AntiAffinity {
@@ -419,6 +477,41 @@ fn judge(
         });
     }
     Ok((projected, available - req.memory_bytes))
+}
+
+/// Whether `host` can hold `resources` created there: every device class offered, and the
+/// disk and scratch data fitting its free disk together.
+fn can_hold(host: &Host, resources: &[Resource]) -> Result<(), Rejection> {
+    for r in resources {
+        let Some(class) = r
+            .device_class
+            .as_ref()
+            .filter(|_| r.kind == ResourceKind::Device)
+        else {
+            continue;
+        };
+        if !host.device_classes.contains(class) {
+            return Err(Rejection::MissingDevice {
+                resource: r.describe(),
+                class: class.clone(),
+                offered: host.device_classes.iter().cloned().collect(),
+            });
+        }
+    }
+    let need = resources
+        .iter()
+        .map(|r| match r.kind {
+            ResourceKind::Disk | ResourceKind::Scratch => r.size_bytes,
+            ResourceKind::Endpoint | ResourceKind::Device => 0,
+        })
+        .fold(0u64, u64::saturating_add);
+    if need > host.disk_free_bytes {
+        return Err(Rejection::NotEnoughDisk {
+            need,
+            available: host.disk_free_bytes,
+        });
+    }
+    Ok(())
 }
 
 /// "3 hosts rejected (2 down, 1 missing a label): h1 is down; ..." with the first few listed.
@@ -444,204 +537,4 @@ fn summarize_rejections(rejected: &[HostRejection]) -> String {
         let _ = write!(out, "; and {} more", rejected.len() - LISTED_REJECTIONS);
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::Vm;
-
-    const GIB: u64 = 1 << 30;
-
-    fn host(name: &str) -> Host {
-        Host::new(name, 8.0, 32 * GIB)
-    }
-
-    fn req(name: &str) -> VmRequest {
-        VmRequest {
-            expected_cpu_cores: Some(1.0),
-            ..VmRequest::new(name, 2, 2 * GIB)
-        }
-    }
-
-    /// The view after adding `vm` where it was placed (as the orchestrator would).
-    fn with_vm(view: &ClusterView, vm: Vm) -> ClusterView {
-        let mut hosts = view.hosts().to_vec();
-        let h = hosts.iter_mut().find(|h| h.name == vm.host).unwrap();
-        h.memory_free_bytes -= vm.memory_bytes;
-        let mut vms = view.vms().to_vec();
-        vms.push(vm);
-        ClusterView::new(hosts, vms, 0).unwrap()
-    }
-
-    fn place_all(mut view: ClusterView, reqs: &[VmRequest]) -> (ClusterView, Vec<String>) {
-        let params = Params::default();
-        let mut chosen = Vec::new();
-        for r in reqs {
-            let p = place(&view, r, &params).unwrap();
-            let mut vm = Vm::new(&r.name, &p.host, r.vcpus, r.memory_bytes);
-            vm.cpu_usage_cores = r.cpu_cores();
-            vm.affinity_group = r.affinity_group.clone();
-            vm.anti_affinity_group = r.anti_affinity_group.clone();
-            view = with_vm(&view, vm);
-            chosen.push(p.host);
-        }
-        (view, chosen)
-    }
-
-    #[test]
-    fn identical_vms_spread_evenly() {
-        let view =
-            ClusterView::new((1..=4).map(|i| host(&format!("h{i}"))).collect(), vec![], 0).unwrap();
-        let reqs: Vec<_> = (0..12).map(|i| req(&format!("vm{i}"))).collect();
-        let (view, chosen) = place_all(view, &reqs);
-        // Ties break by name, so the first four go h1..h4 in order.
-        assert_eq!(chosen[..4], ["h1", "h2", "h3", "h4"]);
-        for h in ["h1", "h2", "h3", "h4"] {
-            assert_eq!(view.vms_on(h).count(), 3, "{h}");
-        }
-    }
-
-    #[test]
-    fn prefers_the_cooler_host_and_explains_the_runner_up() {
-        let mut vm = Vm::new("busy", "h1", 4, GIB);
-        vm.cpu_usage_cores = 4.0;
-        let view = ClusterView::new(vec![host("h1"), host("h2")], vec![vm], 0).unwrap();
-        let p = place(&view, &req("new"), &Params::default()).unwrap();
-        assert_eq!(p.host, "h2");
-        assert_eq!(p.ranked.len(), 2);
-        assert!((p.projected_load - 0.125).abs() < 1e-12);
-        assert!(
-            p.reason.starts_with("new -> h2: h2 scores 0.") && p.reason.contains("next best h1"),
-            "{}",
-            p.reason
-        );
-    }
-
-    #[test]
-    fn respects_labels_memory_cores_down_and_ceiling_and_explains() {
-        let mut down = host("a-down");
-        down.up = false;
-        let mut other_zone = host("b-zone");
-        other_zone.labels.insert("zone".into(), "west".into());
-        let mut no_label = host("c-nolabel");
-        no_label.labels.clear();
-        let mut full = host("d-full");
-        full.labels.insert("zone".into(), "east".into());
-        full.memory_free_bytes = GIB;
-        let mut small = Host::new("e-small", 1.0, 32 * GIB);
-        small.labels.insert("zone".into(), "east".into());
-        let mut loaded = host("f-loaded");
-        loaded.labels.insert("zone".into(), "east".into());
-        loaded.own_load = Some(0.875);
-        let mut good = host("g-good");
-        good.labels.insert("zone".into(), "east".into());
-        let view = ClusterView::new(
-            vec![down, other_zone, no_label, full, small, loaded, good],
-            vec![],
-            0,
-        )
-        .unwrap();
-        let mut r = req("db");
-        r.required_labels.insert("zone".into(), "east".into());
-        let p = place(&view, &r, &Params::default()).unwrap();
-        assert_eq!(p.host, "g-good");
-        let why: Vec<String> = p.rejected.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            why,
-            [
-                "a-down is down",
-                "b-zone has label zone=west, not zone=east",
-                "c-nolabel lacks label zone=east",
-                "d-full has 768 MiB free beyond its reserve, the VM needs 2 GiB",
-                "e-small has 1 cores, fewer than the VM's 2 vCPUs",
-                "f-loaded would reach load 1.00, over the ceiling 0.90",
-            ]
-        );
-        assert!(p.reason.contains("6 hosts rejected ("), "{}", p.reason);
-        assert!(p.explain().contains("rejected: a-down is down"));
-    }
-
-    #[test]
-    fn anti_affinity_is_a_hard_rule() {
-        let view = ClusterView::new(vec![host("h1"), host("h2"), host("h3")], vec![], 0).unwrap();
-        let reqs: Vec<_> = (0..3)
-            .map(|i| VmRequest {
-                anti_affinity_group: Some("etcd".into()),
-                ..req(&format!("etcd{i}"))
-            })
-            .collect();
-        let (view, chosen) = place_all(view, &reqs);
-        assert_eq!(chosen, ["h1", "h2", "h3"]);
-        // A fourth member has nowhere to go, even though every host has room.
-        let fourth = VmRequest {
-            anti_affinity_group: Some("etcd".into()),
-            ..req("etcd3")
-        };
-        let err = place(&view, &fourth, &Params::default()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "No host can run VM \"etcd3\": 3 hosts rejected (3 anti-affinity): h1 already runs \
-             1 member(s) of anti-affinity group etcd; h2 already runs 1 member(s) of \
-             anti-affinity group etcd; h3 already runs 1 member(s) of anti-affinity group etcd"
-        );
-    }
-
-    #[test]
-    fn affinity_prefers_hosts_running_the_group() {
-        let mut web = Vm::new("web0", "h2", 2, GIB);
-        web.cpu_usage_cores = 2.0;
-        web.affinity_group = Some("web".into());
-        let view =
-            ClusterView::new(vec![host("h1"), host("h2"), host("h3")], vec![web], 0).unwrap();
-        let r = VmRequest {
-            affinity_group: Some("web".into()),
-            ..req("web1")
-        };
-        let p = place(&view, &r, &Params::default()).unwrap();
-        // h2 is busier, but runs the group.
-        assert_eq!(p.host, "h2");
-        assert!(p.ranked[0].runs_affinity_group);
-        assert!(p.reason.contains("runs the affinity group"));
-        // Soft: when h2 cannot take it, another host still can.
-        let mut hosts = view.hosts().to_vec();
-        hosts[1].memory_free_bytes = 0;
-        let view = ClusterView::new(hosts, view.vms().to_vec(), 0).unwrap();
-        assert_eq!(place(&view, &r, &Params::default()).unwrap().host, "h1");
-    }
-
-    #[test]
-    fn no_hosts_and_invalid_requests_are_errors() {
-        let view = ClusterView::new(vec![], vec![], 0).unwrap();
-        let err = place(&view, &req("a"), &Params::default()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "No host can run VM \"a\": the cluster has no hosts"
-        );
-        let view = ClusterView::new(vec![host("h1")], vec![], 0).unwrap();
-        let err = place(&view, &VmRequest::new("z", 0, GIB), &Params::default()).unwrap_err();
-        assert!(matches!(err, PlacementError::InvalidRequest { .. }));
-    }
-
-    #[test]
-    fn unknown_cpu_use_counts_all_vcpus() {
-        let view = ClusterView::new(vec![host("h1")], vec![], 0).unwrap();
-        let p = place(&view, &VmRequest::new("a", 4, GIB), &Params::default()).unwrap();
-        assert!((p.projected_load - 0.5).abs() < 1e-12);
-        let err = place(&view, &VmRequest::new("b", 8, GIB), &Params::default()).unwrap_err();
-        assert!(err.to_string().contains("over the ceiling"), "{err}");
-    }
-
-    #[test]
-    fn many_rejections_are_summarised() {
-        let mut hosts: Vec<_> = (0..20).map(|i| host(&format!("h{i:02}"))).collect();
-        for h in &mut hosts {
-            h.up = false;
-        }
-        let view = ClusterView::new(hosts, vec![], 0).unwrap();
-        let err = place(&view, &req("a"), &Params::default()).unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("20 hosts rejected (20 down)"), "{text}");
-        assert!(text.ends_with("h04 is down; and 15 more"), "{text}");
-    }
 }

@@ -19,7 +19,7 @@ pub enum ReasonClass {
     Imbalance,
     /// Nothing crosses a threshold: a host is not hot, or the cluster is balanced.
     BelowThreshold,
-    /// No host can take the VM (labels, memory, cores, load).
+    /// No host can take the VM (labels, memory, cores, load, resources it cannot bind).
     NoTarget,
     /// The VM moved too recently or too often.
     AntiThrash,

@@ -284,7 +284,7 @@ impl Resource {
     }
 
     /// `disk root (by identifier, fastened)`, as reasons name it.
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "{} {} ({}, {})",
             self.kind, self.name, self.binding, self.attachment
@@ -492,8 +492,9 @@ fn offered(classes: &BTreeSet<String>) -> String {
     }
 }
 
-/// Target disk an action takes for a resource: its data for MV and CP, a fresh disk for RB.
-fn disk_taken(action: Action, r: &Resource) -> u64 {
+/// Target disk an action takes for a resource: its data for MV and CP, a fresh disk for RB,
+/// nothing for GR (what planners subtract from a target's free disk after a move).
+pub fn disk_taken(action: Action, r: &Resource) -> u64 {
     match (action, r.kind) {
         (_, ResourceKind::Device) | (Action::GlobalRef, _) => 0,
         (Action::Move | Action::Copy, _) | (Action::Rebind, ResourceKind::Disk) => r.size_bytes,

@@ -184,6 +184,20 @@ fn every_family_is_updated_by_some_path() {
     m.migration_ended("t", &done, Outcome::Completed);
     m.migration_started("f", "v", Role::Source, MigrationMode::Auto);
     m.migration_ended("f", &running, Outcome::Failed("not_converged"));
+    // A migration's resource actions (source side, once they ended).
+    m.resource_actions(&[godwit_api::ResourceMigration {
+        name: "root".into(),
+        kind: godwit_api::ResourceKind::Disk,
+        action: godwit_api::ResourceAction::Move,
+        first_choice: godwit_api::ResourceAction::Move,
+        fallback: false,
+        reason: String::new(),
+        status: godwit_api::ResourceStatus::Done,
+        detail: String::new(),
+        bytes: 4096,
+        duration_ms: 12.0,
+        error: None,
+    }]);
     let text = m.render();
     let mut fams = families(&text);
     // The live gauges of a running migration are dropped when it ends.

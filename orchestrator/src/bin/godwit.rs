@@ -2,6 +2,10 @@
 //! (`--server` or `GODWIT_SERVER`); `up` and `demo` start a local cluster first.
 //! Tables for people, `--json` for scripts; an error is one line and a non-zero exit.
 
+// Beside this file, not in src/bin/, where Cargo would take it for a binary of its own.
+#[path = "godwit/resources.rs"]
+mod resources;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -9,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use godwit_api::{
-    BalancerMode, ClusterCreateVm, ClusterMigrate, DirtyPattern, GuestSpec, MigrationMode,
-    MigrationPhase, MigrationStatus, PageContent,
+    BalancerMode, ClusterCreateVm, ClusterMigrate, ClusterMigration, DirtyPattern, GuestSpec,
+    MigrationMode, MigrationPhase, MigrationStatus, PageContent, ResourceSpec,
 };
 use orchestrator::cli::Client;
 use orchestrator::local::{LocalAgent, LocalOrchestrator};
@@ -59,8 +63,11 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Migrations the orchestrator drove.
-    Migrations,
+    /// Migrations the orchestrator drove: list them, or show one with its resources.
+    Migrations {
+        #[command(subcommand)]
+        command: Option<MigrationsCommand>,
+    },
     /// What the balancer would do now, and why.
     Plan,
     /// Recent decisions of the control plane.
@@ -80,7 +87,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum VmCommand {
     /// Create a VM; the placement policy picks the host unless --host is given.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     List,
     Show {
         name: String,
@@ -91,10 +98,21 @@ enum VmCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum MigrationsCommand {
+    /// List them, oldest first (the default).
+    List,
+    /// One migration, with what it did to each of the VM's resources (MV, CP, GR, RB).
+    Show {
+        /// The migration's id (as `godwit migrations` lists it).
+        id: String,
+    },
+}
+
 #[derive(Debug, Args)]
 struct CreateArgs {
     name: String,
-    /// Guest kind: idle, dirty, spin or ticker.
+    /// Guest kind: idle, dirty, spin, ticker or echo.
     #[arg(long, default_value = "idle")]
     guest: String,
     #[arg(long, default_value_t = 1)]
@@ -114,9 +132,18 @@ struct CreateArgs {
     /// spin: busy percent per vCPU.
     #[arg(long, default_value_t = 50)]
     duty: u32,
+    /// dirty: disk blocks (4 KiB) written and re-read per second, with a disk (default 200).
+    #[arg(long)]
+    disk_ops: Option<u32>,
     /// ticker: interval, ms.
     #[arg(long, default_value_t = 1000)]
     interval: u64,
+    /// A resource KIND:NAME[,key=value...] (repeatable). KIND is disk, endpoint, scratch or
+    /// device; keys: binding (identifier, value, type), attachment (unattached, fastened,
+    /// fixed), size_mib, class, allow_global_ref (true, false), port. E.g.
+    /// disk:root,size_mib=64 or device:rng,class=entropy.
+    #[arg(long = "resource", value_name = "SPEC", value_parser = resources::parse_resource)]
+    resources: Vec<ResourceSpec>,
     /// Put it on this host.
     #[arg(long)]
     host: Option<String>,
@@ -174,7 +201,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Hosts => hosts(&c, json),
         Command::Vm(VmCommand::Create(args)) => {
-            let created = c.create_vm(&create_spec(args)?)?;
+            let created = c.create_vm(&create_spec(*args)?)?;
             if json {
                 print_json(&created)
             } else {
@@ -217,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
                     i.guest.progress, i.guest.verify_errors
                 );
             }
+            resources::print_vm_resources(&vm);
             Ok(())
         }
         Command::Vm(VmCommand::Rm { name }) => {
@@ -233,7 +261,20 @@ fn run(cli: Cli) -> Result<()> {
             bandwidth,
             no_wait,
         } => migrate(&c, &vm, &to, mode, bandwidth, no_wait, json),
-        Command::Migrations => migrations(&c, json),
+        Command::Migrations { command: None }
+        | Command::Migrations {
+            command: Some(MigrationsCommand::List),
+        } => migrations(&c, json),
+        Command::Migrations {
+            command: Some(MigrationsCommand::Show { id }),
+        } => {
+            let m = c.migration(&id)?;
+            if json {
+                return print_json(&m);
+            }
+            migration_show(&m);
+            Ok(())
+        }
         Command::Plan => plan(&c, json),
         Command::Decisions { limit } => {
             let d = c.decisions(limit)?;
@@ -312,6 +353,7 @@ fn create_spec(a: CreateArgs) -> Result<ClusterCreateVm> {
             hot_mib: None,
             hot_percent: None,
             content: PageContent::Counter,
+            disk_ops_s: a.disk_ops,
         },
         "spin" => GuestSpec::Spin {
             duty_percent: a.duty,
@@ -319,7 +361,8 @@ fn create_spec(a: CreateArgs) -> Result<ClusterCreateVm> {
         "ticker" => GuestSpec::Ticker {
             interval_ms: a.interval,
         },
-        other => bail!("unknown guest kind {other:?}: use idle, dirty, spin or ticker"),
+        "echo" => GuestSpec::Echo,
+        other => bail!("unknown guest kind {other:?}: use idle, dirty, spin, ticker or echo"),
     };
     let mut labels = BTreeMap::new();
     for l in a.require_labels {
@@ -340,6 +383,7 @@ fn create_spec(a: CreateArgs) -> Result<ClusterCreateVm> {
         allow_postcopy: !a.no_postcopy,
         downtime_ms: None,
         pinned: a.pinned,
+        resources: a.resources,
     })
 }
 
@@ -524,6 +568,41 @@ fn migrations(c: &Client, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `migrations show`: the record, then what it did to each resource.
+fn migration_show(m: &ClusterMigration) {
+    println!("id:         {}", m.id);
+    println!("vm:         {} ({} -> {})", m.vm, m.from, m.to);
+    println!(
+        "mode:       {} ({})",
+        api_name(&m.mode),
+        api_name(&m.trigger)
+    );
+    println!("status:     {}", api_name(&m.status));
+    println!("reason:     {}", m.reason);
+    println!("started:    {}", time(m.started_unix_ms));
+    if let Some(s) = &m.stats {
+        println!(
+            "time:       total {:.0} ms, downtime {:.1} ms",
+            s.total_ms,
+            s.downtime_ms.unwrap_or(0.0)
+        );
+        println!(
+            "memory:     {:.1} MiB sent in {} rounds{}",
+            s.pages.wire_bytes as f64 / (1 << 20) as f64,
+            s.rounds,
+            if s.switched_to_postcopy {
+                ", switched to post-copy"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(e) = &m.error {
+        println!("error:      {e}");
+    }
+    resources::print_migration_resources(m);
+}
+
 fn plan(c: &Client, json: bool) -> Result<()> {
     let p = c.plan()?;
     if json {
@@ -699,6 +778,7 @@ fn demo(args: DemoArgs) -> Result<()> {
             allow_postcopy: true,
             downtime_ms: None,
             pinned: false,
+            resources: vec![],
         })?;
         println!("  {name} on host-1");
     }
@@ -713,6 +793,7 @@ fn demo(args: DemoArgs) -> Result<()> {
             hot_mib: None,
             hot_percent: None,
             content: PageContent::Counter,
+            disk_ops_s: None,
         },
         host: Some("host-1".into()),
         require_labels: BTreeMap::new(),
@@ -721,6 +802,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         allow_postcopy: true,
         downtime_ms: None,
         pinned: false,
+        resources: vec![],
     })?;
     println!("  writer on host-1");
     println!("Waiting for load samples, then switching the balancer to automatic...");

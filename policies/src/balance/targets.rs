@@ -7,6 +7,7 @@ use crate::cost::{self, Selection};
 use crate::model::Vm;
 use crate::params::Params;
 use crate::plan::{Gain, ReasonClass};
+use crate::rebinding;
 use crate::units::Millis;
 use crate::view::NONE;
 
@@ -21,6 +22,7 @@ enum Blocker {
     Labels,
     Cores,
     Memory,
+    Resources,
     AntiAffinity,
     Affinity,
     MigrationLimit,
@@ -30,12 +32,13 @@ enum Blocker {
 }
 
 impl Blocker {
-    const ALL: [Blocker; 11] = [
+    const ALL: [Blocker; 12] = [
         Blocker::Down,
         Blocker::Hot,
         Blocker::Labels,
         Blocker::Cores,
         Blocker::Memory,
+        Blocker::Resources,
         Blocker::AntiAffinity,
         Blocker::Affinity,
         Blocker::MigrationLimit,
@@ -51,6 +54,7 @@ impl Blocker {
             Blocker::Labels => "lack its required labels".into(),
             Blocker::Cores => "have fewer cores than its vCPUs".into(),
             Blocker::Memory => "lack the memory".into(),
+            Blocker::Resources => "cannot bind its resources".into(),
             Blocker::AntiAffinity => "run a member of its anti-affinity group".into(),
             Blocker::Affinity => "run no member of its affinity group".into(),
             Blocker::MigrationLimit => format!(
@@ -104,6 +108,8 @@ struct Search {
     best: Option<Eval>,
     /// Mode selections by bandwidth (bits): most targets share a bandwidth.
     cache: Vec<(u64, Selection)>,
+    /// The first host that could not bind the VM's resources, and why (for the note).
+    unbindable: Option<(u32, String)>,
 }
 
 impl Planner<'_> {
@@ -135,7 +141,7 @@ impl Planner<'_> {
                 return;
             }
             search.examined += 1;
-            match self.evaluate(vm, v, s, t, trigger, affinity_bound, &mut search.cache) {
+            match self.evaluate(vm, v, s, t, trigger, affinity_bound, search) {
                 Err(b) => search.tally[b as usize] += 1,
                 Ok(e) => {
                     search.feasible += 1;
@@ -183,6 +189,7 @@ impl Planner<'_> {
             tally,
             examined,
             best,
+            unbindable,
             ..
         } = search;
 
@@ -275,6 +282,9 @@ impl Planner<'_> {
                         if n > 0 {
                             let sep = if first { " " } else { ", " };
                             let _ = write!(text, "{sep}{n} {}", b.describe(self.params));
+                            if let (Blocker::Resources, Some((t, why))) = (b, &unbindable) {
+                                let _ = write!(text, " ({}: {why})", self.host_name(*t));
+                            }
                             first = false;
                         }
                     }
@@ -318,7 +328,7 @@ impl Planner<'_> {
         t: u32,
         trigger: Trigger,
         affinity_bound: bool,
-        cache: &mut Vec<(u64, Selection)>,
+        search: &mut Search,
     ) -> Result<Eval, Blocker> {
         let host = self.view.host_at(t);
         if !host.up {
@@ -335,6 +345,12 @@ impl Planner<'_> {
         }
         if self.available[t as usize] < vm.memory_bytes {
             return Err(Blocker::Memory);
+        }
+        if !vm.resources.is_empty() {
+            if let Err(e) = rebinding::eligible(&vm.resources, &self.caps[t as usize]) {
+                search.unbindable.get_or_insert((t, e.reason));
+                return Err(Blocker::Resources);
+            }
         }
         let anti = self.view.anti_affinity_of(v);
         if anti != NONE && self.anti_affinity_count(anti, t) > 0 {
@@ -355,11 +371,11 @@ impl Planner<'_> {
         }
         let bandwidth = self.view.host_at(s).bandwidth_to(&host.name, self.params);
         let key = bandwidth.to_bits();
-        let selection = match cache.iter().find(|(k, _)| *k == key) {
+        let selection = match search.cache.iter().find(|(k, _)| *k == key) {
             Some((_, sel)) => *sel,
             None => {
                 let sel = cost::select(vm, bandwidth, self.params);
-                cache.push((key, sel));
+                search.cache.push((key, sel));
                 sel
             }
         };

@@ -1,10 +1,13 @@
 //! Scripted clusters for the balancer.
 
+mod resources;
+
 use super::plan;
 use crate::cost::Mode;
 use crate::model::{Host, LoadSample, Vm};
 use crate::params::Params;
 use crate::plan::{Plan, ReasonClass};
+use crate::rebinding::{self, Action};
 use crate::view::ClusterView;
 
 const GIB: u64 = 1 << 30;
@@ -76,7 +79,8 @@ impl Scenario {
 }
 
 /// What must hold for every plan: no VM moves twice, targets are up and keep labels,
-/// anti-affinity, memory and the threshold; limits hold.
+/// anti-affinity, memory and the threshold, and can bind the VM's resources on the disk the
+/// plan's earlier moves leave; limits hold.
 fn check_invariants(view: &ClusterView, plan: &Plan, params: &Params) {
     let mut hosts: Vec<Host> = view.hosts().to_vec();
     let mut vms: Vec<Vm> = view.vms().to_vec();
@@ -92,6 +96,20 @@ fn check_invariants(view: &ClusterView, plan: &Plan, params: &Params) {
         let reserve = params.placement.memory_reserve_bytes;
         assert!(vm.memory_bytes + reserve <= target.memory_free_bytes, "{m}");
         target.memory_free_bytes -= vm.memory_bytes;
+        let choices = rebinding::choose_all(&vm.resources, &target.capabilities())
+            .unwrap_or_else(|e| panic!("{m}: {e}"));
+        for (r, c) in vm.resources.iter().zip(&choices) {
+            target.disk_free_bytes -= rebinding::disk_taken(c.action, r);
+        }
+        let freed: u64 = vm
+            .resources
+            .iter()
+            .zip(&choices)
+            .filter(|(_, c)| c.action == Action::Move)
+            .map(|(r, _)| r.size_bytes)
+            .sum();
+        let source = hosts.iter_mut().find(|h| h.name == m.from).unwrap();
+        source.disk_free_bytes += freed;
         assert!(
             m.gain.target_load.1 <= params.hotspot.threshold + 1e-12,
             "{m}"
