@@ -504,6 +504,7 @@ mod tests {
                 hot_mib: None,
                 hot_percent: None,
                 content: PageContent::Counter,
+                disk_ops_s: None,
             }
         );
         let spin: GuestSpec = serde_json::from_str(r#"{"kind":"spin","duty_percent":50}"#).unwrap();

@@ -87,8 +87,8 @@ pub fn run(memory_mib: u64, disk_mib: u64, runs: usize, modes: &[String]) -> Res
          {disk_mib} MiB written at 500 blocks/s; medians of {runs} interleaved runs"
     );
     println!(
-        "{:<15} {:<22} {:>10} {:>8} {:>12} {:>14} {:>10}",
-        "mode", "variant", "total ms", "x none", "downtime ms", "disk MiB sent", "disk ms"
+        "{:<15} {:<22} {:>9} {:>10} {:>8} {:>12} {:>8} {:>14} {:>10}",
+        "mode", "variant", "setup ms", "total ms", "x none", "downtime ms", "rounds", "disk MiB sent", "disk ms"
     );
     for (m, mode) in modes.iter().enumerate() {
         let base = median(results[m][0].iter().map(|i| i.total_ms).collect());
@@ -96,6 +96,8 @@ pub fn run(memory_mib: u64, disk_mib: u64, runs: usize, modes: &[String]) -> Res
             let rs = &results[m][i];
             let total = median(rs.iter().map(|i| i.total_ms).collect());
             let down = median(rs.iter().map(|i| i.downtime_ms.unwrap_or(0.0)).collect());
+            let setup = median(rs.iter().map(|i| i.setup_ms).collect());
+            let rounds = median(rs.iter().map(|i| f64::from(i.rounds)).collect());
             let disk_bytes = median(
                 rs.iter()
                     .map(|i| i.resources.iter().map(|r| r.bytes).sum::<u64>() as f64)
@@ -106,13 +108,20 @@ pub fn run(memory_mib: u64, disk_mib: u64, runs: usize, modes: &[String]) -> Res
                     .map(|i| i.resources.iter().map(|r| r.duration_ms).sum::<f64>())
                     .collect(),
             );
+            let disk_ms = if v.disk.is_some() {
+                format!("{disk_ms:.0}")
+            } else {
+                "-".into()
+            };
             println!(
-                "{:<15} {:<22} {:>10.0} {:>8.2} {:>12.1} {:>14.1} {:>10.0}",
+                "{:<15} {:<22} {:>9.0} {:>10.0} {:>8.2} {:>12.1} {:>8.0} {:>14.1} {:>10}",
                 mode,
                 v.name,
+                setup,
                 total,
                 total / base,
                 down,
+                rounds,
                 disk_bytes / (1 << 20) as f64,
                 disk_ms
             );

@@ -229,11 +229,18 @@ impl SourceVm for VmSource {
         }
     }
 
-    fn pause(&self) -> Result<(), VmAccessError> {
+    fn ready_to_stop(&self) -> bool {
+        self.transfer.ready()
+    }
+
+    fn before_pause(&self) -> Result<(), VmAccessError> {
         // The disk copy's first full pass ends while the guest still runs.
         self.transfer
             .before_pause()
-            .map_err(|e| vm_err("Cannot copy the VM's resources", e))?;
+            .map_err(|e| vm_err("Cannot copy the VM's resources", e))
+    }
+
+    fn pause(&self) -> Result<(), VmAccessError> {
         self.with_vm(|vm| vm.pause())
             .map_err(|e| vm_err("Cannot pause the VM", e))
     }
@@ -675,6 +682,7 @@ impl Manager {
                     Ok(()) => {
                         // Every resource action is over once the target confirmed: the
                         // record says so before the migration reads completed.
+                        source.transfer.verify_disks();
                         source.transfer.complete(&BTreeMap::new());
                         progress.finish(MigrationStatus::Completed, None);
                         manager.metrics.migration_ended(

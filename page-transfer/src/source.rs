@@ -34,6 +34,8 @@ const BATCH_PAGES: usize = 256;
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(4);
 /// Auto switches to post-copy when a round keeps at least this share of the previous one.
 const NOT_SHRINKING: f64 = 0.9;
+/// How long a converged pre-copy waits between rounds for the VM's other data to catch up.
+const READY_POLL: Duration = Duration::from_millis(20);
 
 /// How to migrate.
 #[derive(Debug, Clone)]
@@ -261,6 +263,7 @@ impl Source<'_> {
     }
 
     fn pause(&mut self) -> Result<(), MigrationError> {
+        self.vm.before_pause()?;
         let t = Instant::now();
         self.paused_at = Some(t);
         self.vm.pause()?;
@@ -444,8 +447,20 @@ impl Source<'_> {
                 i.rounds = rounds;
                 i.dirty_rate_bytes_s = dirty_rate;
             });
-            if predicted <= budget {
+            // Memory has converged but the VM's other data (a mirrored disk) has not: keep
+            // resending dirty pages, without counting these rounds against convergence.
+            let waiting = predicted <= budget;
+            if waiting && self.vm.ready_to_stop() {
                 return self.precopy_finish(dirty);
+            }
+            if waiting && started.elapsed() < self.cfg.precopy_timeout {
+                std::thread::sleep(READY_POLL);
+                self.phase += 1;
+                round_start = Instant::now();
+                wire_before = self.progress.wire_bytes();
+                pages_sent = self.send_pages(&dirty, Stage::Precopy, None)?;
+                self.wait_applied(self.phase)?;
+                continue;
             }
             if previous_dirty.is_some_and(|p| n as f64 >= p as f64 * NOT_SHRINKING) {
                 stalled_rounds += 1;

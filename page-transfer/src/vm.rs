@@ -37,6 +37,16 @@ pub trait SourceVm: Send + Sync {
     fn harvest_dirty(&self) -> Result<Vec<PageBitmap>, VmAccessError>;
     /// Stops recording.
     fn stop_dirty_tracking(&self);
+    /// Whether what else must reach the target before the pause (a disk being mirrored) has
+    /// caught up: pre-copy keeps going round while this says no. Default: always ready.
+    fn ready_to_stop(&self) -> bool {
+        true
+    }
+    /// Runs just before the pause, while the guest still runs and before the downtime clock
+    /// starts: waits for work that must end live (a mirror's first full pass). Default: none.
+    fn before_pause(&self) -> Result<(), VmAccessError> {
+        Ok(())
+    }
     /// Stops the vCPUs.
     fn pause(&self) -> Result<(), VmAccessError>;
     /// Lets the vCPUs run again (a migration that failed before switchover).

@@ -13,9 +13,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use godwit_api::{
-    MigrationInfo, MigrationStatus, ResourceAction, ResourceKind, ResourceStatus, VmInfo, VmState,
+    ClusterHost, ClusterMigration, ClusterVm, MigrationInfo, MigrationStatus, ResourceAction,
+    ResourceKind, ResourceStatus, VmInfo, VmState,
 };
-use godwit_tests::{kvm_available, Agent};
+use godwit_tests::{bin_dir, kvm_available, Agent, Orchestrator};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -184,7 +185,10 @@ fn all_resource_kinds_follow_the_vm_in_every_mode() {
         }
         let root = record(&info, "root");
         assert_eq!(root.action, ResourceAction::Move, "{root:?}");
-        assert!(root.detail.contains("target digest matches"), "{root:?}");
+        assert!(
+            root.detail.contains("source image and target commit both"),
+            "{root:?}"
+        );
         assert!(root.bytes > 0);
         let cache = record(&info, "cache");
         assert_eq!(cache.action, ResourceAction::Copy, "{cache:?}");
@@ -327,4 +331,108 @@ fn a_failed_resource_action_leaves_the_vm_running_on_the_source() {
     assert_eq!(status, 404);
     assert!(!b.data_dir.path().join("resources/fragile/root").exists());
     assert!(client.finish() > 0);
+}
+
+#[test]
+fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
+    if !kvm_available("the_orchestrator_places_and_moves_vms_only_where_their_resources_bind") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let orch = Orchestrator::start(
+        &dir.path().join("orch"),
+        "balancer = \"off\"\npoll_interval_ms = 500\n",
+    )
+    .unwrap();
+    // host-1: no devices, 4 MiB for resource data; host-2: an entropy device, the default room.
+    let common = ["--orchestrator", orch.url.as_str(), "--dirty-probe-interval-s", "0"];
+    let h1 = Agent::start_with(
+        "host-1",
+        &[&common[..], &["--resource-capacity-mib", "4"]].concat(),
+    )
+    .unwrap();
+    let _h2 = Agent::start_with("host-2", &[&common[..], &["--device", "entropy"]].concat())
+        .unwrap();
+    orch.wait::<Vec<ClusterHost>>("/v1/hosts", WAIT, "two hosts up", |h| {
+        h.iter().filter(|h| h.up).count() == 2
+    })
+    .unwrap();
+    let create = |body: Value| -> ClusterVm {
+        let created: godwit_api::ClusterVmCreated = orch
+            .send(Method::POST, "/v1/vms", &body)
+            .unwrap_or_else(|e| panic!("create {body}: {e:#}"));
+        created.vm
+    };
+    let echo = json!({"kind": "echo"});
+    // Only host-2 has the device; only host-2 has room for 8 MiB of disk.
+    for name in ["rng1", "rng2"] {
+        let vm = create(json!({"name": name, "memory_mib": 64, "guest": echo,
+            "resources": [{"name": "rng", "kind": "device", "class": "entropy",
+                           "allow_global_ref": false}]}));
+        assert_eq!(vm.host, "host-2", "{vm:?}");
+    }
+    let big = create(json!({"name": "big", "memory_mib": 64, "guest": echo,
+        "resources": [{"name": "root", "kind": "disk", "size_mib": 8},
+                      {"name": "cache", "kind": "scratch", "size_mib": 2}]}));
+    assert_eq!(big.host, "host-2", "{big:?}");
+    orch.wait::<Vec<ClusterVm>>("/v1/vms", WAIT, "three VMs reported", |v| {
+        v.iter().filter(|v| v.reported).count() == 3
+    })
+    .unwrap();
+
+    // A manual move of a VM whose device must stay local, to a host without it: refused.
+    let (status, body) = orch
+        .request(
+            Method::POST,
+            "/v1/vms/rng1/migrate",
+            Some(&json!({"to": "host-1"})),
+        )
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("entropy"), "{body}");
+
+    // The disk (by identifier, fastened) stays behind an export; the scratch data fits and is
+    // copied. The orchestrator's record and the CLI show both.
+    let started: ClusterMigration = orch
+        .send(
+            Method::POST,
+            "/v1/vms/big/migrate",
+            &json!({"to": "host-1", "mode": "precopy"}),
+        )
+        .unwrap();
+    let done = orch
+        .wait::<ClusterMigration>(
+            &format!("/v1/migrations/{}", started.id),
+            WAIT,
+            "the migration to end",
+            |m| m.status != MigrationStatus::Running,
+        )
+        .unwrap();
+    assert_eq!(done.status, MigrationStatus::Completed, "{done:?}");
+    let stats = done.stats.clone().unwrap();
+    let actions: BTreeMap<String, ResourceAction> = stats
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.action))
+        .collect();
+    assert_eq!(actions["root"], ResourceAction::GlobalRef, "{stats:?}");
+    assert_eq!(actions["cache"], ResourceAction::Copy, "{stats:?}");
+    let on_h1 = h1.vm("big").unwrap();
+    assert!(on_h1.resources.iter().any(|r| r.location.starts_with("nbd ")));
+    let out = std::process::Command::new(bin_dir().join("godwit"))
+        .args(["--server", &orch.url, "migrations", "show", &started.id])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["root", "GR", "cache", "CP"] {
+        assert!(text.contains(want), "`godwit migrations show` lacks {want}:\n{text}");
+    }
+    let metrics = orch.text("/metrics").unwrap();
+    assert!(
+        metrics.contains(
+            "godwit_orchestrator_resource_actions_total{action=\"copy\",kind=\"scratch\",outcome=\"done\"} 1"
+        ),
+        "{metrics}"
+    );
 }

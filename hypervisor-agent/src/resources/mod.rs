@@ -411,6 +411,12 @@ impl HostResources {
                 }
             }
         }
+        if self.serves_moved(vm) {
+            return Err(AgentError::Conflict(format!(
+                "This host still serves resources of a VM named {vm:?} that moved away (an \
+                 export or a forwarded endpoint); use another name"
+            )));
+        }
         let dir = self.vm_dir(vm);
         if dir.exists() {
             let _ = std::fs::remove_dir_all(&dir);
@@ -594,6 +600,12 @@ impl HostResources {
         Ok(ep)
     }
 
+    /// Whether exports or endpoints of a VM named `vm` are still kept here.
+    fn serves_moved(&self, vm: &str) -> bool {
+        lock(&self.exports).keys().any(|(v, _)| v == vm)
+            || lock(&self.endpoints).keys().any(|(v, _)| v == vm)
+    }
+
     /// A VM is deleted here: its local data goes, endpoints that only serve it here stop.
     /// Forwarders of VMs that moved away are kept: clients still use their addresses.
     pub fn delete_vm(&self, vm: &str, res: &VmResources) {
@@ -602,6 +614,14 @@ impl HostResources {
                 endpoint.stop();
                 lock(&self.endpoints).remove(&(vm.to_owned(), b.spec.name.clone()));
             }
+        }
+        let exported: Vec<String> = lock(&self.exports)
+            .keys()
+            .filter(|(v, _)| v == vm)
+            .map(|(_, r)| r.clone())
+            .collect();
+        for r in exported {
+            self.unexport(vm, &r);
         }
         let dir = self.vm_dir(vm);
         if dir.exists() {

@@ -13,14 +13,17 @@
 //!   FileBegin / FileData* / FileEnd {blake3}   (scratch files, verified as they arrive)
 //!   --- the guest is paused ---
 //!   DiskChunk ... (the blocks dirtied last)
-//!   Commit                           ->      verify, fsync, move into place, hash each disk
+//!   Commit                           ->      verify, move into place, fold each disk's
+//!                                            per-block hashes (kept as blocks arrived)
 //!                                    <-      Ack {ok, error, digests}
 //!   (Abort {reason} instead: the target drops what it staged)
 //! ```
 //!
-//! The source compares each disk's digest with its own over the frozen image before it lets
-//! the switchover go: a disk that did not arrive whole fails the migration while the VM can
-//! still resume here.
+//! Scratch files are checked by blake3 before the commit: a file that did not arrive whole
+//! fails the migration while the VM can still resume here. Disks are checked end to end after
+//! the switchover, without stretching the pause: the source hashes its frozen image (which no
+//! longer changes) and compares it with the digest the target folded from the blocks it
+//! received; a difference marks the disk's action failed.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -194,17 +197,30 @@ pub struct Planned {
 
 type Records = Arc<Mutex<Vec<ResourceMigration>>>;
 
+/// What the copier watches: `stop` ends the live dirty passes (the pause is near), `cancel`
+/// ends everything (the migration failed).
+struct Flags {
+    stop: Arc<AtomicBool>,
+    cancel: Arc<AtomicBool>,
+}
+
 /// The source's side of a migration's resources.
 pub struct SourceTransfer {
     items: Vec<Planned>,
     records: Records,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
+    /// Every full pass is done: the copier only resends dirty blocks now.
+    ready: Arc<AtomicBool>,
+    /// The migration failed: the copier stops at once, even mid-pass.
+    cancel: Arc<AtomicBool>,
     worker: Mutex<Option<JoinHandle<io::Result<TcpStream>>>>,
     conn: Mutex<Option<TcpStream>>,
     stream: Option<Arc<Stream>>,
     frozen: AtomicBool,
     started: Instant,
+    /// Each moved or copied disk's digest as the target committed it.
+    target_digests: Mutex<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for SourceTransfer {
@@ -227,13 +243,18 @@ impl SourceTransfer {
     ) -> io::Result<Self> {
         let records: Records = Arc::new(Mutex::new(records));
         let stop = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(AtomicBool::new(false));
+        let cancel = Arc::new(AtomicBool::new(false));
         let data: Vec<Planned> = items
             .iter()
             .filter(|p| carries_data(p.bound.spec.kind, p.action))
             .cloned()
             .collect();
         let worker = match (data.is_empty(), addr) {
-            (true, _) => None,
+            (true, _) => {
+                ready.store(true, Ordering::Release);
+                None
+            }
             (false, None) => {
                 return Err(io::Error::other(
                     "the target offers no resource listener for the VM's data",
@@ -243,12 +264,16 @@ impl SourceTransfer {
                 let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
                 conn.set_nodelay(true)?;
                 conn.write_all(format!("{RESOURCES_PREFIX} {migration_id}\n").as_bytes())?;
-                let (records, progress, stop) = (records.clone(), progress.clone(), stop.clone());
+                let (records, progress, done) = (records.clone(), progress.clone(), ready.clone());
+                let flags = Flags {
+                    stop: stop.clone(),
+                    cancel: cancel.clone(),
+                };
                 Some(
                     std::thread::Builder::new()
                         .name("resource-copy".into())
                         .spawn(move || {
-                            copy_live(&mut conn, &data, &records, &progress, &stop)?;
+                            copy_live(&mut conn, &data, &records, &progress, &flags, &done)?;
                             Ok(conn)
                         })?,
                 )
@@ -259,11 +284,14 @@ impl SourceTransfer {
             records,
             progress,
             stop,
+            ready,
+            cancel,
             worker: Mutex::new(worker),
             conn: Mutex::new(None),
             stream,
             frozen: AtomicBool::new(false),
             started: Instant::now(),
+            target_digests: Mutex::new(BTreeMap::new()),
         };
         me.publish();
         Ok(me)
@@ -285,6 +313,11 @@ impl SourceTransfer {
         Ok(())
     }
 
+    /// Whether every resource's first full copy is done (pre-copy waits for it to stop).
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
     /// Before the guest pauses: lets the copier finish its first full pass and stop
     /// iterating, so the pause only covers the last dirty blocks.
     pub fn before_pause(&self) -> io::Result<()> {
@@ -293,7 +326,7 @@ impl SourceTransfer {
     }
 
     /// With the guest paused, before its state is saved: freezes the endpoint stream, sends
-    /// the last dirty blocks, commits on the target and checks every disk's digest.
+    /// the last dirty blocks and commits on the target.
     pub fn at_pause(&self) -> io::Result<()> {
         if let Some(s) = &self.stream {
             s.freeze();
@@ -304,7 +337,6 @@ impl SourceTransfer {
         let Some(conn) = conn_guard.as_mut() else {
             return Ok(());
         };
-        let mut expected = BTreeMap::new();
         for p in &self.items {
             if !carries_data(p.bound.spec.kind, p.action) {
                 continue;
@@ -315,13 +347,12 @@ impl SourceTransfer {
             {
                 let dirty = disk.dirty().harvest();
                 disk.dirty().stop();
-                let bytes = send_blocks(conn, &p.bound.spec.name, disk, &dirty)?;
-                let digest = block::digest(disk)?;
-                expected.insert(p.bound.spec.name.clone(), digest.clone());
+                let never = AtomicBool::new(false);
+                let bytes = send_blocks(conn, &p.bound.spec.name, disk, &dirty, &never)?;
                 self.record(p.record, |r| {
                     r.bytes += bytes;
                     r.detail = format!(
-                        "{}; {} blocks dirtied last sent in the pause; source image {digest}",
+                        "{}; {} blocks dirtied last sent in the pause",
                         r.detail,
                         dirty.len()
                     );
@@ -343,25 +374,53 @@ impl SourceTransfer {
                 ack.error.unwrap_or_else(|| "no reason given".into())
             )));
         }
-        for (name, digest) in &expected {
-            match ack.digests.get(name) {
-                Some(d) if d == digest => {}
-                other => {
-                    return Err(io::Error::other(format!(
-                        "disk {name} differs on the target ({}) from the source ({digest})",
-                        other.map_or("missing", String::as_str)
-                    )))
+        *lock(&self.target_digests) = ack.digests;
+        Ok(())
+    }
+
+    /// After the switchover: compares each moved or copied disk's frozen image here with what
+    /// the target committed. Returns false if any differs (its record says failed).
+    pub fn verify_disks(&self) -> bool {
+        let mut all_ok = true;
+        for p in &self.items {
+            let BoundState::Disk {
+                local: Some(disk), ..
+            } = &p.bound.state
+            else {
+                continue;
+            };
+            if !carries_data(p.bound.spec.kind, p.action) {
+                continue;
+            }
+            let name = &p.bound.spec.name;
+            let theirs = lock(&self.target_digests).get(name).cloned();
+            let t = Instant::now();
+            let ours = block::image_digest(disk);
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            match (ours, theirs) {
+                (Ok(ours), Some(theirs)) if ours == theirs => self.record(p.record, |r| {
+                    r.detail = format!(
+                        "{}; source image and target commit both {ours} (checked in {ms:.0} ms \
+                         after the switchover)",
+                        r.detail
+                    );
+                }),
+                (ours, theirs) => {
+                    all_ok = false;
+                    let text = format!(
+                        "disk {name} differs: source image {}, target committed {}",
+                        ours.unwrap_or_else(|e| format!("unreadable ({e})")),
+                        theirs.unwrap_or_else(|| "nothing".into())
+                    );
+                    tracing::error!(%text, "disk move check failed");
+                    self.record(p.record, |r| {
+                        r.status = ResourceStatus::Failed;
+                        r.error = Some(text);
+                    });
                 }
             }
         }
-        for p in &self.items {
-            if expected.contains_key(&p.bound.spec.name) {
-                self.record(p.record, |r| {
-                    r.detail.push_str("; target digest matches");
-                });
-            }
-        }
-        Ok(())
+        all_ok
     }
 
     fn record(&self, i: usize, f: impl FnOnce(&mut ResourceMigration)) {
@@ -374,6 +433,7 @@ impl SourceTransfer {
     /// The migration failed before the switchover and the VM resumes here: the target drops
     /// what it staged, the stream takes the bytes held meanwhile.
     pub fn abort(&self, reason: &str) {
+        self.cancel.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);
         let worker_err = self.join_worker().err();
         if let Some(conn) = lock(&self.conn).as_mut() {
@@ -408,7 +468,9 @@ impl SourceTransfer {
     pub fn complete(&self, details: &BTreeMap<usize, String>) {
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
         for (i, r) in lock(&self.records).iter_mut().enumerate() {
-            r.status = ResourceStatus::Done;
+            if r.status != ResourceStatus::Failed {
+                r.status = ResourceStatus::Done;
+            }
             if r.duration_ms == 0.0 {
                 r.duration_ms = ms;
             }
@@ -449,8 +511,10 @@ fn copy_live(
     items: &[Planned],
     records: &Records,
     progress: &Progress,
-    stop: &AtomicBool,
+    flags: &Flags,
+    ready: &AtomicBool,
 ) -> io::Result<()> {
+    let stop = &flags.stop;
     let set = |i: usize, f: &dyn Fn(&mut ResourceMigration)| {
         let snapshot = {
             let mut r = lock(records);
@@ -481,7 +545,7 @@ fn copy_live(
                 )?;
                 disk.dirty().start();
                 let all: Vec<u64> = (0..disk.blocks()).collect();
-                let bytes = send_blocks(conn, name, disk, &all)?;
+                let bytes = send_blocks(conn, name, disk, &all, &flags.cancel)?;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 set(p.record, &|r| {
                     r.bytes += bytes;
@@ -503,7 +567,7 @@ fn copy_live(
                         bytes: 0,
                     },
                 )?;
-                let (files, bytes) = send_dir(conn, name, dir)?;
+                let (files, bytes) = send_dir(conn, name, dir, &flags.cancel)?;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 set(p.record, &|r| {
                     r.bytes += bytes;
@@ -520,21 +584,31 @@ fn copy_live(
             }
         }
     }
+    if disks.is_empty() {
+        ready.store(true, Ordering::Release);
+    }
     // Dirty passes while the guest runs, until the pause is near.
     let mut passes = 0u32;
+    let mut first = true;
     let mut resent = vec![0u64; disks.len()];
     while !stop.load(Ordering::Acquire) && !disks.is_empty() && passes < MAX_LIVE_PASSES {
         for (i, (p, disk, _)) in disks.iter().enumerate() {
             let dirty = disk.dirty().harvest();
             if !dirty.is_empty() {
-                let bytes = send_blocks(conn, &p.bound.spec.name, disk, &dirty)?;
+                let bytes = send_blocks(conn, &p.bound.spec.name, disk, &dirty, &flags.cancel)?;
                 resent[i] += dirty.len() as u64;
                 set(p.record, &|r| r.bytes += bytes);
             }
         }
         passes += 1;
+        if first {
+            // One dirty pass after the full one: what is left is what the guest writes now.
+            ready.store(true, Ordering::Release);
+            first = false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    ready.store(true, Ordering::Release);
     for (i, (p, _, t)) in disks.iter().enumerate() {
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         let n = resent[i];
@@ -556,11 +630,15 @@ fn send_blocks(
     name: &str,
     disk: &FileDisk,
     blocks: &[u64],
+    cancel: &AtomicBool,
 ) -> io::Result<u64> {
     let mut sent = 0u64;
     let mut buf = vec![0u8; (CHUNK_BLOCKS * BLOCK_SIZE) as usize];
     let mut i = 0;
     while i < blocks.len() {
+        if cancel.load(Ordering::Acquire) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "the migration ended"));
+        }
         let first = blocks[i];
         let mut n = 1;
         while i + n < blocks.len()
@@ -580,11 +658,19 @@ fn send_blocks(
     Ok(sent)
 }
 
-fn send_dir(conn: &mut TcpStream, name: &str, dir: &Path) -> io::Result<(usize, u64)> {
+fn send_dir(
+    conn: &mut TcpStream,
+    name: &str,
+    dir: &Path,
+    cancel: &AtomicBool,
+) -> io::Result<(usize, u64)> {
     let files = scratch_files(dir)?;
     let mut bytes = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     for path in &files {
+        if cancel.load(Ordering::Acquire) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "the migration ended"));
+        }
         let file_name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -689,7 +775,7 @@ impl Incoming {
     fn receive_inner(&self, conn: &mut TcpStream) -> io::Result<()> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
         std::fs::create_dir_all(&self.staging)?;
-        let mut disks: BTreeMap<String, FileDisk> = BTreeMap::new();
+        let mut disks: BTreeMap<String, (FileDisk, Vec<u64>)> = BTreeMap::new();
         let mut file: Option<(std::fs::File, blake3::Hasher, String, u64, u64)> = None;
         let mut mismatches = Vec::new();
         loop {
@@ -714,13 +800,15 @@ impl Incoming {
                             )));
                         }
                         let disk = FileDisk::create(&dir.join("disk.img"), item.bytes)?;
-                        disks.insert(item.name, disk);
+                        let zero = block::block_hash(&[0u8; BLOCK_SIZE as usize]);
+                        let hashes = vec![zero; disk.blocks() as usize];
+                        disks.insert(item.name, (disk, hashes));
                     }
                 }
                 T_CHUNK => {
                     let c = parse_chunk(&payload)?;
-                    let disk = disks
-                        .get(c.name)
+                    let (disk, hashes) = disks
+                        .get_mut(c.name)
                         .ok_or_else(|| bad(format!("chunk for unknown disk {:?}", c.name)))?;
                     if c.block + u64::from(c.count) > disk.blocks() {
                         return Err(bad(format!("chunk past the end of disk {}", c.name)));
@@ -734,6 +822,9 @@ impl Incoming {
                         }
                     };
                     disk.write_raw(c.block, data)?;
+                    for (i, b) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+                        hashes[c.block as usize + i] = block::block_hash(b);
+                    }
                     lock(&self.state).bytes += data.len() as u64;
                 }
                 T_FILE_BEGIN => {
@@ -792,7 +883,7 @@ impl Incoming {
         }
     }
 
-    fn commit(&self, disks: &BTreeMap<String, FileDisk>, mismatches: &[String]) -> Ack {
+    fn commit(&self, disks: &BTreeMap<String, (FileDisk, Vec<u64>)>, mismatches: &[String]) -> Ack {
         let fail = |e: String| Ack {
             ok: false,
             error: Some(e),
@@ -802,16 +893,10 @@ impl Incoming {
             return fail(format!("scratch files differ: {}", mismatches.join(", ")));
         }
         let mut digests = BTreeMap::new();
-        for (name, disk) in disks {
-            if let Err(e) = disk.sync() {
-                return fail(format!("cannot sync disk {name}: {e}"));
-            }
-            match block::digest(disk) {
-                Ok(d) => {
-                    digests.insert(name.clone(), d);
-                }
-                Err(e) => return fail(format!("cannot hash disk {name}: {e}")),
-            }
+        // No fsync here: the image is as durable as the VM's memory, which is only on this
+        // host from now on either way; the guest's own flushes sync it.
+        for (name, (_, hashes)) in disks {
+            digests.insert(name.clone(), block::fold_digest(hashes));
         }
         let mut placed = Vec::new();
         for r in &self.resources {
