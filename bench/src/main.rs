@@ -60,7 +60,11 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// Modes to compare (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "precopy,stop-and-copy,postcopy")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "precopy,stop-and-copy,postcopy"
+        )]
         modes: Vec<String>,
     },
     /// VM start, snapshot and restore times.

@@ -13,8 +13,8 @@ use anyhow::{Context, Result};
 use godwit_api::{CreateVm, DirtyPattern, GuestSpec, MigrationInfo, PageContent, ResourceSpec};
 use serde_json::json;
 
-use crate::migration::Pair;
 use crate::median;
+use crate::migration::Pair;
 
 /// Blocks the guest tracks (docs/guest-abi.md, "Devices").
 const TRACKED_BYTES: u64 = 28672 * 4096;
@@ -70,7 +70,8 @@ pub fn run(memory_mib: u64, disk_mib: u64, runs: usize, modes: &[String]) -> Res
         }
     }
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let mut results: Vec<Vec<Vec<MigrationInfo>>> = vec![vec![Vec::new(); variants.len()]; modes.len()];
+    let mut results: Vec<Vec<Vec<MigrationInfo>>> =
+        vec![vec![Vec::new(); variants.len()]; modes.len()];
     for _ in 0..runs {
         for (m, mode) in modes.iter().enumerate() {
             for (i, _) in variants.iter().enumerate() {
@@ -88,7 +89,15 @@ pub fn run(memory_mib: u64, disk_mib: u64, runs: usize, modes: &[String]) -> Res
     );
     println!(
         "{:<15} {:<22} {:>9} {:>10} {:>8} {:>12} {:>8} {:>14} {:>10}",
-        "mode", "variant", "setup ms", "total ms", "x none", "downtime ms", "rounds", "disk MiB sent", "disk ms"
+        "mode",
+        "variant",
+        "setup ms",
+        "total ms",
+        "x none",
+        "downtime ms",
+        "rounds",
+        "disk MiB sent",
+        "disk ms"
     );
     for (m, mode) in modes.iter().enumerate() {
         let base = median(results[m][0].iter().map(|i| i.total_ms).collect());

@@ -160,7 +160,9 @@ async fn read_entropy(
 ) -> Result<impl IntoResponse, AgentError> {
     let n = q.bytes.unwrap_or(4096);
     if !(4..=65536).contains(&n) {
-        return Err(AgentError::BadRequest(format!("bytes must be 4-65536, not {n}")));
+        return Err(AgentError::BadRequest(format!(
+            "bytes must be 4-65536, not {n}"
+        )));
     }
     let data = blocking(&m, move |m| m.read_entropy(n)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data))

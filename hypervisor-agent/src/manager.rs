@@ -263,12 +263,14 @@ impl Manager {
 
     /// `n` bytes from this host's entropy device.
     pub fn read_entropy(&self, n: usize) -> Result<Vec<u8>, AgentError> {
-        let e = self.resources.local_entropy().ok_or_else(|| {
-            AgentError::NotFound("This host offers no entropy device".into())
-        })?;
+        let e = self
+            .resources
+            .local_entropy()
+            .ok_or_else(|| AgentError::NotFound("This host offers no entropy device".into()))?;
         let mut buf = vec![0u8; n];
-        e.fill(&mut buf)
-            .map_err(|err| AgentError::Internal(format!("Cannot read the entropy device: {err}")))?;
+        e.fill(&mut buf).map_err(|err| {
+            AgentError::Internal(format!("Cannot read the entropy device: {err}"))
+        })?;
         Ok(buf)
     }
 

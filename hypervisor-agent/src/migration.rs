@@ -641,28 +641,8 @@ impl Manager {
         let addr = format!("{target_ip}:{}", accepted.port);
         // The endpoint follows the VM as soon as the target runs it (post-copy keeps the
         // migration going long after that).
-        if let Some(link) = resource_addr.filter(|_| {
-            plan.planned
-                .iter()
-                .any(|p| p.bound.spec.kind == godwit_api::ResourceKind::Endpoint)
-        }) {
-            let (progress, planned, transfer) =
-                (progress.clone(), plan.planned.clone(), transfer.clone());
-            let _ = std::thread::Builder::new()
-                .name(format!("handover-{name}"))
-                .spawn(move || loop {
-                    let info = progress.info();
-                    if info.downtime_ms.is_some() && progress.switched() {
-                        if let Some(detail) = resource_plan::hand_over_endpoint(&planned, link) {
-                            transfer.note_endpoint(&detail);
-                        }
-                        return;
-                    }
-                    if info.status != MigrationStatus::Running {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                });
+        if let Some(link) = resource_addr {
+            resource_plan::spawn_endpoint_handover(name, link, &plan.planned, &progress, &transfer);
         }
         let planned = plan.planned;
         let target_name = accepted.agent.clone();
@@ -795,25 +775,7 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(req.id.clone(), resources.clone());
-        progress.update(|i| {
-            i.resources = req
-                .resources
-                .iter()
-                .map(|r| godwit_api::ResourceMigration {
-                    name: r.spec.name.clone(),
-                    kind: r.spec.kind,
-                    action: r.action,
-                    first_choice: r.action,
-                    fallback: false,
-                    reason: "chosen by the source".into(),
-                    status: godwit_api::ResourceStatus::Pending,
-                    detail: String::new(),
-                    bytes: 0,
-                    duration_ms: 0.0,
-                    error: None,
-                })
-                .collect()
-        });
+        progress.update(|i| i.resources = resource_plan::target_records(&req.resources));
         let factory = Factory {
             manager: self.clone(),
             host,
@@ -843,29 +805,13 @@ impl Manager {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&migration_id);
-                let ok = result.is_ok();
-                let bound = manager
-                    .entry(&name)
-                    .ok()
-                    .map(|e| e.resources.lock().unwrap_or_else(|p| p.into_inner()).info());
-                let received = resources.bytes();
-                progress.update(|i| {
-                    for r in &mut i.resources {
-                        r.status = if ok {
-                            godwit_api::ResourceStatus::Done
-                        } else {
-                            godwit_api::ResourceStatus::Failed
-                        };
-                        if let Some(b) = bound.iter().flatten().find(|b| b.spec.name == r.name) {
-                            r.detail = format!("bound here as {} (on {})", b.location, b.host);
-                        }
-                    }
-                    if let Some(r) = i.resources.iter_mut().find(|r| {
-                        crate::resources::transfer::carries_data(r.kind, r.action)
-                    }) {
-                        r.bytes = received;
-                    }
-                });
+                resource_plan::finish_target_records(
+                    &manager,
+                    &name,
+                    &progress,
+                    result.is_ok(),
+                    resources.bytes(),
+                );
                 let outcome = match result {
                     Ok(_) => {
                         progress.finish(MigrationStatus::Completed, None);
@@ -905,71 +851,6 @@ impl Manager {
             // "the address you reached my API at".
             host: (!ip.is_unspecified()).then(|| ip.to_string()),
         })
-    }
-
-    /// Refuses an incoming VM whose resources cannot be bound here as the source planned.
-    fn check_incoming_resources(&self, req: &IncomingMigration) -> Result<(), AgentError> {
-        use godwit_api::{ResourceAction, ResourceKind};
-        let specs: Vec<_> = req.resources.iter().map(|r| r.spec.clone()).collect();
-        self.resources.validate(&specs)?;
-        let mut needed = 0u64;
-        for r in &req.resources {
-            match (r.spec.kind, r.action) {
-                (ResourceKind::Device, ResourceAction::Rebind) => {
-                    let class = r.spec.class.as_deref().unwrap_or_default();
-                    if !self.resources.device_classes().iter().any(|c| c == class) {
-                        return Err(AgentError::Conflict(format!(
-                            "This host has no {class:?} device to rebind {} to",
-                            r.spec.name
-                        )));
-                    }
-                }
-                (kind, ResourceAction::Move | ResourceAction::Copy)
-                    if crate::resources::transfer::carries_data(kind, r.action) =>
-                {
-                    needed += r.spec.size_bytes();
-                }
-                (ResourceKind::Disk | ResourceKind::Device, ResourceAction::GlobalRef)
-                    if r.remote.is_none() =>
-                {
-                    return Err(AgentError::BadRequest(format!(
-                        "resource {} is kept on the source but no address to reach it was sent",
-                        r.spec.name
-                    )));
-                }
-                _ => {}
-            }
-        }
-        let free = self.resources.disk_free_bytes();
-        if needed > free {
-            return Err(AgentError::InsufficientMemory(format!(
-                "The VM's moved and copied resources need {} MiB, this host has {} MiB free",
-                needed / MIB,
-                free / MIB
-            )));
-        }
-        Ok(())
-    }
-
-    /// The host name or IP peers reach this host's exports at.
-    fn advertise_host(&self) -> String {
-        let ip = self.config().migration_ip;
-        if !ip.is_unspecified() {
-            return ip.to_string();
-        }
-        let url = self.api_url();
-        url.trim_start_matches("http://")
-            .rsplit_once(':')
-            .map_or("127.0.0.1".to_owned(), |(h, _)| h.to_owned())
-    }
-
-    fn api_url(&self) -> String {
-        self.resources
-            .api_url
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_else(|| "http://127.0.0.1:7070".into())
     }
 
     /// Meters running migrations for the 1 s sample: live byte counters and gauges, and the

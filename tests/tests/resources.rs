@@ -127,7 +127,10 @@ impl Client {
 
     fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Release);
-        self.handle.join().unwrap().unwrap_or_else(|e| panic!("endpoint client: {e}"))
+        self.handle
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("endpoint client: {e}"))
     }
 }
 
@@ -199,7 +202,12 @@ fn all_resource_kinds_follow_the_vm_in_every_mode() {
             .unwrap();
         assert_eq!(status, 404, "{mode}: still on the source");
         // The disk moved: gone from the source, on the target.
-        let src_disk = src.data_dir.path().join("resources").join(name).join("root");
+        let src_disk = src
+            .data_dir
+            .path()
+            .join("resources")
+            .join(name)
+            .join("root");
         assert!(!src_disk.exists(), "{mode}: source disk left behind");
         let dst_dir = dst.data_dir.path().join("resources").join(name);
         assert!(dst_dir.join("root/disk.img").exists());
@@ -209,9 +217,16 @@ fn all_resource_kinds_follow_the_vm_in_every_mode() {
         let on_dst = disk_verifies(dst, name, &last);
         assert_eq!(on_dst.state, VmState::Running);
         let dev = on_dst.guest.devices.clone().unwrap();
-        assert_eq!(format!("{:08x}", dev.entropy_device), entropy_id(&on_dst), "{mode}");
+        assert_eq!(
+            format!("{:08x}", dev.entropy_device),
+            entropy_id(&on_dst),
+            "{mode}"
+        );
         assert!(entropy_id(&on_dst) != entropy_id(&last) || src.name == dst.name);
-        assert!(dev.echo_lines > echoed, "{mode}: no echo on the target: {dev:?}");
+        assert!(
+            dev.echo_lines > echoed,
+            "{mode}: no echo on the target: {dev:?}"
+        );
         let disk_info = on_dst
             .resources
             .iter()
@@ -248,7 +263,10 @@ fn targets_lacking_space_or_devices_fall_back_or_refuse() {
         .unwrap();
     assert_eq!(status, 409, "{body}");
     assert!(
-        body["error"].as_str().unwrap().contains("no \"entropy\" device"),
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no \"entropy\" device"),
         "{body}"
     );
     let still = a.vm("strict").unwrap();
@@ -270,7 +288,10 @@ fn targets_lacking_space_or_devices_fall_back_or_refuse() {
     assert_eq!(info.status, MigrationStatus::Completed, "{info:?}");
     let root = record(&info, "root");
     assert_eq!(root.action, ResourceAction::GlobalRef, "{root:?}");
-    assert!(root.fallback && root.first_choice == ResourceAction::Move, "{root:?}");
+    assert!(
+        root.fallback && root.first_choice == ResourceAction::Move,
+        "{root:?}"
+    );
     assert!(root.reason.contains("MV impossible"), "{root:?}");
     let rng = record(&info, "rng");
     assert_eq!(rng.action, ResourceAction::GlobalRef, "{rng:?}");
@@ -325,9 +346,7 @@ fn a_failed_resource_action_leaves_the_vm_running_on_the_source() {
     let here = disk_verifies(&a, "fragile", &a.vm("fragile").unwrap());
     assert_eq!(here.state, VmState::Running);
     assert!(!here.migrating);
-    let (status, _) = b
-        .request(Method::GET, "/v1/vms/fragile", None)
-        .unwrap();
+    let (status, _) = b.request(Method::GET, "/v1/vms/fragile", None).unwrap();
     assert_eq!(status, 404);
     assert!(!b.data_dir.path().join("resources/fragile/root").exists());
     assert!(client.finish() > 0);
@@ -345,14 +364,19 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
     )
     .unwrap();
     // host-1: no devices, 4 MiB for resource data; host-2: an entropy device, the default room.
-    let common = ["--orchestrator", orch.url.as_str(), "--dirty-probe-interval-s", "0"];
+    let common = [
+        "--orchestrator",
+        orch.url.as_str(),
+        "--dirty-probe-interval-s",
+        "0",
+    ];
     let h1 = Agent::start_with(
         "host-1",
         &[&common[..], &["--resource-capacity-mib", "4"]].concat(),
     )
     .unwrap();
-    let _h2 = Agent::start_with("host-2", &[&common[..], &["--device", "entropy"]].concat())
-        .unwrap();
+    let _h2 =
+        Agent::start_with("host-2", &[&common[..], &["--device", "entropy"]].concat()).unwrap();
     orch.wait::<Vec<ClusterHost>>("/v1/hosts", WAIT, "two hosts up", |h| {
         h.iter().filter(|h| h.up).count() == 2
     })
@@ -389,7 +413,10 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
         )
         .unwrap();
     assert_eq!(status, 409, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("entropy"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("entropy"),
+        "{body}"
+    );
 
     // The disk (by identifier, fastened) stays behind an export; the scratch data fits and is
     // copied. The orchestrator's record and the CLI show both.
@@ -418,15 +445,25 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
     assert_eq!(actions["root"], ResourceAction::GlobalRef, "{stats:?}");
     assert_eq!(actions["cache"], ResourceAction::Copy, "{stats:?}");
     let on_h1 = h1.vm("big").unwrap();
-    assert!(on_h1.resources.iter().any(|r| r.location.starts_with("nbd ")));
+    assert!(on_h1
+        .resources
+        .iter()
+        .any(|r| r.location.starts_with("nbd ")));
     let out = std::process::Command::new(bin_dir().join("godwit"))
         .args(["--server", &orch.url, "migrations", "show", &started.id])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for want in ["root", "GR", "cache", "CP"] {
-        assert!(text.contains(want), "`godwit migrations show` lacks {want}:\n{text}");
+        assert!(
+            text.contains(want),
+            "`godwit migrations show` lacks {want}:\n{text}"
+        );
     }
     let metrics = orch.text("/metrics").unwrap();
     assert!(

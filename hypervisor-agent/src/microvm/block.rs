@@ -42,7 +42,9 @@ impl DirtyBlocks {
     fn new(blocks: u64) -> Self {
         DirtyBlocks {
             tracking: AtomicBool::new(false),
-            words: (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -159,7 +161,10 @@ impl FileDisk {
         {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("blocks {block}+{count} are outside a disk of {}", self.blocks),
+                format!(
+                    "blocks {block}+{count} are outside a disk of {}",
+                    self.blocks
+                ),
             ));
         }
         Ok(count)

@@ -297,7 +297,10 @@ impl Devices {
             return Err(bad(format!("count {count} is not 1-{MAX_REQUEST_BLOCKS}")));
         }
         let len = u64::from(count) * BLOCK_SIZE;
-        if block.checked_add(u64::from(count)).is_none_or(|e| e > disk.blocks()) {
+        if block
+            .checked_add(u64::from(count))
+            .is_none_or(|e| e > disk.blocks())
+        {
             return Err(bad(format!(
                 "blocks {block}+{count} are outside a disk of {}",
                 disk.blocks()
@@ -346,11 +349,20 @@ impl Devices {
                 return write_u32(data, word);
             }
             PORT_ENTROPY_ID => {
-                let id = self.attachments.entropy.as_ref().map_or(0, |e| e.device_id());
+                let id = self
+                    .attachments
+                    .entropy
+                    .as_ref()
+                    .map_or(0, |e| e.device_id());
                 return write_u32(data, id);
             }
             PORT_STREAM => {
-                let v = match self.attachments.stream.as_ref().and_then(|s| s.guest_read()) {
+                let v = match self
+                    .attachments
+                    .stream
+                    .as_ref()
+                    .and_then(|s| s.guest_read())
+                {
                     Some(b) => 0x100 | u32::from(b),
                     None => 0,
                 };
@@ -411,8 +423,15 @@ mod tests {
     fn devices(dir: &Path) -> Devices {
         let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let memory = super::super::memory::allocate(1 << 20, false).unwrap();
-        Devices::new("t", &dir.join("console.log"), irq, memory, Attachments::default(), None)
-            .unwrap()
+        Devices::new(
+            "t",
+            &dir.join("console.log"),
+            irq,
+            memory,
+            Attachments::default(),
+            None,
+        )
+        .unwrap()
     }
 
     #[test]

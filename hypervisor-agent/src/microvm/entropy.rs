@@ -97,7 +97,10 @@ impl RemoteEntropy {
     fn fetch(&self) -> io::Result<Vec<u8>> {
         let resp = self
             .client
-            .get(format!("{}/v1/devices/entropy?bytes={REMOTE_BATCH}", self.url))
+            .get(format!(
+                "{}/v1/devices/entropy?bytes={REMOTE_BATCH}",
+                self.url
+            ))
             .send()
             .map_err(io::Error::other)?;
         if !resp.status().is_success() {
@@ -146,7 +149,10 @@ mod tests {
 
     #[test]
     fn ids_are_per_host_and_never_zero() {
-        assert_ne!(device_id("host-1", "entropy"), device_id("host-2", "entropy"));
+        assert_ne!(
+            device_id("host-1", "entropy"),
+            device_id("host-2", "entropy")
+        );
         assert_eq!(device_id("a", "entropy"), device_id("a", "entropy"));
         assert_eq!(device_id("a", "entropy") & 1, 1);
     }

@@ -7,8 +7,8 @@
 pub mod block;
 pub mod cpu_time;
 pub mod devices;
-pub mod entropy;
 pub mod dirty_log;
+pub mod entropy;
 pub mod layout;
 pub mod memory;
 pub mod postcopy;

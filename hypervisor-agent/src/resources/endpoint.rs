@@ -41,6 +41,8 @@ enum Route {
 /// One live connection attached to the local stream.
 #[derive(Debug, Default)]
 struct Session {
+    /// The connection itself, to close it when the endpoint stops.
+    conn: Mutex<Option<TcpStream>>,
     /// Set once the VM moved away: the link to its new host.
     link: Mutex<Option<TcpStream>>,
     linked: Condvar,
@@ -180,6 +182,7 @@ impl Endpoint {
 
     fn attach(self: &Arc<Self>, conn: TcpStream, stream: Arc<Stream>) {
         let session = Arc::new(Session::default());
+        *lock(&session.conn) = conn.try_clone().ok();
         lock(&self.sessions).push(session.clone());
         let (Ok(reader_conn), Ok(writer_conn)) = (conn.try_clone(), conn.try_clone()) else {
             return;
@@ -203,7 +206,9 @@ impl Endpoint {
                     if link.is_none() {
                         link = s.wait_link();
                     }
-                    let sent = link.as_mut().is_some_and(|l| l.write_all(&buf[..n]).is_ok());
+                    let sent = link
+                        .as_mut()
+                        .is_some_and(|l| l.write_all(&buf[..n]).is_ok());
                     if !sent {
                         break;
                     }
@@ -282,11 +287,15 @@ impl Endpoint {
         *lock(&self.route) = Route::Local(stream);
     }
 
-    /// Stops accepting on the published address and closes live sessions' waits.
+    /// Stops accepting on the published address and closes the live sessions (the VM is
+    /// gone).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         for s in lock(&self.sessions).iter() {
             s.close();
+            if let Some(c) = lock(&s.conn).as_ref() {
+                let _ = c.shutdown(Shutdown::Both);
+            }
         }
     }
 }
@@ -375,7 +384,9 @@ mod tests {
         let guest = echo_guest(source_stream.clone(), stop.clone());
 
         let mut client = TcpStream::connect(addr).unwrap();
-        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         client.write_all(b"one\n").unwrap();
         let mut buf = [0u8; 4];
         client.read_exact(&mut buf).unwrap();

@@ -17,9 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
-use godwit_api::{
-    Attachment, Binding, ResourceInfo, ResourceKind, ResourceSpec,
-};
+use godwit_api::{Attachment, Binding, ResourceInfo, ResourceKind, ResourceSpec};
 
 use crate::error::AgentError;
 use crate::microvm::block::{BlockBackend, FileDisk, NbdDisk};
@@ -180,9 +178,8 @@ impl HostResources {
         ip: IpAddr,
     ) -> Result<Arc<Self>, AgentError> {
         let root = data_dir.join("resources");
-        std::fs::create_dir_all(&root).map_err(|e| {
-            AgentError::Internal(format!("Cannot create {}: {e}", root.display()))
-        })?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| AgentError::Internal(format!("Cannot create {}: {e}", root.display())))?;
         let entropy = if device_classes.contains("entropy") {
             Some(Arc::new(LocalEntropy::open(host).map_err(|e| {
                 AgentError::Internal(format!("Cannot open the entropy device: {e}"))
@@ -190,9 +187,8 @@ impl HostResources {
         } else {
             None
         };
-        let listener = TcpListener::bind((ip, 0)).map_err(|e| {
-            AgentError::Internal(format!("Cannot listen for resource links: {e}"))
-        })?;
+        let listener = TcpListener::bind((ip, 0))
+            .map_err(|e| AgentError::Internal(format!("Cannot listen for resource links: {e}")))?;
         let listener_addr = listener
             .local_addr()
             .map_err(|e| AgentError::Internal(format!("resource listener: {e}")))?;
@@ -275,10 +271,14 @@ impl HostResources {
                     tracing::warn!(header, "resource listener: bad link header");
                     return;
                 };
-                let ep = lock(&self.endpoints).get(&(vm.clone(), res.clone())).cloned();
+                let ep = lock(&self.endpoints)
+                    .get(&(vm.clone(), res.clone()))
+                    .cloned();
                 match ep {
                     Some(ep) => ep.serve(conn),
-                    None => tracing::warn!(%vm, %res, "link for an endpoint this host does not have"),
+                    None => {
+                        tracing::warn!(%vm, %res, "link for an endpoint this host does not have")
+                    }
                 }
             }
             transfer::RESOURCES_PREFIX => {
@@ -330,7 +330,10 @@ impl HostResources {
                     ));
                 }
                 if !matches!(s.kind, ResourceKind::Disk | ResourceKind::Scratch) {
-                    return bad(format!("resource {}: size_mib is for disks and scratch", s.name));
+                    return bad(format!(
+                        "resource {}: size_mib is for disks and scratch",
+                        s.name
+                    ));
                 }
             }
             if s.port.is_some() && s.kind != ResourceKind::Endpoint {
@@ -352,7 +355,8 @@ impl HostResources {
                     ));
                 }
                 ResourceKind::Endpoint
-                    if p.binding != Binding::Identifier || p.attachment == Attachment::Unattached =>
+                    if p.binding != Binding::Identifier
+                        || p.attachment == Attachment::Unattached =>
                 {
                     return bad(format!(
                         "resource {}: an endpoint keeps its published address, so it is bound \
@@ -465,8 +469,8 @@ impl HostResources {
                 }
             }
             ResourceKind::Endpoint => {
-                let listener = TcpListener::bind((self.endpoint_ip, s.port.unwrap_or(0)))
-                    .map_err(|e| {
+                let listener =
+                    TcpListener::bind((self.endpoint_ip, s.port.unwrap_or(0))).map_err(|e| {
                         AgentError::Conflict(format!(
                             "Cannot publish endpoint {} on {}:{}: {e}",
                             s.name,
@@ -558,7 +562,11 @@ impl HostResources {
         let mut exports = lock(&self.exports);
         if let Some(x) = exports.get_mut(&key) {
             if x.is_running() {
-                return Ok(format!("{advertise}:{}/{}", x.addr().port(), x.export_name()));
+                return Ok(format!(
+                    "{advertise}:{}/{}",
+                    x.addr().port(),
+                    x.export_name()
+                ));
             }
         }
         let name = format!("{vm}-{resource}");
@@ -568,7 +576,11 @@ impl HostResources {
                 crate::error::chain(&e)
             ))
         })?;
-        let remote = format!("{advertise}:{}/{}", export.addr().port(), export.export_name());
+        let remote = format!(
+            "{advertise}:{}/{}",
+            export.addr().port(),
+            export.export_name()
+        );
         exports.insert(key, export);
         Ok(remote)
     }

@@ -16,6 +16,8 @@ use policies::rebinding::{self, Choice, TargetCapabilities};
 use super::transfer::Planned;
 use super::{BoundState, HostResources, VmResources};
 use crate::error::AgentError;
+use crate::microvm::layout::MIB;
+use godwit_api::IncomingMigration;
 
 /// What the source decided for a migrating VM's resources.
 #[derive(Debug, Default)]
@@ -63,7 +65,11 @@ pub fn plan(
 ) -> Result<MigrationPlan, AgentError> {
     let caps = TargetCapabilities {
         disk_free_bytes: target.disk_free_bytes,
-        device_classes: target.device_classes.iter().cloned().collect::<BTreeSet<_>>(),
+        device_classes: target
+            .device_classes
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
         can_reach_source: true,
         source_can_export: godwit_nbd::qemu_nbd_available(),
     };
@@ -174,12 +180,8 @@ pub fn plan(
 /// Stops the exports a failed migration started (disks that would have stayed here).
 pub fn undo_exports(host: &HostResources, vm: &str, plan: &[Planned]) {
     for p in plan {
-        if let (
-            BoundState::Disk {
-                local: Some(_), ..
-            },
-            ResourceAction::GlobalRef,
-        ) = (&p.bound.state, p.action)
+        if let (BoundState::Disk { local: Some(_), .. }, ResourceAction::GlobalRef) =
+            (&p.bound.state, p.action)
         {
             host.unexport(vm, &p.bound.spec.name);
         }
@@ -232,7 +234,10 @@ pub fn finish_source(
                 if remote_of(&p.bound.state).is_none() {
                     kept += p.bound.spec.size_bytes();
                 }
-                format!("stays on {}; {target} reads and writes it through NBD", p.bound.host)
+                format!(
+                    "stays on {}; {target} reads and writes it through NBD",
+                    p.bound.host
+                )
             }
             (ResourceKind::Scratch, ResourceAction::GlobalRef) => {
                 if remote_of(&p.bound.state).is_none() {
@@ -259,4 +264,163 @@ pub fn finish_source(
     }
     host.moved_away(vm, &removed, kept);
     details
+}
+
+/// Hands the endpoint over once the target runs the VM (watching the migration's progress:
+/// the downtime is known once the target confirmed it resumed the VM).
+pub fn spawn_endpoint_handover(
+    vm: &str,
+    link: SocketAddr,
+    planned: &[Planned],
+    progress: &std::sync::Arc<page_transfer::progress::Progress>,
+    transfer: &std::sync::Arc<super::transfer::SourceTransfer>,
+) {
+    if !planned
+        .iter()
+        .any(|p| p.bound.spec.kind == ResourceKind::Endpoint)
+    {
+        return;
+    }
+    let (progress, planned, transfer) = (progress.clone(), planned.to_vec(), transfer.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("handover-{vm}"))
+        .spawn(move || loop {
+            let info = progress.info();
+            if info.downtime_ms.is_some() && progress.switched() {
+                if let Some(detail) = hand_over_endpoint(&planned, link) {
+                    transfer.note_endpoint(&detail);
+                }
+                return;
+            }
+            if info.status != godwit_api::MigrationStatus::Running {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(%vm, error = %e, "cannot start the endpoint handover thread");
+    }
+}
+
+/// The target's records of an incoming VM's resources, as the source chose them.
+pub fn target_records(resources: &[IncomingResource]) -> Vec<ResourceMigration> {
+    resources
+        .iter()
+        .map(|r| ResourceMigration {
+            name: r.spec.name.clone(),
+            kind: r.spec.kind,
+            action: r.action,
+            first_choice: r.action,
+            fallback: false,
+            reason: "chosen by the source".into(),
+            status: ResourceStatus::Pending,
+            detail: String::new(),
+            bytes: 0,
+            duration_ms: 0.0,
+            error: None,
+        })
+        .collect()
+}
+
+/// The target's records once the incoming migration ended: where each resource is bound now.
+pub fn finish_target_records(
+    manager: &crate::manager::Manager,
+    vm: &str,
+    progress: &page_transfer::progress::Progress,
+    ok: bool,
+    received: u64,
+) {
+    let bound = manager
+        .entry(vm)
+        .ok()
+        .map(|e| e.resources.lock().unwrap_or_else(|p| p.into_inner()).info());
+    progress.update(|i| {
+        for r in &mut i.resources {
+            r.status = if ok {
+                ResourceStatus::Done
+            } else {
+                ResourceStatus::Failed
+            };
+            if let Some(b) = bound.iter().flatten().find(|b| b.spec.name == r.name) {
+                r.detail = format!("bound here as {} (on {})", b.location, b.host);
+            }
+        }
+        if let Some(r) = i
+            .resources
+            .iter_mut()
+            .find(|r| super::transfer::carries_data(r.kind, r.action))
+        {
+            r.bytes = received;
+        }
+    });
+}
+
+impl crate::manager::Manager {
+    /// Refuses an incoming VM whose resources cannot be bound here as the source planned.
+    pub(crate) fn check_incoming_resources(
+        &self,
+        req: &IncomingMigration,
+    ) -> Result<(), AgentError> {
+        use godwit_api::{ResourceAction, ResourceKind};
+        let specs: Vec<_> = req.resources.iter().map(|r| r.spec.clone()).collect();
+        self.resources.validate(&specs)?;
+        let mut needed = 0u64;
+        for r in &req.resources {
+            match (r.spec.kind, r.action) {
+                (ResourceKind::Device, ResourceAction::Rebind) => {
+                    let class = r.spec.class.as_deref().unwrap_or_default();
+                    if !self.resources.device_classes().iter().any(|c| c == class) {
+                        return Err(AgentError::Conflict(format!(
+                            "This host has no {class:?} device to rebind {} to",
+                            r.spec.name
+                        )));
+                    }
+                }
+                (kind, ResourceAction::Move | ResourceAction::Copy)
+                    if crate::resources::transfer::carries_data(kind, r.action) =>
+                {
+                    needed += r.spec.size_bytes();
+                }
+                (ResourceKind::Disk | ResourceKind::Device, ResourceAction::GlobalRef)
+                    if r.remote.is_none() =>
+                {
+                    return Err(AgentError::BadRequest(format!(
+                        "resource {} is kept on the source but no address to reach it was sent",
+                        r.spec.name
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let free = self.resources.disk_free_bytes();
+        if needed > free {
+            return Err(AgentError::InsufficientMemory(format!(
+                "The VM's moved and copied resources need {} MiB, this host has {} MiB free",
+                needed / MIB,
+                free / MIB
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host name or IP peers reach this host's exports at.
+    pub(crate) fn advertise_host(&self) -> String {
+        let ip = self.config().migration_ip;
+        if !ip.is_unspecified() {
+            return ip.to_string();
+        }
+        let url = self.api_url();
+        url.trim_start_matches("http://")
+            .rsplit_once(':')
+            .map_or("127.0.0.1".to_owned(), |(h, _)| h.to_owned())
+    }
+
+    pub(crate) fn api_url(&self) -> String {
+        self.resources
+            .api_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into())
+    }
 }

@@ -1,0 +1,198 @@
+//! Tests of the resource data protocol and a whole transfer over real TCP.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use godwit_api::{IncomingResource, ResourceMigration, ResourceStatus};
+use page_transfer::progress::Progress;
+
+use super::*;
+use crate::microvm::block::{self, BlockBackend, FileDisk, BLOCK_SIZE};
+use crate::resources::{Bound, BoundState};
+
+#[test]
+fn chunks_round_trip_and_bad_ones_are_refused() {
+    let data = vec![5u8; 2 * BLOCK_SIZE as usize];
+    let f = chunk_frame("root", 7, 2, Some(&data));
+    let c = parse_chunk(&f).unwrap();
+    assert_eq!((c.name, c.block, c.count), ("root", 7, 2));
+    assert_eq!(c.data.unwrap(), &data[..]);
+    let z = chunk_frame("root", 0, 64, None);
+    assert!(parse_chunk(&z).unwrap().data.is_none());
+    assert!(parse_chunk(&chunk_frame("root", 0, 65, None)).is_err());
+    assert!(parse_chunk(&chunk_frame("root", 0, 3, Some(&data))).is_err());
+    assert!(parse_chunk(&f[..10]).is_err());
+    assert!(parse_chunk(&[]).is_err());
+}
+
+use godwit_api::{MigrationMode, ResourceSpec};
+use std::net::TcpListener;
+
+fn record(name: &str, kind: ResourceKind, action: ResourceAction) -> ResourceMigration {
+    ResourceMigration {
+        name: name.into(),
+        kind,
+        action,
+        first_choice: action,
+        fallback: false,
+        reason: String::new(),
+        status: ResourceStatus::Pending,
+        detail: String::new(),
+        bytes: 0,
+        duration_ms: 0.0,
+        error: None,
+    }
+}
+
+/// A disk being written while it is mirrored, and a scratch directory, reach a target over
+/// real TCP whole: the committed image equals the frozen source image.
+#[test]
+fn a_disk_written_during_the_copy_and_scratch_files_arrive_whole() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let disk = Arc::new(FileDisk::create(&src.path().join("disk.img"), 8 << 20).unwrap());
+    let scratch = src.path().join("cache");
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("a.bin"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(scratch.join("b.bin"), b"hello").unwrap();
+
+    let mut disk_spec = ResourceSpec::new("root", ResourceKind::Disk);
+    disk_spec.size_mib = Some(8);
+    let mut scratch_spec = ResourceSpec::new("cache", ResourceKind::Scratch);
+    scratch_spec.size_mib = Some(1);
+    let incoming = Arc::new(Incoming::new(
+        "id",
+        "vm",
+        vec![
+            IncomingResource {
+                spec: disk_spec.clone(),
+                action: ResourceAction::Move,
+                remote: None,
+                remote_host: None,
+                address: None,
+            },
+            IncomingResource {
+                spec: scratch_spec.clone(),
+                action: ResourceAction::Copy,
+                remote: None,
+                remote_host: None,
+                address: None,
+            },
+        ],
+        dst.path().to_owned(),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let inc = incoming.clone();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let header = super::super::endpoint::read_header_line(&conn, 200).unwrap();
+        assert_eq!(header, "GODWIT-RES id");
+        inc.receive(conn);
+    });
+
+    // The "guest" writes blocks all through the live copy.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (d, st) = (disk.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !st.load(Ordering::Acquire) {
+            let block = (n * 7919) % d.blocks();
+            d.write(block, &[(n % 251) as u8 + 1; BLOCK_SIZE as usize])
+                .unwrap();
+            n += 1;
+        }
+        n
+    });
+    let bound = |spec: &ResourceSpec, state: BoundState| Bound {
+        spec: spec.clone(),
+        host: "a".into(),
+        state,
+    };
+    let planned = vec![
+        Planned {
+            bound: bound(
+                &disk_spec,
+                BoundState::Disk {
+                    local: Some(disk.clone()),
+                    backend: disk.clone(),
+                    remote: None,
+                },
+            ),
+            action: ResourceAction::Move,
+            record: 0,
+        },
+        Planned {
+            bound: bound(
+                &scratch_spec,
+                BoundState::Scratch {
+                    dir: Some(scratch.clone()),
+                    remote: None,
+                },
+            ),
+            action: ResourceAction::Copy,
+            record: 1,
+        },
+    ];
+    let progress = Arc::new(Progress::new(
+        "id",
+        "vm",
+        "a",
+        "b",
+        MigrationMode::Precopy,
+        0,
+    ));
+    let transfer = SourceTransfer::start(
+        Some(addr),
+        "id",
+        planned,
+        vec![
+            record("root", ResourceKind::Disk, ResourceAction::Move),
+            record("cache", ResourceKind::Scratch, ResourceAction::Copy),
+        ],
+        progress,
+        None,
+    )
+    .unwrap();
+    while !transfer.ready() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(120));
+    transfer.before_pause().unwrap();
+    // "Pause": the writer stops, then the last dirty blocks go in the commit.
+    stop.store(true, Ordering::Release);
+    let writes = writer.join().unwrap();
+    transfer.at_pause().unwrap();
+    assert!(writes > 100, "only {writes} writes during the copy");
+    assert!(incoming.committed());
+    let moved = FileDisk::open(&dst.path().join("root/disk.img")).unwrap();
+    assert_eq!(
+        block::image_digest(&moved).unwrap(),
+        block::image_digest(&disk).unwrap()
+    );
+    assert!(transfer.verify_disks());
+    for f in ["a.bin", "b.bin"] {
+        assert_eq!(
+            std::fs::read(dst.path().join("cache").join(f)).unwrap(),
+            std::fs::read(scratch.join(f)).unwrap()
+        );
+    }
+    transfer.complete(&BTreeMap::new());
+    let records = transfer.records();
+    assert!(records.iter().all(|r| r.status == ResourceStatus::Done));
+    assert!(
+        records[0].detail.contains("dirty blocks resent"),
+        "{records:?}"
+    );
+    drop(transfer);
+    server.join().unwrap();
+}
+
+#[test]
+fn oversized_frames_are_refused_before_allocating() {
+    let mut f = vec![T_CHUNK];
+    f.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(read_frame(&mut &f[..]).is_err());
+}
