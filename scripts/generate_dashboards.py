@@ -935,6 +935,57 @@ def migrations():
         12,
         8,
     )
+    l.row("Resources")
+    hsel = 'host=~"$host"'
+    l.add(
+        table(
+            "Resource actions",
+            "What outgoing migrations did with each VM resource in the dashboard's time range: "
+            "kind (disk, endpoint, scratch, device), action (move, copy, global_ref, rebind) and "
+            "outcome (see docs/resources.md).",
+            [
+                (
+                    "sum by (kind, action, outcome) (increase(godwit_migration_resource_actions_total{"
+                    + hsel
+                    + "}[$__range])) > 0",
+                    "",
+                )
+            ],
+        ),
+        8,
+        8,
+    )
+    l.add(
+        timeseries(
+            "Resource data sent",
+            "Disk blocks and scratch files outgoing migrations send (MV and CP), by kind and "
+            "action.",
+            [
+                (
+                    "sum by (kind, action) (rate(godwit_migration_resource_bytes_total{"
+                    + hsel
+                    + "}[$__rate_interval]))",
+                    "{{kind}} {{action}}",
+                )
+            ],
+            "Bps",
+            minimum=0,
+        ),
+        8,
+        8,
+    )
+    l.add(
+        timeseries(
+            "Resource action time",
+            "Median and 99th percentile time of completed resource actions, by action (a disk "
+            "move from its first block to its last live pass).",
+            quantiles("godwit_migration_resource_action_duration_seconds", hsel, by="action", qs=(0.5, 0.99)),
+            "s",
+            minimum=0,
+        ),
+        8,
+        8,
+    )
     l.row("Failures")
     l.add(
         table(

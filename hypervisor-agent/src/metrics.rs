@@ -199,6 +199,20 @@ pub struct Metrics {
     meters: Mutex<HashMap<String, Meter>>,
 }
 
+/// (kind, action) pairs of resource actions an agent carries out.
+const RESOURCE_ACTIONS: [(&str, &str); 10] = [
+    ("disk", "move"),
+    ("disk", "copy"),
+    ("disk", "global_ref"),
+    ("scratch", "move"),
+    ("scratch", "copy"),
+    ("scratch", "global_ref"),
+    ("scratch", "rebind"),
+    ("endpoint", "global_ref"),
+    ("device", "rebind"),
+    ("device", "global_ref"),
+];
+
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
     registry
         .register(Box::new(c.clone()))
@@ -505,6 +519,15 @@ impl Metrics {
             self.migration_rounds.with_label_values(&[mode]);
             self.migration_downtime.with_label_values(&[mode]);
             self.migration_duration.with_label_values(&[mode]);
+        }
+        // The resource actions the agent can carry out (docs/resources.md).
+        for (kind, action) in RESOURCE_ACTIONS {
+            for outcome in ["done", "failed"] {
+                self.resource_actions
+                    .with_label_values(&[kind, action, outcome]);
+            }
+            self.resource_bytes.with_label_values(&[kind, action]);
+            self.resource_duration.with_label_values(&[kind, action]);
         }
         for mode in [MigrationMode::Postcopy, MigrationMode::Auto].map(mode_label) {
             self.postcopy_faults.with_label_values(&[mode]);

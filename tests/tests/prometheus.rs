@@ -638,7 +638,10 @@ fn prometheus_scrapes_a_migrating_cluster() {
         .send(
             Method::POST,
             "/v1/vms",
-            &json!({"name": "pc", "vcpus": 2, "memory_mib": 256, "host": "prom-1", "guest": dirty}),
+            &json!({"name": "pc", "vcpus": 2, "memory_mib": 256, "host": "prom-1", "guest": dirty,
+                    "resources": [
+                        {"name": "root", "kind": "disk", "size_mib": 4, "attachment": "unattached"},
+                        {"name": "cache", "kind": "scratch", "size_mib": 1}]}),
         )
         .unwrap();
     a.wait_vm("pc", WAIT, "progress", |vm| vm.guest.progress > 1000)
