@@ -66,6 +66,9 @@ enum Bench {
             default_value = "precopy,stop-and-copy,postcopy"
         )]
         modes: Vec<String>,
+        /// Also write every migration's full record (MigrationInfo) to this JSON file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
     /// VM start, snapshot and restore times.
     Agent {
@@ -101,7 +104,8 @@ fn main() {
             disk_mib,
             runs,
             modes,
-        } => resources::run(memory_mib, disk_mib, runs, &modes),
+            json,
+        } => resources::run(memory_mib, disk_mib, runs, &modes, json.as_deref()),
     };
     if let Err(e) = result {
         eprintln!("godwit-bench: {e:#}");

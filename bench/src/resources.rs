@@ -24,7 +24,13 @@ struct Variant {
     disk: Option<(u64, &'static str)>,
 }
 
-pub fn run(memory_mib: u64, disk_mib: u64, runs: usize, modes: &[String]) -> Result<()> {
+pub fn run(
+    memory_mib: u64,
+    disk_mib: u64,
+    runs: usize,
+    modes: &[String],
+    json_out: Option<&std::path::Path>,
+) -> Result<()> {
     let pair = Pair::start(false, false)?;
     let variants = [
         Variant {
@@ -82,6 +88,11 @@ pub fn run(memory_mib: u64, disk_mib: u64, runs: usize, modes: &[String]) -> Res
                 results[m][i].push(info);
             }
         }
+    }
+    if let Some(path) = json_out {
+        let all: Vec<&MigrationInfo> = results.iter().flatten().flatten().collect();
+        std::fs::write(path, serde_json::to_vec_pretty(&all)?)
+            .with_context(|| format!("write {}", path.display()))?;
     }
     println!(
         "\nMigration with a disk: {memory_mib} MiB guest dirtying 20 MiB/s (hot/cold), disk of \

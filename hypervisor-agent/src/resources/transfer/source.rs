@@ -151,7 +151,19 @@ impl SourceTransfer {
 
     /// Before the guest pauses: lets the copier finish its first full pass and stop
     /// iterating, so the pause only covers the last dirty blocks.
+    ///
+    /// Waits for `ready` (the full pass and one dirty pass after it) rather than only the full
+    /// pass, so the pause carries the blocks of one 50 ms pass, not everything written during
+    /// the full copy (what stop-and-copy and post-copy, which pause at once, would otherwise
+    /// send in the downtime).
     pub fn before_pause(&self) -> io::Result<()> {
+        loop {
+            let finished = lock(&self.worker).as_ref().is_none_or(|h| h.is_finished());
+            if self.ready() || finished {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         self.stop.store(true, Ordering::Release);
         self.join_worker()
     }
