@@ -736,6 +736,10 @@ pub struct IncomingMigration {
     /// The VM's resources and the action chosen for each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<IncomingResource>,
+    /// API URLs of the agents the VM ran on before, which may still serve its resources
+    /// (exports, forwarders, kept data); the target tells them when the VM is deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_hosts: Vec<String>,
 }
 
 /// The target's answer: where to open the migration channels.

@@ -38,6 +38,7 @@ pub fn router(manager: Shared) -> Router {
         .route("/v1/migrations/{id}", get(get_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/devices/entropy", get(read_entropy))
+        .route("/v1/resources/{vm}", axum::routing::delete(release_moved))
         .fallback(|| async {
             AgentError::NotFound("No such API endpoint; see docs/agent-api.md".into())
         })
@@ -166,6 +167,16 @@ async fn read_entropy(
     }
     let data = blocking(&m, move |m| m.read_entropy(n)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data))
+}
+
+/// A VM that moved away from here was deleted where it ran: release what this host keeps
+/// for it (exports, forwarders, data).
+async fn release_moved(
+    State(m): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    let released = blocking(&m, move |m| m.release_moved(&vm)).await?;
+    Ok(Json(serde_json::json!({ "released": released })))
 }
 
 async fn metrics(State(m): State<Shared>) -> impl IntoResponse {

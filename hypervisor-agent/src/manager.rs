@@ -261,6 +261,17 @@ impl Manager {
         Ok(manager)
     }
 
+    /// Releases what this host keeps for a VM that moved away and was deleted elsewhere.
+    pub fn release_moved(&self, vm: &str) -> Result<Vec<String>, AgentError> {
+        validate_name(vm)?;
+        if self.entry(vm).is_ok() || lock(&self.registry).reserved.contains_key(vm) {
+            return Err(AgentError::Conflict(format!(
+                "VM {vm:?} runs (or is arriving) here; delete it instead"
+            )));
+        }
+        Ok(self.resources.release_moved(vm))
+    }
+
     /// `n` bytes from this host's entropy device.
     pub fn read_entropy(&self, n: usize) -> Result<Vec<u8>, AgentError> {
         let e = self

@@ -567,6 +567,16 @@ impl Manager {
             mode: req.mode,
             source: self.config().name.clone(),
             resources: plan.incoming.clone(),
+            previous_hosts: if vm_resources.items.is_empty() {
+                Vec::new()
+            } else {
+                let mut hosts = vm_resources.visited.clone();
+                let me = self.api_url();
+                if !hosts.contains(&me) {
+                    hosts.push(me);
+                }
+                hosts
+            },
         };
         let accepted = match ask_target(&req.target, &incoming) {
             Ok(a) => a,
@@ -768,6 +778,7 @@ impl Manager {
             &req.id,
             &req.vm,
             req.resources.clone(),
+            req.previous_hosts.clone(),
             self.resources.vm_dir(&req.vm),
         ));
         self.resources

@@ -29,7 +29,7 @@ fn create(agent: &Agent, name: &str, resources: Value) -> VmInfo {
             &json!({
                 "name": name, "vcpus": 2, "memory_mib": 128,
                 "guest": {"kind": "dirty", "working_set_mib": 16, "rate_mib_s": 8.0,
-                          "disk_ops_s": 300},
+                          "disk_ops_s": 1000},
                 "resources": resources,
             }),
         )
@@ -313,6 +313,30 @@ fn targets_lacking_space_or_devices_fall_back_or_refuse() {
     let dev = on_c.guest.devices.clone().unwrap();
     assert_eq!(format!("{:08x}", dev.entropy_device), entropy_id(&before));
     assert!(dev.entropy_reads > before.guest.devices.clone().unwrap().entropy_reads);
+
+    // Deleting the VM where it runs releases what its old host keeps for it: the export
+    // stops and the disk image goes, and the space is free again.
+    let kept = a.data_dir.path().join("resources/big");
+    assert!(kept.exists());
+    let free_before: godwit_api::HostInfo = a.get("/v1/host").unwrap();
+    let (status, _) = c.request(Method::DELETE, "/v1/vms/big", None).unwrap();
+    assert_eq!(status, 204);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kept.exists() {
+        assert!(Instant::now() < deadline, "{} still kept", kept.display());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let free_after: godwit_api::HostInfo = a.get("/v1/host").unwrap();
+    assert_eq!(
+        free_after.disk_free_bytes,
+        free_before.disk_free_bytes + (8 << 20),
+        "the released disk's space is free again"
+    );
+    // A VM of that name that runs here is not released by mistake.
+    let (status, _) = a
+        .request(Method::DELETE, "/v1/resources/strict", None)
+        .unwrap();
+    assert_eq!(status, 409);
 }
 
 #[test]
@@ -338,6 +362,11 @@ fn a_failed_resource_action_leaves_the_vm_running_on_the_source() {
     let t = Instant::now();
     let info = migrate(&a, &b, "fragile", "precopy");
     assert_eq!(info.status, MigrationStatus::Failed, "{info:?}");
+    let error = info.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("resources"),
+        "failed for another reason: {error}"
+    );
     let cache = record(&info, "cache");
     assert_eq!(cache.status, ResourceStatus::Failed, "{cache:?}");
     assert!(cache.error.is_some());

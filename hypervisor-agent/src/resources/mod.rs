@@ -78,6 +78,8 @@ pub enum BoundState {
 #[derive(Debug, Clone, Default)]
 pub struct VmResources {
     pub items: Vec<Bound>,
+    /// API URLs of agents the VM ran on before that may still serve its resources.
+    pub visited: Vec<String>,
 }
 
 impl VmResources {
@@ -432,7 +434,10 @@ impl HostResources {
         match result {
             Ok(items) => {
                 self.add_used(vm, needed);
-                Ok(VmResources { items })
+                Ok(VmResources {
+                    items,
+                    visited: Vec::new(),
+                })
             }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -618,9 +623,53 @@ impl HostResources {
             || lock(&self.endpoints).keys().any(|(v, _)| v == vm)
     }
 
-    /// A VM is deleted here: its local data goes, endpoints that only serve it here stop.
-    /// Forwarders of VMs that moved away are kept: clients still use their addresses.
+    /// A VM that moved away from here was deleted where it ran: stops its exports and
+    /// forwarders and removes the data kept for it. Returns what was released.
+    pub fn release_moved(&self, vm: &str) -> Vec<String> {
+        let mut released = Vec::new();
+        let endpoints: Vec<(String, Arc<Endpoint>)> = {
+            let mut map = lock(&self.endpoints);
+            let keys: Vec<_> = map.keys().filter(|(v, _)| v == vm).cloned().collect();
+            keys.into_iter()
+                .filter_map(|k| map.remove(&k).map(|e| (k.1, e)))
+                .collect()
+        };
+        for (name, ep) in endpoints {
+            ep.stop();
+            released.push(format!("endpoint {name} ({})", ep.location()));
+        }
+        let exported: Vec<String> = lock(&self.exports)
+            .keys()
+            .filter(|(v, _)| v == vm)
+            .map(|(_, r)| r.clone())
+            .collect();
+        for r in exported {
+            self.unexport(vm, &r);
+            released.push(format!("export of {r}"));
+        }
+        let dir = self.vm_dir(vm);
+        if dir.exists() {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => released.push(format!("data {}", dir.display())),
+                Err(e) => tracing::warn!(%vm, error = %e, "cannot remove kept resource data"),
+            }
+        }
+        lock(&self.used).remove(vm);
+        if !released.is_empty() {
+            tracing::info!(%vm, ?released, "released the resources of a VM deleted elsewhere");
+        }
+        released
+    }
+
+    /// A VM is deleted here: its local data goes, endpoints that only serve it here stop, and
+    /// the agents it ran on before are told to release what they keep for it.
     pub fn delete_vm(&self, vm: &str, res: &VmResources) {
+        for url in &res.visited {
+            let (url, vm) = (url.clone(), vm.to_owned());
+            let _ = thread::Builder::new()
+                .name("release-moved".into())
+                .spawn(move || notify_deleted(&url, &vm));
+        }
         for b in &res.items {
             if let BoundState::Endpoint { endpoint, .. } = &b.state {
                 endpoint.stop();
@@ -666,6 +715,23 @@ impl HostResources {
         }
         for (_, x) in lock(&self.exports).drain() {
             x.stop();
+        }
+    }
+}
+
+/// Tells the agent at `url` that `vm`, which once ran there, was deleted (best effort).
+fn notify_deleted(url: &str, vm: &str) {
+    let result = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .and_then(|c| c.delete(format!("{url}/v1/resources/{vm}")).send());
+    match result {
+        Ok(r) if r.status().is_success() || r.status().as_u16() == 409 => {}
+        Ok(r) => {
+            tracing::warn!(%url, %vm, status = %r.status(), "a previous host did not release the VM's resources")
+        }
+        Err(e) => {
+            tracing::warn!(%url, %vm, error = %e, "cannot tell a previous host to release the VM's resources")
         }
     }
 }

@@ -144,9 +144,11 @@ impl SourceTransfer {
         Ok(())
     }
 
-    /// Whether every resource's first full copy is done (pre-copy waits for it to stop).
+    /// Whether every resource's first full copy is done (pre-copy waits for it to stop), or
+    /// the copier gave up (then the pause reports its error at once).
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+            || lock(&self.worker).as_ref().is_some_and(|h| h.is_finished())
     }
 
     /// Before the guest pauses: lets the copier finish its first full pass and stop
@@ -159,7 +161,7 @@ impl SourceTransfer {
     pub fn before_pause(&self) -> io::Result<()> {
         loop {
             let finished = lock(&self.worker).as_ref().is_none_or(|h| h.is_finished());
-            if self.ready() || finished {
+            if self.ready.load(Ordering::Acquire) || finished {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -388,7 +390,8 @@ fn copy_live(
                 )?;
                 disk.dirty().start();
                 let all: Vec<u64> = (0..disk.blocks()).collect();
-                let bytes = send_blocks(conn, name, disk, &all, &flags.cancel)?;
+                let bytes = send_blocks(conn, name, disk, &all, &flags.cancel)
+                    .map_err(|e| context(e, &format!("disk {name} ({})", disk.path().display())))?;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 set(p.record, &|r| {
                     r.bytes += bytes;
@@ -410,7 +413,8 @@ fn copy_live(
                         bytes: 0,
                     },
                 )?;
-                let (files, bytes) = send_dir(conn, name, dir, &flags.cancel)?;
+                let (files, bytes) = send_dir(conn, name, dir, &flags.cancel)
+                    .map_err(|e| context(e, &format!("scratch {name} ({})", dir.display())))?;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 set(p.record, &|r| {
                     r.bytes += bytes;
@@ -553,4 +557,9 @@ fn send_dir(
         )?;
     }
     Ok((files.len(), bytes))
+}
+
+/// `e` with what it happened to, keeping its kind.
+fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
 }

@@ -19,6 +19,8 @@ pub struct Incoming {
     pub id: String,
     pub vm: String,
     pub resources: Vec<IncomingResource>,
+    /// Agents the VM ran on before (API URLs).
+    pub previous_hosts: Vec<String>,
     dir: PathBuf,
     staging: PathBuf,
     state: Mutex<IncomingState>,
@@ -33,12 +35,19 @@ struct IncomingState {
 }
 
 impl Incoming {
-    pub fn new(id: &str, vm: &str, resources: Vec<IncomingResource>, dir: PathBuf) -> Self {
+    pub fn new(
+        id: &str,
+        vm: &str,
+        resources: Vec<IncomingResource>,
+        previous_hosts: Vec<String>,
+        dir: PathBuf,
+    ) -> Self {
         let staging = dir.join(format!(".incoming-{id}"));
         Incoming {
             id: id.to_owned(),
             vm: vm.to_owned(),
             resources,
+            previous_hosts,
             dir,
             staging,
             state: Mutex::new(IncomingState::default()),
@@ -58,7 +67,13 @@ impl Incoming {
 
     /// Serves the source's resource connection to the end.
     pub fn receive(&self, mut conn: TcpStream) {
-        let result = self.receive_inner(&mut conn);
+        let result = self.receive_inner(&mut conn).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(e.kind(), "the source closed the resource connection early")
+            } else {
+                e
+            }
+        });
         if let Err(e) = &result {
             tracing::warn!(vm = %self.vm, error = %e, "incoming resource data failed");
             let _ = write_json(
@@ -341,6 +356,13 @@ impl Incoming {
             });
         }
         host.add_used(&self.vm, local_bytes);
-        Ok(VmResources { items })
+        let me = host.api_url.lock().map(|u| u.clone()).unwrap_or_default();
+        let visited = self
+            .previous_hosts
+            .iter()
+            .filter(|u| Some(*u) != me.as_ref())
+            .cloned()
+            .collect();
+        Ok(VmResources { items, visited })
     }
 }

@@ -81,6 +81,7 @@ fn a_disk_written_during_the_copy_and_scratch_files_arrive_whole() {
                 address: None,
             },
         ],
+        Vec::new(),
         dst.path().to_owned(),
     ));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
