@@ -6,9 +6,13 @@
 //! Layout under the agent's data directory: `resources/<vm>/<resource>/disk.img` for a disk,
 //! `resources/<vm>/<resource>/` for a scratch directory's files.
 
+mod bound;
 pub mod endpoint;
 pub mod plan;
+mod spec;
 pub mod transfer;
+
+pub use bound::{Bound, BoundState, VmResources};
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -17,11 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
-use godwit_api::{Attachment, Binding, ResourceInfo, ResourceKind, ResourceSpec};
+use godwit_api::{ResourceKind, ResourceSpec};
 
 use crate::error::AgentError;
-use crate::microvm::block::{BlockBackend, FileDisk, NbdDisk};
-use crate::microvm::devices::Attachments;
+use crate::microvm::block::{FileDisk, NbdDisk};
 use crate::microvm::entropy::{EntropySource, LocalEntropy, RemoteEntropy};
 use crate::microvm::stream::Stream;
 use endpoint::Endpoint;
@@ -36,118 +39,6 @@ const SCRATCH_FILE_BYTES: u64 = MIB;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One resource as bound on this host.
-#[derive(Debug, Clone)]
-pub struct Bound {
-    pub spec: ResourceSpec,
-    /// The host holding its data or device.
-    pub host: String,
-    pub state: BoundState,
-}
-
-#[derive(Debug, Clone)]
-pub enum BoundState {
-    Disk {
-        /// The image file when the disk is on this host.
-        local: Option<Arc<FileDisk>>,
-        backend: Arc<dyn BlockBackend>,
-        /// `HOST:PORT/EXPORT` when it stayed on another host.
-        remote: Option<String>,
-    },
-    Endpoint {
-        endpoint: Arc<Endpoint>,
-        stream: Arc<Stream>,
-        /// The published address (on the VM's home host).
-        address: String,
-    },
-    Scratch {
-        /// The directory, when its data is on this host.
-        dir: Option<PathBuf>,
-        /// `HOST:PATH` when it stayed on another host.
-        remote: Option<String>,
-    },
-    Device {
-        entropy: Option<Arc<dyn EntropySource>>,
-        location: String,
-    },
-}
-
-/// All of one VM's resources here.
-#[derive(Debug, Clone, Default)]
-pub struct VmResources {
-    pub items: Vec<Bound>,
-    /// API URLs of agents the VM ran on before that may still serve its resources.
-    pub visited: Vec<String>,
-}
-
-impl VmResources {
-    /// The devices the microVM is built with.
-    pub fn attachments(&self) -> Attachments {
-        let mut a = Attachments::default();
-        for b in &self.items {
-            match &b.state {
-                BoundState::Disk { backend, .. } => a.disk = Some(backend.clone()),
-                BoundState::Endpoint { stream, .. } => a.stream = Some(stream.clone()),
-                BoundState::Device {
-                    entropy: Some(e), ..
-                } => a.entropy = Some(e.clone()),
-                _ => {}
-            }
-        }
-        a
-    }
-
-    pub fn info(&self) -> Vec<ResourceInfo> {
-        self.items
-            .iter()
-            .map(|b| {
-                let p = b.spec.to_policy();
-                let (location, address, writes, connections) = match &b.state {
-                    BoundState::Disk { backend, .. } => {
-                        (backend.location(), None, backend.writes(), 0)
-                    }
-                    BoundState::Endpoint {
-                        endpoint, address, ..
-                    } => (
-                        endpoint.location(),
-                        Some(address.clone()),
-                        0,
-                        endpoint.connections(),
-                    ),
-                    BoundState::Scratch { dir, remote } => (
-                        match (dir, remote) {
-                            (Some(d), _) => format!("scratch {}", d.display()),
-                            (None, Some(r)) => format!("scratch {r}"),
-                            (None, None) => "scratch (none)".into(),
-                        },
-                        None,
-                        0,
-                        0,
-                    ),
-                    BoundState::Device { location, .. } => (location.clone(), None, 0, 0),
-                };
-                ResourceInfo {
-                    spec: b.spec.clone(),
-                    binding: p.binding,
-                    attachment: p.attachment,
-                    location,
-                    host: b.host.clone(),
-                    address,
-                    writes,
-                    connections,
-                }
-            })
-            .collect()
-    }
-
-    pub fn stream(&self) -> Option<Arc<Stream>> {
-        self.items.iter().find_map(|b| match &b.state {
-            BoundState::Endpoint { stream, .. } => Some(stream.clone()),
-            _ => None,
-        })
-    }
 }
 
 /// This host's side of every VM's resources: where they live, the devices it offers, the
@@ -296,100 +187,9 @@ impl HostResources {
         }
     }
 
-    /// Checks a VM's resource specs against this host.
+    /// Checks a VM's resource specs against what this agent can carry out.
     pub fn validate(&self, specs: &[ResourceSpec]) -> Result<(), AgentError> {
-        let bad = |m: String| Err(AgentError::BadRequest(m));
-        if specs.len() > MAX_RESOURCES {
-            return bad(format!(
-                "a VM may declare at most {MAX_RESOURCES} resources, not {}",
-                specs.len()
-            ));
-        }
-        let mut names = BTreeSet::new();
-        let mut count = HashMap::new();
-        for s in specs {
-            if s.name.is_empty()
-                || s.name.len() > 32
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return bad(format!(
-                    "resource name {:?} must be 1-32 characters of [A-Za-z0-9_-]",
-                    s.name
-                ));
-            }
-            if !names.insert(s.name.clone()) {
-                return bad(format!("resource name {:?} is used twice", s.name));
-            }
-            let p = s.to_policy();
-            if let Some(mib) = s.size_mib {
-                if !(1..=MAX_SIZE_MIB).contains(&mib) {
-                    return bad(format!(
-                        "resource {}: size_mib must be 1-{MAX_SIZE_MIB}, not {mib}",
-                        s.name
-                    ));
-                }
-                if !matches!(s.kind, ResourceKind::Disk | ResourceKind::Scratch) {
-                    return bad(format!(
-                        "resource {}: size_mib is for disks and scratch",
-                        s.name
-                    ));
-                }
-            }
-            if s.port.is_some() && s.kind != ResourceKind::Endpoint {
-                return bad(format!("resource {}: port is for endpoints", s.name));
-            }
-            if s.class.is_some() != (s.kind == ResourceKind::Device) {
-                return bad(format!(
-                    "resource {}: a device needs a class, and only a device has one",
-                    s.name
-                ));
-            }
-            // Only combinations whose every action this agent can carry out.
-            match s.kind {
-                ResourceKind::Disk if p.binding == Binding::Type => {
-                    return bad(format!(
-                        "resource {}: a disk bound by type would be replaced by an empty one, \
-                         and the guest verifies what it wrote; bind it by identifier or value",
-                        s.name
-                    ));
-                }
-                ResourceKind::Endpoint
-                    if p.binding != Binding::Identifier
-                        || p.attachment == Attachment::Unattached =>
-                {
-                    return bad(format!(
-                        "resource {}: an endpoint keeps its published address, so it is bound \
-                         by identifier and fixed or fastened (GR); {} and {} are not supported",
-                        s.name, p.binding, p.attachment
-                    ));
-                }
-                ResourceKind::Device if p.binding != Binding::Type => {
-                    return bad(format!(
-                        "resource {}: a device is bound by type (any equivalent device will do)",
-                        s.name
-                    ));
-                }
-                _ => {}
-            }
-            let kind_key = match (s.kind, s.class.as_deref()) {
-                (ResourceKind::Device, Some("entropy")) => "entropy device",
-                (ResourceKind::Device, _) => "",
-                (ResourceKind::Disk, _) => "disk",
-                (ResourceKind::Endpoint, _) => "endpoint",
-                (ResourceKind::Scratch, _) => "",
-            };
-            if !kind_key.is_empty() {
-                let n = count.entry(kind_key).or_insert(0);
-                *n += 1;
-                if *n > 1 {
-                    return bad(format!("a VM may have at most one {kind_key}"));
-                }
-            }
-        }
-        Ok(())
+        spec::validate(specs)
     }
 
     /// Binds fresh resources for a VM created here.
