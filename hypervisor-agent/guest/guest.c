@@ -704,7 +704,7 @@ static __attribute__((noreturn)) void run_dirty(uint32_t vcpu, volatile struct a
 /* ---------------------------------------------------------------------------------------- */
 /* echo                                                                                     */
 
-#define ECHO_IDLE_SLEEP_US 500u
+#define ECHO_IDLE_SLEEP_US 2000u
 
 static __attribute__((noreturn)) void run_echo(uint32_t vcpu, volatile struct abi *abi,
 					       volatile struct status *st)
