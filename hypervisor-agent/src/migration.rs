@@ -177,6 +177,8 @@ struct VmSource {
     blob: Vec<u8>,
     /// The VM's resource data on its way to the target.
     transfer: Arc<SourceTransfer>,
+    /// A resource action failed (the failure's class for the metrics).
+    resource_failed: AtomicBool,
 }
 
 fn vm_err(what: &str, e: impl std::error::Error) -> VmAccessError {
@@ -235,9 +237,10 @@ impl SourceVm for VmSource {
 
     fn before_pause(&self) -> Result<(), VmAccessError> {
         // The disk copy's first full pass ends while the guest still runs.
-        self.transfer
-            .before_pause()
-            .map_err(|e| vm_err("Cannot copy the VM's resources", e))
+        self.transfer.before_pause().map_err(|e| {
+            self.resource_failed.store(true, Ordering::Release);
+            vm_err("Cannot copy the VM's resources", e)
+        })
     }
 
     fn pause(&self) -> Result<(), VmAccessError> {
@@ -253,9 +256,10 @@ impl SourceVm for VmSource {
     fn save_state(&self) -> Result<Vec<u8>, VmAccessError> {
         // Resources first: the endpoint stream freezes (its unread bytes go into the state)
         // and the target commits the VM's disk and scratch data before the switchover.
-        self.transfer
-            .at_pause()
-            .map_err(|e| vm_err("Cannot carry the VM's resources over", e))?;
+        self.transfer.at_pause().map_err(|e| {
+            self.resource_failed.store(true, Ordering::Release);
+            vm_err("Cannot carry the VM's resources over", e)
+        })?;
         let state = self
             .with_vm(|vm| vm.save_state())
             .map_err(|e| vm_err("Cannot save the VM state", e))?;
@@ -647,6 +651,7 @@ impl Manager {
             memory,
             blob,
             transfer: transfer.clone(),
+            resource_failed: AtomicBool::new(false),
         };
         let addr = format!("{target_ip}:{}", accepted.port);
         // The endpoint follows the VM as soon as the target runs it (post-copy keeps the
@@ -701,6 +706,8 @@ impl Manager {
                         let (status, outcome) =
                             if matches!(e, page_transfer::MigrationError::Cancelled) {
                                 (MigrationStatus::Cancelled, Outcome::Cancelled)
+                            } else if source.resource_failed.load(Ordering::Acquire) {
+                                (MigrationStatus::Failed, Outcome::Failed("resources"))
                             } else {
                                 (MigrationStatus::Failed, Outcome::Failed(failure_class(&e)))
                             };

@@ -370,6 +370,26 @@ fn a_failed_resource_action_leaves_the_vm_running_on_the_source() {
     let cache = record(&info, "cache");
     assert_eq!(cache.status, ResourceStatus::Failed, "{cache:?}");
     assert!(cache.error.is_some());
+    let metrics = a.text("/metrics").unwrap();
+    let counted = |name: &str, labels: &[&str]| {
+        metrics.lines().any(|l| {
+            l.starts_with(name) && labels.iter().all(|x| l.contains(x)) && l.ends_with(" 1")
+        })
+    };
+    assert!(
+        counted(
+            "godwit_migration_failures_total{",
+            &["reason=\"resources\"", "role=\"source\""]
+        ),
+        "{metrics}"
+    );
+    assert!(
+        counted(
+            "godwit_migration_resource_actions_total{",
+            &["kind=\"scratch\"", "action=\"copy\"", "outcome=\"failed\""]
+        ),
+        "{metrics}"
+    );
     assert!(t.elapsed() < WAIT);
     // Still here, still running, still verifying its disk and answering.
     let here = disk_verifies(&a, "fragile", &a.vm("fragile").unwrap());
