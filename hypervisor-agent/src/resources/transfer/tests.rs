@@ -5,7 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use godwit_api::{IncomingResource, ResourceMigration, ResourceStatus};
+use std::net::TcpListener;
+
+use godwit_api::{
+    IncomingResource, MigrationMode, ResourceMigration, ResourceSpec, ResourceStatus,
+};
 use page_transfer::progress::Progress;
 
 use super::*;
@@ -26,9 +30,6 @@ fn chunks_round_trip_and_bad_ones_are_refused() {
     assert!(parse_chunk(&f[..10]).is_err());
     assert!(parse_chunk(&[]).is_err());
 }
-
-use godwit_api::{MigrationMode, ResourceSpec};
-use std::net::TcpListener;
 
 fn record(name: &str, kind: ResourceKind, action: ResourceAction) -> ResourceMigration {
     ResourceMigration {
@@ -196,4 +197,162 @@ fn oversized_frames_are_refused_before_allocating() {
     let mut f = vec![T_CHUNK];
     f.extend_from_slice(&u32::MAX.to_le_bytes());
     assert!(read_frame(&mut &f[..]).is_err());
+}
+
+/// Runs `Incoming::receive` on a connection fed `frames`; returns the target's answer (the
+/// Ack it sent, if any) and whether it committed.
+fn feed(frames: &[(u8, Vec<u8>)]) -> (Option<Ack>, bool, bool) {
+    let dst = tempfile::tempdir().unwrap();
+    let mut spec = ResourceSpec::new("root", ResourceKind::Disk);
+    spec.size_mib = Some(1);
+    let mut scratch = ResourceSpec::new("cache", ResourceKind::Scratch);
+    scratch.size_mib = Some(1);
+    let incoming = Arc::new(Incoming::new(
+        "id",
+        "vm",
+        vec![
+            IncomingResource {
+                spec,
+                action: ResourceAction::Move,
+                remote: None,
+                remote_host: None,
+                address: None,
+            },
+            IncomingResource {
+                spec: scratch,
+                action: ResourceAction::Copy,
+                remote: None,
+                remote_host: None,
+                address: None,
+            },
+        ],
+        Vec::new(),
+        dst.path().to_owned(),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let inc = incoming.clone();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        inc.receive(conn);
+    });
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    for (ty, payload) in frames {
+        if write_frame(&mut conn, *ty, payload).is_err() {
+            break;
+        }
+    }
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let ack = read_frame(&mut conn)
+        .ok()
+        .filter(|(ty, _)| *ty == T_ACK)
+        .and_then(|(_, p)| serde_json::from_slice::<Ack>(&p).ok());
+    server.join().unwrap();
+    let staging_left = std::fs::read_dir(dst.path())
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".incoming"))
+        })
+        .unwrap_or(false);
+    (ack, incoming.committed(), staging_left)
+}
+
+fn json(v: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// A source that sends garbage or lies gets a refusal with a reason; nothing is committed,
+/// nothing staged is left behind, and the agent does not panic.
+#[test]
+fn garbage_and_lies_from_a_source_are_refused() {
+    let disk = |bytes: u64| {
+        (
+            T_ITEM,
+            json(serde_json::json!({"name": "root", "kind": "disk", "bytes": bytes})),
+        )
+    };
+    let scratch = (
+        T_ITEM,
+        json(serde_json::json!({"name": "cache", "kind": "scratch", "bytes": 0})),
+    );
+    let cases: Vec<(&str, Vec<(u8, Vec<u8>)>, &str)> = vec![
+        (
+            "unknown frame",
+            vec![(99, vec![1, 2, 3])],
+            "unknown resource frame type 99",
+        ),
+        (
+            "not JSON",
+            vec![(T_ITEM, b"{{{".to_vec())],
+            "bad item frame",
+        ),
+        (
+            "undeclared resource",
+            vec![(
+                T_ITEM,
+                json(serde_json::json!({"name": "other", "kind": "disk", "bytes": 4096})),
+            )],
+            "unexpected resource",
+        ),
+        ("wrong disk size", vec![disk(4096)], "were announced"),
+        (
+            "chunk for no disk",
+            vec![(T_CHUNK, chunk_frame("root", 0, 1, None))],
+            "unknown disk",
+        ),
+        (
+            "chunk past the end",
+            vec![disk(1 << 20), (T_CHUNK, chunk_frame("root", 255, 2, None))],
+            "past the end",
+        ),
+        (
+            "file name with a slash",
+            vec![
+                scratch.clone(),
+                (
+                    T_FILE_BEGIN,
+                    json(serde_json::json!({"name": "cache", "file": "../x", "size": 1})),
+                ),
+            ],
+            "bad scratch file name",
+        ),
+        (
+            "more data than announced",
+            vec![
+                scratch.clone(),
+                (
+                    T_FILE_BEGIN,
+                    json(serde_json::json!({"name": "cache", "file": "a", "size": 1})),
+                ),
+                (T_FILE_DATA, vec![0u8; 10]),
+            ],
+            "more file data than announced",
+        ),
+        (
+            "checksum mismatch at commit",
+            vec![
+                scratch.clone(),
+                (
+                    T_FILE_BEGIN,
+                    json(serde_json::json!({"name": "cache", "file": "a", "size": 2})),
+                ),
+                (T_FILE_DATA, vec![1u8, 2]),
+                (T_FILE_END, json(serde_json::json!({"blake3": "00"}))),
+                (T_COMMIT, Vec::new()),
+            ],
+            "scratch files differ",
+        ),
+    ];
+    for (what, frames, want) in cases {
+        let (ack, committed, staging_left) = feed(&frames);
+        let ack = ack.unwrap_or_else(|| panic!("{what}: no answer"));
+        assert!(!ack.ok, "{what}: accepted");
+        let error = ack.error.unwrap_or_default();
+        assert!(error.contains(want), "{what}: {error:?} lacks {want:?}");
+        assert!(!committed, "{what}: committed");
+        assert!(!staging_left, "{what}: staging left behind");
+    }
+    // A source that just hangs up: nothing committed, nothing left.
+    let (_, committed, staging_left) = feed(&[disk(1 << 20)]);
+    assert!(!committed && !staging_left);
 }
