@@ -199,6 +199,8 @@ fn oversized_frames_are_refused_before_allocating() {
     assert!(read_frame(&mut &f[..]).is_err());
 }
 
+type Frames = Vec<(u8, Vec<u8>)>;
+
 /// Runs `Incoming::receive` on a connection fed `frames`; returns the target's answer (the
 /// Ack it sent, if any) and whether it committed.
 fn feed(frames: &[(u8, Vec<u8>)]) -> (Option<Ack>, bool, bool) {
@@ -275,7 +277,7 @@ fn garbage_and_lies_from_a_source_are_refused() {
         T_ITEM,
         json(serde_json::json!({"name": "cache", "kind": "scratch", "bytes": 0})),
     );
-    let cases: Vec<(&str, Vec<(u8, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Frames, &str)> = vec![
         (
             "unknown frame",
             vec![(99, vec![1, 2, 3])],
