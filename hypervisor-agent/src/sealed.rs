@@ -180,28 +180,13 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use page_transfer::testing::XorShift;
 
     const MAGIC: [u8; 4] = *b"GVMS";
     const LIMIT: usize = 1 << 20;
 
     fn sample() -> Vec<u8> {
         seal(MAGIC, 2, b"vcpu registers and device state")
-    }
-
-    /// A deterministic xorshift64 generator, so fuzz failures reproduce.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound as u64) as usize
-        }
     }
 
     #[test]
@@ -329,7 +314,7 @@ mod tests {
         let original = seal(MAGIC, 2, &[0x5a; 64]);
         for _ in 0..20_000 {
             // Random bytes, sometimes behind a valid magic so later checks are reached.
-            let mut noise: Vec<u8> = (0..rng.below(80)).map(|_| rng.next() as u8).collect();
+            let mut noise: Vec<u8> = (0..rng.below(80)).map(|_| rng.next_u64() as u8).collect();
             if noise.len() >= 4 && rng.below(2) == 0 {
                 noise[..4].copy_from_slice(&MAGIC);
             }
@@ -344,10 +329,10 @@ mod tests {
                     }
                     1 if !mutated.is_empty() => {
                         let at = rng.below(mutated.len());
-                        mutated[at] = rng.next() as u8;
+                        mutated[at] = rng.next_u64() as u8;
                     }
                     2 => mutated.truncate(rng.below(mutated.len() + 1)),
-                    _ => mutated.extend((0..=rng.below(8)).map(|_| rng.next() as u8)),
+                    _ => mutated.extend((0..=rng.below(8)).map(|_| rng.next_u64() as u8)),
                 }
             }
             let result = unseal(&mutated, MAGIC, &[2], LIMIT);

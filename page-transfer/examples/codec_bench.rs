@@ -8,24 +8,7 @@ use std::time::Instant;
 
 use page_transfer::codec::{is_zero, Compression, PageDecoder, PageEncoder};
 use page_transfer::protocol::{PageKind, PAGE_SIZE};
-
-/// xorshift64: reproducible random memory without a rand crate.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_exact_mut(8) {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-    }
-}
+use page_transfer::testing::{counter_page, XorShift};
 
 /// `pages` pages of one pattern, written byte by byte so that no page is the kernel's shared
 /// zero page (which would make reads of zero memory look faster than they are).
@@ -35,13 +18,7 @@ fn memory(pattern: &str, pages: usize) -> Vec<u8> {
     for (p, page) in mem.chunks_exact_mut(PAGE_SIZE).enumerate() {
         match pattern {
             "zero" => page.fill(black_box(0)),
-            "counter" => {
-                // What the test guest writes: word w is ((p << 32) | g) + w.
-                let base = ((p as u64) << 32) | (1 + p as u64 % 7);
-                for (w, word) in page.chunks_exact_mut(8).enumerate() {
-                    word.copy_from_slice(&(base + w as u64).to_le_bytes());
-                }
-            }
+            "counter" => page.copy_from_slice(&counter_page(p as u64, 1 + p as u64 % 7)),
             "random" => rng.fill(page),
             _ => {
                 let (data, zeros) = page.split_at_mut(PAGE_SIZE / 2);

@@ -362,48 +362,10 @@ impl PageDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64, so the tests need no rand crate and are reproducible.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn fill(&mut self, out: &mut [u8]) {
-            for chunk in out.chunks_mut(8) {
-                let word = self.next().to_le_bytes();
-                chunk.copy_from_slice(&word[..chunk.len()]);
-            }
-        }
-    }
+    use crate::testing::{counter_page, half_zero_page, random_page, XorShift};
 
     fn zero_page() -> Vec<u8> {
         vec![0; PAGE_SIZE]
-    }
-
-    /// What the test guest writes: 64-bit word `w` is `((p << 32) | g) + w`.
-    fn counter_page(p: u64, g: u64) -> Vec<u8> {
-        (0..PAGE_SIZE as u64 / 8)
-            .flat_map(|w| ((p << 32) | g).wrapping_add(w).to_le_bytes())
-            .collect()
-    }
-
-    fn random_page(rng: &mut XorShift) -> Vec<u8> {
-        let mut page = zero_page();
-        rng.fill(&mut page);
-        page
-    }
-
-    /// Random first half, zero second half.
-    fn half_zero_page(rng: &mut XorShift) -> Vec<u8> {
-        let mut page = zero_page();
-        rng.fill(&mut page[..PAGE_SIZE / 2]);
-        page
     }
 
     fn round_trip(enc: &mut PageEncoder, dec: &mut PageDecoder, page: &[u8]) -> PageKind {
@@ -642,9 +604,9 @@ mod tests {
         let mut out = [0; PAGE_SIZE];
         for _ in 0..5000 {
             let mut data = frame.clone();
-            for _ in 0..1 + rng.next() % 4 {
-                let at = (rng.next() % data.len() as u64) as usize;
-                data[at] ^= 1 << (rng.next() % 8);
+            for _ in 0..1 + rng.next_u64() % 4 {
+                let at = (rng.next_u64() % data.len() as u64) as usize;
+                data[at] ^= 1 << (rng.next_u64() % 8);
             }
             // Either error or exactly one page: never a panic.
             let _ = dec.decode(PageKind::Zstd, &data, &mut out);

@@ -17,6 +17,7 @@ pub mod progress;
 pub mod protocol;
 pub mod source;
 pub mod target;
+pub mod testing;
 pub mod transport;
 pub mod vm;
 

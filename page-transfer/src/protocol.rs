@@ -1393,22 +1393,7 @@ impl ExactSizeIterator for PagesView<'_> {}
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64, so the fuzz loop needs no rand crate and is reproducible.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    use crate::testing::XorShift;
 
     /// One message of every command, with non-trivial fields.
     fn samples() -> Vec<Message> {
@@ -1745,7 +1730,7 @@ mod tests {
         for i in 0..50_000 {
             let mut f = if i % 10 == 0 {
                 // Pure noise, sometimes behind a valid magic so it reaches the decoders.
-                let mut f: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+                let mut f: Vec<u8> = (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect();
                 if i % 20 == 0 && f.len() >= 16 {
                     f[..4].copy_from_slice(&MAGIC.to_le_bytes());
                     f[6..8].fill(0);
@@ -1762,12 +1747,12 @@ mod tests {
                 let at = rng.below(f.len());
                 match rng.below(6) {
                     0 => f[at] ^= 1 << rng.below(8),
-                    1 => f[at] = rng.next() as u8,
+                    1 => f[at] = rng.next_u64() as u8,
                     2 => f.truncate(at),
-                    3 => f.insert(at, rng.next() as u8),
+                    3 => f.insert(at, rng.next_u64() as u8),
                     4 => {
                         // A random length field, where lengths live.
-                        let len = (rng.next() as u32).to_le_bytes();
+                        let len = (rng.next_u64() as u32).to_le_bytes();
                         let at = at.min(f.len().saturating_sub(4));
                         let end = (at + 4).min(f.len());
                         f[at..end].copy_from_slice(&len[..end - at]);
