@@ -547,6 +547,19 @@ pub enum MigrationMode {
     Auto,
 }
 
+impl MigrationMode {
+    /// The name as serialized (`precopy`, `stop-and-copy`, `postcopy`, `auto`), for logs and
+    /// metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::StopAndCopy => "stop-and-copy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Auto => "auto",
+        }
+    }
+}
+
 /// Page compression on the wire.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]

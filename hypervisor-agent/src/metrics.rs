@@ -44,16 +44,6 @@ const RUNNING_PHASES: [MigrationPhase; 5] = [
 
 const VM_STATES: [VmState; 3] = [VmState::Running, VmState::Paused, VmState::Crashed];
 
-/// Label values as the API spells them.
-pub fn mode_label(mode: MigrationMode) -> &'static str {
-    match mode {
-        MigrationMode::Precopy => "precopy",
-        MigrationMode::StopAndCopy => "stop-and-copy",
-        MigrationMode::Postcopy => "postcopy",
-        MigrationMode::Auto => "auto",
-    }
-}
-
 pub fn phase_label(phase: MigrationPhase) -> &'static str {
     match phase {
         MigrationPhase::Setup => "setup",
@@ -493,7 +483,7 @@ impl Metrics {
     /// Series whose labels are known in advance exist from the start at zero, so rates and
     /// alerts see a change from the first migration on.
     fn init_migration_series(&self) {
-        for mode in MODES.map(mode_label) {
+        for mode in MODES.map(MigrationMode::as_str) {
             for role in [Role::Source, Role::Target] {
                 self.migrations_started
                     .with_label_values(&[mode, role.label()]);
@@ -529,7 +519,7 @@ impl Metrics {
             self.resource_bytes.with_label_values(&[kind, action]);
             self.resource_duration.with_label_values(&[kind, action]);
         }
-        for mode in [MigrationMode::Postcopy, MigrationMode::Auto].map(mode_label) {
+        for mode in [MigrationMode::Postcopy, MigrationMode::Auto].map(MigrationMode::as_str) {
             self.postcopy_faults.with_label_values(&[mode]);
             self.postcopy_requests.with_label_values(&[mode]);
             self.fault_latency.init(mode);
@@ -565,7 +555,7 @@ impl Metrics {
 
     /// A migration record was made: counts the start and begins metering it.
     pub fn migration_started(&self, id: &str, vm: &str, role: Role, mode: MigrationMode) {
-        let mode = mode_label(mode);
+        let mode = mode.as_str();
         self.migrations_started
             .with_label_values(&[mode, role.label()])
             .inc();

@@ -209,7 +209,7 @@ fn finish(state: &State, mut m: ClusterMigration) {
     state
         .metrics
         .migrations
-        .with_label_values(&[mode_label(m.mode), trigger_label(m.trigger), outcome])
+        .with_label_values(&[m.mode.as_str(), trigger_label(m.trigger), outcome])
         .inc();
     if let Some(stats) = &m.stats {
         state.metrics.count_resource_actions(&stats.resources);
@@ -225,15 +225,6 @@ fn finish(state: &State, mut m: ClusterMigration) {
         "migration ended"
     );
     state.put_migration(m);
-}
-
-pub fn mode_label(mode: MigrationMode) -> &'static str {
-    match mode {
-        MigrationMode::Precopy => "precopy",
-        MigrationMode::StopAndCopy => "stop-and-copy",
-        MigrationMode::Postcopy => "postcopy",
-        MigrationMode::Auto => "auto",
-    }
 }
 
 pub fn trigger_label(t: MigrationTrigger) -> &'static str {
