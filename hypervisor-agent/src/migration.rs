@@ -179,6 +179,9 @@ struct VmSource {
     transfer: Arc<SourceTransfer>,
     /// A resource action failed (the failure's class for the metrics).
     resource_failed: AtomicBool,
+    /// The resources and the target's resource listener, for the endpoint's handover.
+    planned: Vec<crate::resources::transfer::Planned>,
+    link: Option<std::net::SocketAddr>,
 }
 
 fn vm_err(what: &str, e: impl std::error::Error) -> VmAccessError {
@@ -241,6 +244,14 @@ impl SourceVm for VmSource {
             self.resource_failed.store(true, Ordering::Release);
             vm_err("Cannot copy the VM's resources", e)
         })
+    }
+
+    fn target_running(&self) {
+        if let Some(link) = self.link {
+            if let Some(detail) = resource_plan::hand_over_endpoint(&self.planned, link) {
+                self.transfer.note_endpoint(&detail);
+            }
+        }
     }
 
     fn pause(&self) -> Result<(), VmAccessError> {
@@ -652,13 +663,10 @@ impl Manager {
             blob,
             transfer: transfer.clone(),
             resource_failed: AtomicBool::new(false),
+            planned: plan.planned.clone(),
+            link: resource_addr,
         };
         let addr = format!("{target_ip}:{}", accepted.port);
-        // The endpoint follows the VM as soon as the target runs it (post-copy keeps the
-        // migration going long after that).
-        if let Some(link) = resource_addr {
-            resource_plan::spawn_endpoint_handover(name, link, &plan.planned, &progress, &transfer);
-        }
         let planned = plan.planned;
         let target_name = accepted.agent.clone();
         let manager = self.clone();

@@ -303,6 +303,7 @@ impl Source<'_> {
             _ => unreachable_event()?,
         }
         let resume_ms = ms(t);
+        self.vm.target_running();
         let downtime = self.paused_at.map(ms).unwrap_or(0.0);
         self.progress.update(|i| {
             i.downtime.state_ms = state_ms;

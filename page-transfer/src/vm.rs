@@ -49,6 +49,10 @@ pub trait SourceVm: Send + Sync {
     }
     /// Stops the vCPUs.
     fn pause(&self) -> Result<(), VmAccessError>;
+    /// The target reported the VM running: what follows the VM at once (a client
+    /// connection's forwarding) can move now, even while post-copy still pushes pages.
+    /// Default: nothing.
+    fn target_running(&self) {}
     /// Lets the vCPUs run again (a migration that failed before switchover).
     fn resume(&self) -> Result<(), VmAccessError>;
     /// vCPU and device state of the paused VM, as an opaque blob for the target.

@@ -139,19 +139,16 @@ impl Endpoint {
     }
 
     fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        // Non-blocking accept with a short sleep so that `stop` can end the loop.
-        if listener.set_nonblocking(true).is_err() {
-            return;
-        }
-        while !self.stopped.load(Ordering::Acquire) {
-            match listener.accept() {
+        // Blocking accept: `stop` wakes it with a connection of its own.
+        loop {
+            let accepted = listener.accept();
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            match accepted {
                 Ok((conn, peer)) => {
-                    let _ = conn.set_nonblocking(false);
                     tracing::debug!(vm = %self.vm, %peer, "endpoint client connected");
                     self.serve(conn);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {
                     tracing::warn!(vm = %self.vm, error = %e, "endpoint accept failed");
@@ -290,7 +287,16 @@ impl Endpoint {
     /// Stops accepting on the published address and closes the live sessions (the VM is
     /// gone).
     pub fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(mut addr) = self.published {
+            // Wake the accept loop so it sees `stopped` and closes the listener.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        }
         for s in lock(&self.sessions).iter() {
             s.close();
             if let Some(c) = lock(&s.conn).as_ref() {

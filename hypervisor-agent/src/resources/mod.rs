@@ -426,6 +426,28 @@ impl HostResources {
     /// A VM that moved away from here was deleted where it ran: stops its exports and
     /// forwarders and removes the data kept for it. Returns what was released.
     pub fn release_moved(&self, vm: &str) -> Vec<String> {
+        let released = self.release(vm);
+        if !released.is_empty() {
+            tracing::info!(%vm, ?released, "released the resources of a VM deleted elsewhere");
+        }
+        released
+    }
+
+    /// A VM is deleted here: its local data goes, its endpoints stop, and the agents it ran on
+    /// before are told to release what they keep for it.
+    pub fn delete_vm(&self, vm: &str, res: &VmResources) {
+        for url in &res.visited {
+            let (url, vm) = (url.clone(), vm.to_owned());
+            let _ = thread::Builder::new()
+                .name("release-moved".into())
+                .spawn(move || notify_deleted(&url, &vm));
+        }
+        self.release(vm);
+    }
+
+    /// Everything this host holds for `vm`: its endpoints (serving or forwarding), exports,
+    /// data directory and space accounting. Returns what was released.
+    fn release(&self, vm: &str) -> Vec<String> {
         let mut released = Vec::new();
         let endpoints: Vec<(String, Arc<Endpoint>)> = {
             let mut map = lock(&self.endpoints);
@@ -451,46 +473,11 @@ impl HostResources {
         if dir.exists() {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => released.push(format!("data {}", dir.display())),
-                Err(e) => tracing::warn!(%vm, error = %e, "cannot remove kept resource data"),
+                Err(e) => tracing::warn!(%vm, error = %e, "cannot remove resource data"),
             }
         }
         lock(&self.used).remove(vm);
-        if !released.is_empty() {
-            tracing::info!(%vm, ?released, "released the resources of a VM deleted elsewhere");
-        }
         released
-    }
-
-    /// A VM is deleted here: its local data goes, endpoints that only serve it here stop, and
-    /// the agents it ran on before are told to release what they keep for it.
-    pub fn delete_vm(&self, vm: &str, res: &VmResources) {
-        for url in &res.visited {
-            let (url, vm) = (url.clone(), vm.to_owned());
-            let _ = thread::Builder::new()
-                .name("release-moved".into())
-                .spawn(move || notify_deleted(&url, &vm));
-        }
-        for b in &res.items {
-            if let BoundState::Endpoint { endpoint, .. } = &b.state {
-                endpoint.stop();
-                lock(&self.endpoints).remove(&(vm.to_owned(), b.spec.name.clone()));
-            }
-        }
-        let exported: Vec<String> = lock(&self.exports)
-            .keys()
-            .filter(|(v, _)| v == vm)
-            .map(|(_, r)| r.clone())
-            .collect();
-        for r in exported {
-            self.unexport(vm, &r);
-        }
-        let dir = self.vm_dir(vm);
-        if dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(%vm, error = %e, "cannot remove the VM's resource data");
-            }
-        }
-        lock(&self.used).remove(vm);
     }
 
     /// After a VM moved away: its data that moved is removed here (`dirs`), its endpoint

@@ -188,7 +188,8 @@ pub fn undo_exports(host: &HostResources, vm: &str, plan: &[Planned]) {
     }
 }
 
-/// The VM runs on the target now: its endpoint forwards there.
+/// The VM runs on the target now (`SourceVm::target_running`, which post-copy reaches long
+/// before the migration ends): its endpoint forwards there.
 pub fn hand_over_endpoint(plan: &[Planned], link: SocketAddr) -> Option<String> {
     for p in plan {
         if let BoundState::Endpoint {
@@ -264,42 +265,6 @@ pub fn finish_source(
     }
     host.moved_away(vm, &removed, kept);
     details
-}
-
-/// Hands the endpoint over once the target runs the VM (watching the migration's progress:
-/// the downtime is known once the target confirmed it resumed the VM).
-pub fn spawn_endpoint_handover(
-    vm: &str,
-    link: SocketAddr,
-    planned: &[Planned],
-    progress: &std::sync::Arc<page_transfer::progress::Progress>,
-    transfer: &std::sync::Arc<super::transfer::SourceTransfer>,
-) {
-    if !planned
-        .iter()
-        .any(|p| p.bound.spec.kind == ResourceKind::Endpoint)
-    {
-        return;
-    }
-    let (progress, planned, transfer) = (progress.clone(), planned.to_vec(), transfer.clone());
-    let spawned = std::thread::Builder::new()
-        .name(format!("handover-{vm}"))
-        .spawn(move || loop {
-            let info = progress.info();
-            if info.downtime_ms.is_some() && progress.switched() {
-                if let Some(detail) = hand_over_endpoint(&planned, link) {
-                    transfer.note_endpoint(&detail);
-                }
-                return;
-            }
-            if info.status != godwit_api::MigrationStatus::Running {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        });
-    if let Err(e) = spawned {
-        tracing::error!(%vm, error = %e, "cannot start the endpoint handover thread");
-    }
 }
 
 /// The target's records of an incoming VM's resources, as the source chose them.

@@ -47,6 +47,53 @@ fn record(name: &str, kind: ResourceKind, action: ResourceAction) -> ResourceMig
     }
 }
 
+/// A target expecting disk `root` of `disk_mib` MiB moved and scratch `cache` (1 MiB) copied
+/// into `dir`; returns it with the two specs.
+fn target(dir: &std::path::Path, disk_mib: u64) -> (Arc<Incoming>, ResourceSpec, ResourceSpec) {
+    let mut disk = ResourceSpec::new("root", ResourceKind::Disk);
+    disk.size_mib = Some(disk_mib);
+    let mut scratch = ResourceSpec::new("cache", ResourceKind::Scratch);
+    scratch.size_mib = Some(1);
+    let incoming = |spec: &ResourceSpec, action| IncomingResource {
+        spec: spec.clone(),
+        action,
+        remote: None,
+        remote_host: None,
+        address: None,
+    };
+    let target = Arc::new(Incoming::new(
+        "id",
+        "vm",
+        vec![
+            incoming(&disk, ResourceAction::Move),
+            incoming(&scratch, ResourceAction::Copy),
+        ],
+        Vec::new(),
+        dir.to_owned(),
+    ));
+    (target, disk, scratch)
+}
+
+/// Serves one connection to `incoming` on a thread; with `header`, the connection must start
+/// with the resource header line, as the agent's resource listener sees it.
+fn serve(
+    incoming: &Arc<Incoming>,
+    header: bool,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let inc = incoming.clone();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        if header {
+            let line = super::super::endpoint::read_header_line(&conn, 200).unwrap();
+            assert_eq!(line, "GODWIT-RES id");
+        }
+        inc.receive(conn);
+    });
+    (addr, server)
+}
+
 /// A disk being written while it is mirrored, and a scratch directory, reach a target over
 /// real TCP whole: the committed image equals the frozen source image.
 #[test]
@@ -59,41 +106,8 @@ fn a_disk_written_during_the_copy_and_scratch_files_arrive_whole() {
     std::fs::write(scratch.join("a.bin"), vec![7u8; 300_000]).unwrap();
     std::fs::write(scratch.join("b.bin"), b"hello").unwrap();
 
-    let mut disk_spec = ResourceSpec::new("root", ResourceKind::Disk);
-    disk_spec.size_mib = Some(8);
-    let mut scratch_spec = ResourceSpec::new("cache", ResourceKind::Scratch);
-    scratch_spec.size_mib = Some(1);
-    let incoming = Arc::new(Incoming::new(
-        "id",
-        "vm",
-        vec![
-            IncomingResource {
-                spec: disk_spec.clone(),
-                action: ResourceAction::Move,
-                remote: None,
-                remote_host: None,
-                address: None,
-            },
-            IncomingResource {
-                spec: scratch_spec.clone(),
-                action: ResourceAction::Copy,
-                remote: None,
-                remote_host: None,
-                address: None,
-            },
-        ],
-        Vec::new(),
-        dst.path().to_owned(),
-    ));
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let inc = incoming.clone();
-    let server = std::thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        let header = super::super::endpoint::read_header_line(&conn, 200).unwrap();
-        assert_eq!(header, "GODWIT-RES id");
-        inc.receive(conn);
-    });
+    let (incoming, disk_spec, scratch_spec) = target(dst.path(), 8);
+    let (addr, server) = serve(&incoming, true);
 
     // The "guest" writes blocks all through the live copy.
     let stop = Arc::new(AtomicBool::new(false));
@@ -205,39 +219,8 @@ type Frames = Vec<(u8, Vec<u8>)>;
 /// Ack it sent, if any) and whether it committed.
 fn feed(frames: &[(u8, Vec<u8>)]) -> (Option<Ack>, bool, bool) {
     let dst = tempfile::tempdir().unwrap();
-    let mut spec = ResourceSpec::new("root", ResourceKind::Disk);
-    spec.size_mib = Some(1);
-    let mut scratch = ResourceSpec::new("cache", ResourceKind::Scratch);
-    scratch.size_mib = Some(1);
-    let incoming = Arc::new(Incoming::new(
-        "id",
-        "vm",
-        vec![
-            IncomingResource {
-                spec,
-                action: ResourceAction::Move,
-                remote: None,
-                remote_host: None,
-                address: None,
-            },
-            IncomingResource {
-                spec: scratch,
-                action: ResourceAction::Copy,
-                remote: None,
-                remote_host: None,
-                address: None,
-            },
-        ],
-        Vec::new(),
-        dst.path().to_owned(),
-    ));
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let inc = incoming.clone();
-    let server = std::thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        inc.receive(conn);
-    });
+    let (incoming, _, _) = target(dst.path(), 1);
+    let (addr, server) = serve(&incoming, false);
     let mut conn = std::net::TcpStream::connect(addr).unwrap();
     for (ty, payload) in frames {
         if write_frame(&mut conn, *ty, payload).is_err() {
