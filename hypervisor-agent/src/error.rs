@@ -2,8 +2,6 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use godwit_api::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -47,51 +45,15 @@ impl AgentError {
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(%status, error = %self, "request failed");
-        }
-        (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-            }),
-        )
-            .into_response()
+        godwit_daemon::error_response(self.status(), &self)
     }
 }
 
-/// An error and its sources as one line: "outer: inner: innermost".
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !text.ends_with(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        source = e.source();
-    }
-    text
-}
+pub use godwit_daemon::chain;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("Cannot open the thing")]
-    struct Outer(#[source] std::io::Error);
-
-    #[test]
-    fn chain_joins_sources() {
-        let e = Outer(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no such file",
-        ));
-        assert_eq!(chain(&e), "Cannot open the thing: no such file");
-    }
 
     #[test]
     fn statuses() {

@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
     hypervisor_agent::run(
         listener,
         manager,
-        shutdown_signal(),
+        godwit_daemon::shutdown_signal(),
         Duration::from_secs(args.drain_seconds),
         report,
     )
@@ -155,14 +155,4 @@ async fn main() -> anyhow::Result<()> {
     .context("The API server failed")?;
     tracing::info!("agent stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -67,19 +67,9 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     println!("orchestrator listening on http://{addr}");
     tracing::info!(%addr, "orchestrator started");
-    orchestrator::run(listener, state, shutdown_signal())
+    orchestrator::run(listener, state, godwit_daemon::shutdown_signal())
         .await
         .context("The API server failed")?;
     tracing::info!("orchestrator stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
