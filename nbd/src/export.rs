@@ -16,6 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -36,14 +37,59 @@ const STDERR_KEEP: usize = 8 * 1024;
 
 /// Whether `qemu-nbd` is on this machine's `PATH`.
 pub fn qemu_nbd_available() -> bool {
+    on_path(OsStr::new(QEMU_NBD))
+}
+
+/// Whether `program` is an executable file: a path as given, or a name found on `PATH`.
+fn on_path(program: &OsStr) -> bool {
+    let executable = |p: &Path| {
+        fs::metadata(p)
+            .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if Path::new(program).components().count() > 1 {
+        return executable(Path::new(program));
+    }
     let Some(paths) = std::env::var_os("PATH") else {
         return false;
     };
-    std::env::split_paths(&paths).any(|dir| {
-        fs::metadata(dir.join(QEMU_NBD))
-            .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    })
+    std::env::split_paths(&paths).any(|dir| executable(&dir.join(program)))
+}
+
+type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `command` so that it cannot outlive this process: from one thread that lives as long
+/// as the process, through `setpriv --pdeathsig KILL` (util-linux) when it is installed. The
+/// kernel sends the parent-death signal when the *thread* that forked the child ends, so a
+/// short-lived request thread must not be the one that spawns; this one never ends. Without
+/// setpriv the export is stopped by `Export::stop`/drop and the agent's shutdown only, and
+/// survives an agent killed with SIGKILL.
+fn spawn_tied(command: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        let started = thread::Builder::new()
+            .name("nbd-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        if let Err(e) = started {
+            // Requests then fail with "the spawner is gone" below.
+            eprintln!("godwit-nbd: cannot start the spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((command, reply))
+        .map_err(|_| io::Error::other("the qemu-nbd spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| io::Error::other("the qemu-nbd spawner thread is gone"))?
 }
 
 /// A running qemu-nbd serving one file as one named export.
@@ -224,7 +270,17 @@ fn launch(
     let (program, leading_args) = command
         .split_first()
         .ok_or_else(|| NbdError::Spawn(io::ErrorKind::InvalidInput.into()))?;
-    let child = Command::new(program)
+    if !on_path(program) {
+        return Err(NbdError::QemuNbdMissing);
+    }
+    let mut command = if on_path(OsStr::new("setpriv")) {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    command
         .args(leading_args)
         .arg("--format=raw")
         .arg("--persistent")
@@ -236,12 +292,11 @@ fn launch(
         .arg(path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => NbdError::QemuNbdMissing,
-            _ => NbdError::Spawn(e),
-        })?;
+        .stderr(Stdio::piped());
+    let child = spawn_tied(command).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => NbdError::QemuNbdMissing,
+        _ => NbdError::Spawn(e),
+    })?;
 
     // From here on, dropping `export` on an error path kills and reaps the child.
     let mut export = Export {

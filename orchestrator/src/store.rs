@@ -34,6 +34,18 @@ fn db<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
     StoreError::Db(Box::new(e))
 }
 
+/// Runs a write (a commit syncs to disk) so that it does not stall a tokio worker: the store
+/// is written from API handlers and the control loops, so inside the multi-threaded runtime
+/// the worker hands its other tasks off first; elsewhere (start-up, tests) it just runs.
+fn off_worker<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 #[derive(Debug)]
 pub struct Store {
     db: Database,
@@ -62,18 +74,22 @@ impl Store {
         value: &T,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(value).map_err(StoreError::Json)?;
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(table)
-            .map_err(db)?
-            .insert(key, json.as_str())
-            .map_err(db)?;
-        tx.commit().map_err(db)
+        off_worker(|| {
+            let tx = self.db.begin_write().map_err(db_err)?;
+            tx.open_table(table)
+                .map_err(db)?
+                .insert(key, json.as_str())
+                .map_err(db)?;
+            tx.commit().map_err(db)
+        })
     }
 
     fn remove(&self, table: TableDefinition<&str, &str>, key: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(table).map_err(db)?.remove(key).map_err(db)?;
-        tx.commit().map_err(db)
+        off_worker(|| {
+            let tx = self.db.begin_write().map_err(db_err)?;
+            tx.open_table(table).map_err(db)?.remove(key).map_err(db)?;
+            tx.commit().map_err(db)
+        })
     }
 
     fn get<T: DeserializeOwned>(
@@ -142,6 +158,10 @@ impl Store {
         if items.is_empty() {
             return Ok(());
         }
+        off_worker(|| self.append_decisions_now(items))
+    }
+
+    fn append_decisions_now<T: Serialize>(&self, items: &[T]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut t = tx.open_table(DECISIONS).map_err(db)?;

@@ -424,7 +424,7 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
         &[&common[..], &["--resource-capacity-mib", "4"]].concat(),
     )
     .unwrap();
-    let _h2 =
+    let mut h2 =
         Agent::start_with("host-2", &[&common[..], &["--device", "entropy"]].concat()).unwrap();
     orch.wait::<Vec<ClusterHost>>("/v1/hosts", WAIT, "two hosts up", |h| {
         h.iter().filter(|h| h.up).count() == 2
@@ -521,4 +521,27 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
         ),
         "{metrics}"
     );
+
+    // The export of the disk left on host-2 is a qemu-nbd process; it dies with its agent,
+    // even one killed outright.
+    let dir = h2.data_dir.path().to_owned();
+    assert_eq!(qemu_nbd_serving(&dir), 1, "no export serving host-2's disk");
+    h2.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qemu_nbd_serving(&dir) > 0 {
+        assert!(Instant::now() < deadline, "qemu-nbd outlived its agent");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// qemu-nbd processes serving a file under `dir`.
+fn qemu_nbd_serving(dir: &Path) -> usize {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("qemu-nbd") && c.contains(&dir))
+        .count()
 }
