@@ -731,6 +731,35 @@ pub struct MigrationInfo {
     /// What happened to each of the VM's resources.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<ResourceMigration>,
+    /// How it ended, as the metrics count it: `completed`, `cancelled`, or a failure's bounded
+    /// class (`connect`, `channel`, `protocol`, `vm`, `peer`, `not_converged`, `timeout`,
+    /// `digest_mismatch`, `resources`, `other`). Absent while running. A target's record
+    /// of a cancelled migration reads `failed` with outcome `cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+}
+
+/// `GET /v1/vmm` on a VMM process's local socket: what the process holds, for its agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmmStatus {
+    pub pid: u32,
+    pub version: String,
+    /// The VM it runs now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Guest memory it holds or has reserved for an arriving VM, bytes.
+    pub memory_bytes: u64,
+    /// An incoming migration has reserved the VM's name here and not ended yet.
+    pub arriving: bool,
+    /// What it keeps for its VM after the VM moved away (forwarders, exports, kept data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keeps: Vec<String>,
+    /// Resource data (disks, scratch) it accounts for, bytes.
+    pub disk_used_bytes: u64,
+    pub migrations_running: u32,
+    /// Why it has nothing left to run (moved away, deleted, never arrived), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
 }
 
 /// `POST /v1/migrations/incoming` (agent to agent): the source asks the target to get ready.
@@ -861,8 +890,62 @@ pub struct ClusterHost {
     pub memory_total_mib: u64,
     pub memory_vms_mib: u64,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Cordoned by an operator: nothing new is placed or migrated there.
+    #[serde(default)]
+    pub cordoned: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<HostInfo>,
+}
+
+/// `GET /v1/hosts/{name}/drain`: a host's drain (the last one, running or ended).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainStatus {
+    pub host: String,
+    pub state: DrainState,
+    pub started_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_unix_ms: Option<u64>,
+    /// Every VM the drain found on the host and what became of it.
+    pub vms: Vec<DrainVm>,
+}
+
+/// Where a drain is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainState {
+    /// Migrating VMs away.
+    Running,
+    /// Every VM left the host.
+    Done,
+    /// It ended with VMs that cannot move (listed with their reasons).
+    Stuck,
+    /// Stopped because the host was uncordoned.
+    Cancelled,
+}
+
+/// One VM of a drained host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainVm {
+    pub vm: String,
+    pub state: DrainVmState,
+    /// The host it went (or is going) to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    /// Why it went there, or why it cannot move.
+    pub reason: String,
+}
+
+/// What became of one VM of a drained host.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainVmState {
+    Waiting,
+    Migrating,
+    Moved,
+    /// It cannot move (pinned, no host can take it, its migration failed).
+    Stuck,
 }
 
 /// `POST /v1/vms/{name}/migrate` on the orchestrator.
@@ -884,6 +967,8 @@ pub struct ClusterMigrate {
 pub enum MigrationTrigger {
     Manual,
     Balancer,
+    /// A host drain (`godwit host drain`).
+    Drain,
 }
 
 /// A migration the orchestrator drove.

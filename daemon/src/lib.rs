@@ -4,6 +4,12 @@
 
 #![forbid(unsafe_code)]
 
+mod api_error;
+pub mod host;
+pub mod run_dir;
+
+pub use api_error::AgentError;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;

@@ -1,5 +1,5 @@
 //! The agent's HTTP/JSON API (documented in `docs/agent-api.md`). Handlers parse and validate,
-//! then run the manager's blocking work on tokio's blocking pool.
+//! then call the agent, which reaches the VM's process through its backend.
 
 use std::sync::Arc;
 
@@ -14,16 +14,17 @@ use godwit_api::{CreateVm, IncomingMigration, MigrateRequest, RestoreRequest, Sn
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::agent::Agent;
 use crate::error::AgentError;
-use crate::manager::Manager;
 
-type Shared = Arc<Manager>;
+type Shared = Arc<Agent>;
 
-pub fn router(manager: Shared) -> Router {
+pub fn router(agent: Shared) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/host", get(host))
+        .route("/v1/host/capabilities", get(capabilities))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/restore", post(restore_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
@@ -48,13 +49,13 @@ pub fn router(manager: Shared) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(
-            manager.clone(),
+            agent.clone(),
             count_requests,
         ))
-        .with_state(manager)
+        .with_state(agent)
 }
 
-async fn count_requests(State(m): State<Shared>, request: Request, next: Next) -> Response {
+async fn count_requests(State(a): State<Shared>, request: Request, next: Next) -> Response {
     // Bounded label values: the methods the API uses, everything else as "other".
     let method = match request.method().as_str() {
         "GET" => "GET",
@@ -69,7 +70,7 @@ async fn count_requests(State(m): State<Shared>, request: Request, next: Next) -
         500..=599 => "5xx",
         _ => "other",
     };
-    m.metrics
+    a.metrics
         .api_requests
         .with_label_values(&[method, class])
         .inc();
@@ -88,64 +89,40 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
         .map_err(|e| AgentError::BadRequest(format!("Malformed JSON request body: {e}")))
 }
 
-/// Runs blocking manager work off the async workers.
-async fn blocking<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
-where
-    T: Send + 'static,
-    F: FnOnce(&Manager) -> Result<T, AgentError> + Send + 'static,
-{
-    let m = m.clone();
-    tokio::task::spawn_blocking(move || f(&m))
-        .await
-        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
-}
-
-/// As `blocking`, for work that keeps the manager beyond the request (migrations).
-async fn blocking_arc<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
-where
-    T: Send + 'static,
-    F: FnOnce(&Arc<Manager>) -> Result<T, AgentError> + Send + 'static,
-{
-    let m = m.clone();
-    tokio::task::spawn_blocking(move || f(&m))
-        .await
-        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
-}
-
 async fn migrate_vm(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<impl IntoResponse, AgentError> {
     let req: MigrateRequest = parse(&body)?;
-    let started = blocking_arc(&m, move |m| m.migrate(&name, &req)).await?;
+    let started = a.migrate(&name, &req).await?;
     Ok((StatusCode::ACCEPTED, Json(started)))
 }
 
 async fn incoming_migration(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     body: Bytes,
 ) -> Result<impl IntoResponse, AgentError> {
     let req: IncomingMigration = parse(&body)?;
-    Ok(Json(blocking_arc(&m, move |m| m.incoming(&req)).await?))
+    Ok(Json(a.incoming(&req).await?))
 }
 
-async fn list_migrations(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, |m| Ok(m.migrations())).await?))
+async fn list_migrations(State(a): State<Shared>) -> impl IntoResponse {
+    Json(a.migrations().await)
 }
 
 async fn get_migration(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.migration(&id)).await?))
+    Ok(Json(a.migration(&id).await?))
 }
 
 async fn cancel_migration(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.cancel_migration(&id)).await?))
+    Ok(Json(a.cancel_migration(&id).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,7 +133,7 @@ struct EntropyQuery {
 /// Bytes from this host's entropy device, for a VM on another host that reaches it by a
 /// global reference (GR).
 async fn read_entropy(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Query(q): Query<EntropyQuery>,
 ) -> Result<impl IntoResponse, AgentError> {
     let n = q.bytes.unwrap_or(4096);
@@ -165,68 +142,74 @@ async fn read_entropy(
             "bytes must be 4-65536, not {n}"
         )));
     }
-    let data = blocking(&m, move |m| m.read_entropy(n)).await?;
+    let data = tokio::task::spawn_blocking(move || a.read_entropy(n))
+        .await
+        .map_err(|e| AgentError::Internal(format!("The entropy reader failed: {e}")))??;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data))
 }
 
 /// A VM that moved away from here was deleted where it ran: release what this host keeps
 /// for it (exports, forwarders, data).
 async fn release_moved(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    let released = blocking(&m, move |m| m.release_moved(&vm)).await?;
+    let released = a.release_moved(&vm).await?;
     Ok(Json(serde_json::json!({ "released": released })))
 }
 
-async fn metrics(State(m): State<Shared>) -> impl IntoResponse {
+async fn metrics(State(a): State<Shared>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        m.metrics.render(),
+        a.metrics.render(),
     )
 }
 
-async fn host(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, |m| Ok(m.host_info())).await?))
+async fn host(State(a): State<Shared>) -> impl IntoResponse {
+    Json(a.host_info())
 }
 
-async fn list_vms(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, |m| Ok(m.list())).await?))
+async fn capabilities(State(a): State<Shared>) -> impl IntoResponse {
+    Json(a.capabilities())
 }
 
-async fn create_vm(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
+async fn list_vms(State(a): State<Shared>) -> impl IntoResponse {
+    Json(a.list().await)
+}
+
+async fn create_vm(State(a): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
     let req: CreateVm = parse(&body)?;
-    let info = blocking(&m, move |m| m.create(&req)).await?;
+    let info = a.create(&req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
 async fn get_vm(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.info(&name)).await?))
+    Ok(Json(a.info(&name).await?))
 }
 
 async fn delete_vm(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    blocking(&m, move |m| m.delete(&name)).await?;
+    a.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn pause_vm(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.pause(&name)).await?))
+    Ok(Json(a.pause(&name).await?))
 }
 
 async fn resume_vm(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.resume(&name)).await?))
+    Ok(Json(a.resume(&name).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,7 +219,7 @@ struct ConsoleQuery {
 }
 
 async fn console(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
     Query(q): Query<ConsoleQuery>,
 ) -> Result<impl IntoResponse, AgentError> {
@@ -248,28 +231,28 @@ async fn console(
             ))
         })?,
     };
-    let bytes = blocking(&m, move |m| m.console(&name, max)).await?;
+    let bytes = a.console(&name, max).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes))
 }
 
 async fn digest(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.digest(&name)).await?))
+    Ok(Json(a.digest(&name).await?))
 }
 
 async fn snapshot_vm(
-    State(m): State<Shared>,
+    State(a): State<Shared>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<impl IntoResponse, AgentError> {
     let req: SnapshotRequest = parse(&body)?;
-    Ok(Json(blocking(&m, move |m| m.snapshot(&name, &req)).await?))
+    Ok(Json(a.snapshot(&name, &req).await?))
 }
 
-async fn restore_vm(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
+async fn restore_vm(State(a): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
     let req: RestoreRequest = parse(&body)?;
-    let info = blocking(&m, move |m| m.restore(&req)).await?;
+    let info = a.restore(&req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }

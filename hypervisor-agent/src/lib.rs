@@ -1,21 +1,27 @@
-//! Godwit's per-host agent: a KVM microVM monitor running built-in guest workloads, with an
-//! HTTP/JSON API and Prometheus metrics. See `docs/architecture.md` for where it fits.
+//! Godwit's per-host agent. It supervises one VMM process per VM (`godwit-vmm`) through a
+//! backend seam, keeps the host's books (names, memory, resource space, migration records),
+//! samples host load, serves an HTTP/JSON API with Prometheus metrics, and reports to an
+//! orchestrator. VMs keep running while the agent stops, restarts or is upgraded: on start it
+//! adopts the VMMs it finds. See `docs/architecture.md`.
 
+#![forbid(unsafe_code)]
+
+pub mod agent;
 pub mod api;
+pub mod backend;
 pub mod error;
-pub mod guest;
-pub mod host;
-pub mod manager;
 pub mod metrics;
-pub mod microvm;
-pub mod migration;
-pub mod resources;
-pub mod sealed;
-pub mod snapshot;
+pub mod migrations;
+pub mod registry;
+pub mod sampler;
+pub mod vmm_client;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-/// How often the agent samples VM and host CPU use.
+use agent::Agent;
+
+/// How often the agent samples its VMs and the host.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where and as what the agent reports itself to an orchestrator.
@@ -30,7 +36,7 @@ pub struct Report {
 /// How often the agent sends a heartbeat to its orchestrator.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
-async fn heartbeats(manager: std::sync::Arc<manager::Manager>, report: Report) {
+async fn heartbeats(agent: Arc<Agent>, report: Report) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -40,19 +46,10 @@ async fn heartbeats(manager: std::sync::Arc<manager::Manager>, report: Report) {
     let mut failing = false;
     loop {
         tick.tick().await;
-        let m = manager.clone();
-        let Ok(beat) = tokio::task::spawn_blocking(move || godwit_api::AgentHeartbeat {
-            url: String::new(),
-            host: m.host_info(),
-            vms: m.list(),
-        })
-        .await
-        else {
-            continue;
-        };
         let beat = godwit_api::AgentHeartbeat {
             url: report.url.clone(),
-            ..beat
+            host: agent.host_info(),
+            vms: agent.list_cached(),
         };
         match client.post(&url).json(&beat).send().await {
             Ok(r) if r.status().is_success() => {
@@ -75,31 +72,41 @@ async fn heartbeats(manager: std::sync::Arc<manager::Manager>, report: Report) {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then stops every VM.
+/// What the agent does with its VMs when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// Leave them running (the default): the next agent on this data directory adopts them.
+    KeepVms,
+    /// Stop every VM (`--stop-vms-on-exit`).
+    StopVms,
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
 ///
 /// In-flight requests get `drain` to finish after the shutdown signal. With `report`, the
-/// agent sends heartbeats to an orchestrator.
+/// agent sends heartbeats to an orchestrator. VMs keep running unless `on_exit` says to stop
+/// them.
 pub async fn run(
     listener: tokio::net::TcpListener,
-    manager: std::sync::Arc<manager::Manager>,
+    agent: Arc<Agent>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
     report: Option<Report>,
+    on_exit: OnExit,
 ) -> std::io::Result<()> {
-    let reporter = report.map(|r| tokio::spawn(heartbeats(manager.clone(), r)));
-    let sampler_manager = manager.clone();
+    let reporter = report.map(|r| tokio::spawn(heartbeats(agent.clone(), r)));
+    let sampler_agent = agent.clone();
     let sampler = tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let m = sampler_manager.clone();
-            let _ = tokio::task::spawn_blocking(move || m.sample()).await;
+            sampler_agent.sample().await;
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server =
-        axum::serve(listener, api::router(manager.clone())).with_graceful_shutdown(async move {
+        axum::serve(listener, api::router(agent.clone())).with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(());
         });
@@ -120,8 +127,19 @@ pub async fn run(
     if let Some(r) = reporter {
         r.abort();
     }
-    manager.metrics.up.set(0.0);
-    let m = manager.clone();
-    let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+    agent.metrics.up.set(0.0);
+    match on_exit {
+        OnExit::KeepVms => {
+            let n = agent.registry.slots().len();
+            tracing::info!(
+                vms = n,
+                "agent stopped; its VMs run on and the next agent adopts them"
+            );
+        }
+        OnExit::StopVms => {
+            agent.stop_all().await;
+            tracing::info!("all VMs stopped");
+        }
+    }
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! `hypervisor-agent`: the per-host Godwit daemon. Parses and checks its configuration, binds
-//! its API socket, serves until SIGTERM/SIGINT, then stops its VMs.
+//! `hypervisor-agent`: the per-host Godwit daemon. Parses and checks its configuration, adopts
+//! the VMM processes already running on its data directory, binds its API socket and serves
+//! until SIGTERM/SIGINT. Its VMs run on after it stops unless `--stop-vms-on-exit`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use hypervisor_agent::manager::{Manager, ManagerConfig};
+use hypervisor_agent::agent::{Agent, AgentConfig};
+use hypervisor_agent::backend::microvm::{MicrovmBackend, MicrovmConfig};
 
-/// Godwit per-host agent: runs KVM microVMs and serves their HTTP/JSON API.
+/// Godwit per-host agent: runs KVM microVMs (one VMM process each) and serves their HTTP/JSON
+/// API.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -19,7 +22,8 @@ struct Args {
     /// Name of this host in the cluster. Default: the system host name.
     #[arg(long, env = "GODWIT_AGENT_NAME")]
     name: Option<String>,
-    /// Directory for console logs and snapshots (created if missing).
+    /// Directory for VM run directories, resource data, snapshots and migration records
+    /// (created if missing). A new agent on the same directory adopts the VMs running there.
     #[arg(
         long,
         default_value = "godwit-agent-data",
@@ -68,6 +72,13 @@ struct Args {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
+    /// Stop every VM when the agent exits (by default they run on and the next agent started
+    /// on the same data directory adopts them).
+    #[arg(long)]
+    stop_vms_on_exit: bool,
+    /// The `godwit-vmm` executable. Default: next to this agent's executable.
+    #[arg(long, env = "GODWIT_VMM_BINARY")]
+    vmm_binary: Option<PathBuf>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -102,25 +113,55 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("Cannot resolve --listen {}", args.listen))?
         .next()
         .with_context(|| format!("--listen {} resolves to no address", args.listen))?;
-    let config = ManagerConfig {
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let vmm_binary = match args.vmm_binary.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("Cannot find the agent's executable")?
+            .with_file_name("godwit-vmm"),
+    };
+    if !vmm_binary.exists() {
+        anyhow::bail!(
+            "The VMM executable {} is missing: build it (cargo build --release --bins) or pass --vmm-binary",
+            vmm_binary.display()
+        );
+    }
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("Cannot create data directory {}", data_dir.display()))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("Cannot resolve data directory {}", data_dir.display()))?;
+    let backend = Arc::new(MicrovmBackend::new(MicrovmConfig {
+        vmm_binary,
+        data_dir: data_dir.clone(),
+        host: name.clone(),
+        kvm_device: args.kvm_device.clone(),
+        huge_pages: !args.no_huge_pages,
         migration_ip: args.migration_ip.unwrap_or(listen.ip()),
         prefault: !args.no_prefault,
+        dirty_probe_interval_s: args.dirty_probe_interval_s,
+        devices: args.devices.clone(),
+    }));
+    let config = AgentConfig {
         labels: args.labels.into_iter().collect(),
-        dirty_probe_interval: (args.dirty_probe_interval_s > 0)
-            .then(|| Duration::from_secs(args.dirty_probe_interval_s)),
-        name: args.name.unwrap_or_else(host_name),
-        data_dir: args.data_dir,
+        name,
+        data_dir,
         kvm_device: args.kvm_device,
-        huge_pages: !args.no_huge_pages,
         reserved_memory_bytes: args.reserved_memory_mib.saturating_mul(1 << 20),
         resource_capacity_bytes: args.resource_capacity_mib.saturating_mul(1 << 20),
         device_classes: args.devices.into_iter().collect(),
     };
-    let manager = Arc::new(
-        tokio::task::spawn_blocking(move || Manager::new(config))
-            .await?
-            .context("Cannot start the agent")?,
-    );
+    let agent = Arc::new(Agent::new(config, backend.clone()).context("Cannot start the agent")?);
+    let t = std::time::Instant::now();
+    let adopted = agent.adopt().await;
+    if adopted > 0 {
+        tracing::info!(
+            vms = adopted,
+            ms = t.elapsed().as_secs_f64() * 1000.0,
+            "adopted the VMs found running"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("Cannot listen on {}", args.listen))?;
@@ -128,10 +169,10 @@ async fn main() -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port.
     println!(
         "hypervisor-agent {} listening on http://{addr}",
-        manager.config().name
+        agent.config().name
     );
-    tracing::info!(%addr, name = %manager.config().name, "agent started");
-    manager.set_api_url(
+    tracing::info!(%addr, name = %agent.config().name, "agent started");
+    backend.set_agent_url(
         args.advertise_url
             .clone()
             .unwrap_or_else(|| format!("http://{addr}")),
@@ -144,12 +185,18 @@ async fn main() -> anyhow::Result<()> {
                 .advertise_url
                 .unwrap_or_else(|| format!("http://{addr}")),
         });
+    let on_exit = if args.stop_vms_on_exit {
+        hypervisor_agent::OnExit::StopVms
+    } else {
+        hypervisor_agent::OnExit::KeepVms
+    };
     hypervisor_agent::run(
         listener,
-        manager,
+        agent,
         godwit_daemon::shutdown_signal(),
         Duration::from_secs(args.drain_seconds),
         report,
+        on_exit,
     )
     .await
     .context("The API server failed")?;

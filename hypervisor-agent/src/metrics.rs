@@ -95,6 +95,36 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// How a record says it ended (`MigrationInfo::outcome`); unknown classes count as `other`.
+    pub fn of(info: &MigrationInfo) -> Outcome {
+        const CLASSES: [&str; 10] = [
+            "connect",
+            "channel",
+            "protocol",
+            "vm",
+            "peer",
+            "not_converged",
+            "timeout",
+            "digest_mismatch",
+            "resources",
+            "other",
+        ];
+        match info.outcome.as_deref() {
+            Some("completed") => Outcome::Completed,
+            Some("cancelled") => Outcome::Cancelled,
+            None if info.status == godwit_api::MigrationStatus::Completed => Outcome::Completed,
+            None if info.status == godwit_api::MigrationStatus::Cancelled => Outcome::Cancelled,
+            Some(class) => Outcome::Failed(
+                CLASSES
+                    .iter()
+                    .find(|&&c| c == class)
+                    .copied()
+                    .unwrap_or("other"),
+            ),
+            None => Outcome::Failed("other"),
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
@@ -187,6 +217,8 @@ pub struct Metrics {
     resource_bytes: IntCounterVec,
     resource_duration: HistogramVec,
     meters: Mutex<HashMap<String, Meter>>,
+    /// Each VM's CPU seconds when last seen, so the counter adds only the difference.
+    vm_cpu: Mutex<HashMap<String, f64>>,
 }
 
 /// (kind, action) pairs of resource actions an agent carries out.
@@ -473,6 +505,7 @@ impl Metrics {
                 &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0],
             ),
             meters: Mutex::new(HashMap::new()),
+            vm_cpu: Mutex::new(HashMap::new()),
             registry,
         };
         m.up.set(1.0);
@@ -541,8 +574,37 @@ impl Metrics {
             .set(if migrating { 1.0 } else { 0.0 });
     }
 
+    /// A VM as its process describes it: its sampled series. The first sight of a VM (a new
+    /// one, or one adopted after an agent restart) starts its CPU counter where it is.
+    pub fn vm_seen(&self, info: &godwit_api::VmInfo) {
+        let vm = info.name.as_str();
+        let mut cpu = lock(&self.vm_cpu);
+        let delta = match cpu.insert(vm.to_owned(), info.cpu_seconds) {
+            Some(last) => (info.cpu_seconds - last).max(0.0),
+            None => {
+                self.vms.inc();
+                0.0
+            }
+        };
+        drop(cpu);
+        self.vm_cpu_seconds.with_label_values(&[vm]).inc_by(delta);
+        self.vm_memory_bytes
+            .with_label_values(&[vm])
+            .set((info.memory_mib << 20) as f64);
+        self.set_vm(
+            vm,
+            info.state,
+            info.vcpus,
+            info.dirty_rate_bytes_s,
+            info.migrating,
+        );
+    }
+
     /// Drops a deleted VM's series.
     pub fn forget_vm(&self, name: &str) {
+        if lock(&self.vm_cpu).remove(name).is_some() {
+            self.vms.dec();
+        }
         let _ = self.vm_cpu_seconds.remove_label_values(&[name]);
         let _ = self.vm_memory_bytes.remove_label_values(&[name]);
         let _ = self.vm_vcpus.remove_label_values(&[name]);
@@ -612,8 +674,6 @@ impl Metrics {
         }
     }
 
-    /// A migration ended: adds its last bytes, drops its live series and records its outcome,
-    /// times and post-copy faults. A migration not metered (or already ended) is ignored.
     /// Counts what an outgoing migration did with each resource, once its actions ended.
     pub fn resource_actions(&self, resources: &[godwit_api::ResourceMigration]) {
         for r in resources {
@@ -637,6 +697,8 @@ impl Metrics {
         }
     }
 
+    /// A migration ended: adds its last bytes, drops its live series and records its outcome,
+    /// times and post-copy faults. A migration not metered (or already ended) is ignored.
     pub fn migration_ended(&self, id: &str, info: &MigrationInfo, outcome: Outcome) {
         let Some(mut meter) = lock(&self.meters).remove(id) else {
             return;

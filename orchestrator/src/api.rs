@@ -28,6 +28,10 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/agents/heartbeat", post(heartbeat))
         .route("/v1/hosts", get(hosts))
+        .route("/v1/hosts/{name}", get(host).delete(forget_host))
+        .route("/v1/hosts/{name}/cordon", post(cordon))
+        .route("/v1/hosts/{name}/uncordon", post(uncordon))
+        .route("/v1/hosts/{name}/drain", get(drain_status).post(drain))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
@@ -76,6 +80,71 @@ async fn hosts(AxState(s): AxState<Shared>) -> Json<Vec<ClusterHost>> {
     Json(s.agents().iter().map(|a| s.host_view(a, &hot)).collect())
 }
 
+fn host_of(s: &State, name: &str) -> Result<ClusterHost, OrchError> {
+    let agent = s.agent(name)?;
+    let hot = lock(&s.balancer).hot_hosts.clone();
+    Ok(s.host_view(&agent, &hot))
+}
+
+async fn host(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<ClusterHost>, OrchError> {
+    Ok(Json(host_of(&s, &name)?))
+}
+
+/// Nothing new is placed or migrated to the host; its VMs stay until moved.
+async fn cordon(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<ClusterHost>, OrchError> {
+    s.agent(&name)?;
+    s.set_cordoned(&name, true)?;
+    s.metrics.observe_cluster(&s);
+    Ok(Json(host_of(&s, &name)?))
+}
+
+/// The host takes VMs again; a drain still running stops.
+async fn uncordon(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<ClusterHost>, OrchError> {
+    s.agent(&name)?;
+    s.set_cordoned(&name, false)?;
+    s.metrics.observe_cluster(&s);
+    Ok(Json(host_of(&s, &name)?))
+}
+
+async fn drain(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<godwit_api::DrainStatus>), OrchError> {
+    let status = crate::drain::start(&s, &name)?;
+    s.metrics.observe_cluster(&s);
+    Ok((StatusCode::ACCEPTED, Json(status)))
+}
+
+async fn drain_status(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<godwit_api::DrainStatus>, OrchError> {
+    s.agent(&name)?;
+    lock(&s.drains)
+        .get(&name)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| OrchError::NotFound(format!("Host {name} has not been drained")))
+}
+
+/// Forgets a host that is gone; refused while it runs VMs.
+async fn forget_host(
+    AxState(s): AxState<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, OrchError> {
+    s.forget_agent(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn list_vms(AxState(s): AxState<Shared>) -> Json<Vec<ClusterVm>> {
     Json(s.vm_records().values().map(|r| s.vm_view(r)).collect())
 }
@@ -113,6 +182,11 @@ async fn create_vm(
     let (host, reason) = match &spec.host {
         Some(h) => {
             s.up_agent(h)?;
+            if s.is_cordoned(h) {
+                return Err(OrchError::Conflict(format!(
+                    "Host {h} is cordoned: nothing new is placed there (godwit host uncordon {h})"
+                )));
+            }
             (h.clone(), format!("pinned to {h} by the request"))
         }
         None => match balancer::place(&s, &spec) {

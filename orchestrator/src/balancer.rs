@@ -78,6 +78,7 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
         hosts.push(Host {
             name: agent.name.clone(),
             up: state.is_up(agent),
+            cordoned: state.is_cordoned(&agent.name),
             labels: agent.host.labels.clone(),
             cpu_cores: capacity,
             memory_total_bytes: memory_total,
@@ -190,10 +191,15 @@ pub fn place(state: &State, spec: &ClusterCreateVm) -> Result<(String, String), 
     }
 }
 
-/// Refuses (409) moving `record` to host `to` when `to` cannot bind every one of the VM's
+/// Refuses (409) moving `record` to host `to` when `to` is cordoned or cannot bind every one of the VM's
 /// resources, with the rebinding table's reason; the balancer never plans such a move, and a
 /// manual migration must not start one. An unknown target is left to the migration to report.
 pub fn check_target(state: &State, record: &VmRecord, to: &str) -> Result<(), OrchError> {
+    if state.is_cordoned(to) {
+        return Err(OrchError::Conflict(format!(
+            "Host {to} is cordoned: nothing is migrated there (godwit host uncordon {to})"
+        )));
+    }
     if record.spec.resources.is_empty() {
         return Ok(());
     }

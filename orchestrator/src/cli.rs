@@ -80,6 +80,28 @@ impl Client {
         self.get("/v1/balancer")
     }
 
+    pub fn host(&self, name: &str) -> Result<ClusterHost> {
+        self.get(&format!("/v1/hosts/{name}"))
+    }
+
+    /// Cordons (`true`) or uncordons a host.
+    pub fn cordon(&self, name: &str, cordoned: bool) -> Result<ClusterHost> {
+        let verb = if cordoned { "cordon" } else { "uncordon" };
+        self.post(&format!("/v1/hosts/{name}/{verb}"), &serde_json::json!({}))
+    }
+
+    pub fn drain(&self, name: &str) -> Result<godwit_api::DrainStatus> {
+        self.post(&format!("/v1/hosts/{name}/drain"), &serde_json::json!({}))
+    }
+
+    pub fn drain_status(&self, name: &str) -> Result<godwit_api::DrainStatus> {
+        self.get(&format!("/v1/hosts/{name}/drain"))
+    }
+
+    pub fn forget_host(&self, name: &str) -> Result<()> {
+        self.http.delete(&format!("/v1/hosts/{name}"))
+    }
+
     pub fn set_balancer(&self, mode: godwit_api::BalancerMode) -> Result<BalancerState> {
         self.http
             .put("/v1/balancer", &serde_json::json!({ "mode": mode }))

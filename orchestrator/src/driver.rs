@@ -231,5 +231,6 @@ pub fn trigger_label(t: MigrationTrigger) -> &'static str {
     match t {
         MigrationTrigger::Manual => "manual",
         MigrationTrigger::Balancer => "balancer",
+        MigrationTrigger::Drain => "drain",
     }
 }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod driver;
 pub mod error;
 pub mod http;

@@ -81,9 +81,10 @@ fn path_arg(p: &Path) -> Result<&str> {
 /// An agent process started by the CLI.
 #[derive(Debug)]
 pub struct LocalAgent {
-    process: Process,
+    process: Option<Process>,
     pub url: String,
     pub name: String,
+    data_dir: PathBuf,
 }
 
 impl LocalAgent {
@@ -92,7 +93,8 @@ impl LocalAgent {
         Self::start_with(name, data_dir, log, &[])
     }
 
-    /// As `start`, with extra agent arguments.
+    /// As `start`, with extra agent arguments. The agent stops its VMs when it stops (a local
+    /// cluster leaves no VMM process behind).
     pub fn start_with(name: &str, data_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
         let mut args = vec![
             "--listen",
@@ -101,19 +103,32 @@ impl LocalAgent {
             name,
             "--data-dir",
             path_arg(data_dir)?,
+            "--stop-vms-on-exit",
         ];
         args.extend_from_slice(extra);
         let process = Process::start("hypervisor-agent", &args, log)?;
         Ok(LocalAgent {
             url: process.url.clone(),
             name: name.to_owned(),
-            process,
+            data_dir: data_dir.to_owned(),
+            process: Some(process),
         })
     }
 
-    /// Stops the agent with SIGTERM and waits for it.
-    pub fn stop(self) -> Result<()> {
-        self.process.stop()
+    /// Stops the agent (and so its VMs) with SIGTERM and waits for it.
+    pub fn stop(mut self) -> Result<()> {
+        match self.process.take() {
+            Some(p) => p.stop(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        // Killed rather than stopped: its VMMs are killed too.
+        drop(self.process.take());
+        godwit_daemon::run_dir::kill_vmms(&self.data_dir);
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub migrations: IntCounterVec,
     pub resource_actions: IntCounterVec,
     pub placement_failures: IntCounter,
+    pub host_cordoned: GaugeVec,
+    pub drains: IntCounterVec,
     pub vm_moves_in_window: GaugeVec,
     /// VMs that have a `vm_moves_in_window` series, so deleted VMs' series can go.
     moves_series: Mutex<BTreeSet<String>>,
@@ -184,6 +186,30 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            host_cordoned: register(
+                &r,
+                GaugeVec::new(
+                    opts(
+                        "godwit_orchestrator_host_cordoned",
+                        "1 for a host an operator cordoned (nothing new placed or migrated \
+                         there), 0 for the others.",
+                    ),
+                    &["host"],
+                )
+                .expect("valid"),
+            ),
+            drains: register(
+                &r,
+                IntCounterVec::new(
+                    opts(
+                        "godwit_orchestrator_drains_total",
+                        "Host drains ended, by outcome (done: every VM left; stuck: some VMs \
+                         cannot move; cancelled: the host was uncordoned).",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
             vm_moves_in_window: register(
                 &r,
                 GaugeVec::new(
@@ -201,11 +227,14 @@ impl Metrics {
         };
         // Known label values start at zero, so rates and alerts see the first change.
         for mode in ["precopy", "stop-and-copy", "postcopy", "auto"] {
-            for trigger in ["manual", "balancer"] {
+            for trigger in ["manual", "balancer", "drain"] {
                 for outcome in ["completed", "failed", "cancelled"] {
                     m.migrations.with_label_values(&[mode, trigger, outcome]);
                 }
             }
+        }
+        for outcome in ["done", "stuck", "cancelled"] {
+            m.drains.with_label_values(&[outcome]);
         }
         for kind in ResourceKind::ALL {
             for action in ResourceAction::ALL {
@@ -264,6 +293,9 @@ impl Metrics {
             self.host_hot
                 .with_label_values(&[host])
                 .set(if is_hot { 1.0 } else { 0.0 });
+            self.host_cordoned
+                .with_label_values(&[host])
+                .set(if state.is_cordoned(host) { 1.0 } else { 0.0 });
         }
         self.agents.with_label_values(&["up"]).set(up as f64);
         self.agents.with_label_values(&["down"]).set(down as f64);

@@ -68,6 +68,10 @@ pub struct State {
     agents: Mutex<BTreeMap<String, Agent>>,
     vms: Mutex<BTreeMap<String, VmRecord>>,
     migrations: Mutex<BTreeMap<String, ClusterMigration>>,
+    /// Hosts an operator cordoned (persisted).
+    cordoned: Mutex<std::collections::BTreeSet<String>>,
+    /// Each host's last drain.
+    pub drains: Mutex<BTreeMap<String, godwit_api::DrainStatus>>,
     pub balancer: Mutex<BalancerState>,
     pub http: reqwest::Client,
 }
@@ -87,6 +91,10 @@ impl State {
             ?mode,
             "records loaded"
         );
+        let cordoned: std::collections::BTreeSet<String> = store
+            .meta("cordoned_hosts")
+            .map_err(OrchError::store)?
+            .unwrap_or_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -97,6 +105,8 @@ impl State {
             agents: Mutex::new(BTreeMap::new()),
             vms: Mutex::new(vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect()),
             migrations: Mutex::new(migrations.into_iter().map(|m| (m.id.clone(), m)).collect()),
+            cordoned: Mutex::new(cordoned),
+            drains: Mutex::new(BTreeMap::new()),
             balancer: Mutex::new(BalancerState {
                 mode,
                 imbalance: 0.0,
@@ -247,8 +257,61 @@ impl State {
             memory_total_mib: agent.host.memory_total_mib,
             memory_vms_mib: agent.host.memory_vms_mib,
             labels: agent.host.labels.clone(),
+            cordoned: self.is_cordoned(&agent.name),
             info: Some(agent.host.clone()),
         }
+    }
+
+    pub fn is_cordoned(&self, host: &str) -> bool {
+        lock(&self.cordoned).contains(host)
+    }
+
+    /// Cordons (`true`) or uncordons a host, and writes the set to the store.
+    pub fn set_cordoned(&self, host: &str, cordoned: bool) -> Result<(), OrchError> {
+        let mut set = lock(&self.cordoned);
+        let changed = if cordoned {
+            set.insert(host.to_owned())
+        } else {
+            set.remove(host)
+        };
+        if changed {
+            self.store
+                .set_meta("cordoned_hosts", &*set)
+                .map_err(OrchError::store)?;
+            tracing::info!(host, cordoned, "host cordon changed");
+        }
+        Ok(())
+    }
+
+    /// Forgets a host (`godwit host rm`): refused while it runs VMs or VM records place VMs
+    /// there.
+    pub fn forget_agent(&self, name: &str) -> Result<(), OrchError> {
+        let agent = self.agent(name)?;
+        let running: Vec<String> = agent.vms.iter().map(|v| v.name.clone()).collect();
+        let recorded: Vec<String> = lock(&self.vms)
+            .values()
+            .filter(|r| r.host == name)
+            .map(|r| r.spec.name.clone())
+            .collect();
+        if !running.is_empty() || !recorded.is_empty() {
+            let mut all = running;
+            all.extend(recorded);
+            all.sort();
+            all.dedup();
+            return Err(OrchError::Conflict(format!(
+                "Host {name} still runs VMs ({}); drain it or delete them first",
+                all.join(", ")
+            )));
+        }
+        lock(&self.agents).remove(name);
+        lock(&self.drains).remove(name);
+        self.set_cordoned(name, false)?;
+        let _ = self.metrics.agent_up.remove_label_values(&[name]);
+        let _ = self.metrics.host_load.remove_label_values(&[name]);
+        let _ = self.metrics.host_hot.remove_label_values(&[name]);
+        let _ = self.metrics.host_cordoned.remove_label_values(&[name]);
+        tracing::info!(host = name, "host forgotten");
+        Ok(())
     }
 
     pub fn vm_records(&self) -> BTreeMap<String, VmRecord> {

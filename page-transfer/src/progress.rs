@@ -83,6 +83,7 @@ impl Progress {
                 source_digest: None,
                 target_digest: None,
                 resources: Vec::new(),
+                outcome: None,
             }),
         }
     }
@@ -180,10 +181,27 @@ impl Progress {
         info
     }
 
+    /// Marks the end; `error` None = completed. `outcome` is the class the metrics count
+    /// (`MigrationInfo::outcome`).
+    pub fn finish_as(&self, status: MigrationStatus, error: Option<String>, outcome: &str) {
+        self.update(|i| i.outcome = Some(outcome.to_owned()));
+        self.finish(status, error);
+    }
+
     /// Marks the end; `error` None = completed.
     pub fn finish(&self, status: MigrationStatus, error: Option<String>) {
         let total = self.elapsed_ms();
         self.update(|i| {
+            if i.outcome.is_none() {
+                i.outcome = Some(
+                    match status {
+                        MigrationStatus::Completed => "completed",
+                        MigrationStatus::Cancelled => "cancelled",
+                        _ => "other",
+                    }
+                    .to_owned(),
+                );
+            }
             i.status = status;
             i.error = error;
             i.total_ms = total;

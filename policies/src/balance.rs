@@ -195,7 +195,10 @@ impl<'v> Planner<'v> {
         for (h, host) in hosts.iter().enumerate() {
             if host.up {
                 let key = p.key(h as u32);
-                p.order.insert(key);
+                // A cordoned host's VMs may leave; nothing moves there.
+                if !host.cordoned {
+                    p.order.insert(key);
+                }
                 p.sources.insert(key);
             }
         }

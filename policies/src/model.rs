@@ -28,6 +28,10 @@ pub struct Host {
     pub name: String,
     /// Whether its agent answers; a down host is neither a source nor a target.
     pub up: bool,
+    /// Cordoned by an operator: no new VM is placed there and no migration goes there; its
+    /// VMs may leave (a drain moves them all).
+    #[serde(default)]
+    pub cordoned: bool,
     /// Labels VMs can require (`zone=a`, `cpu=avx512`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -69,6 +73,7 @@ impl Host {
         Self {
             name: name.into(),
             up: true,
+            cordoned: false,
             labels: BTreeMap::new(),
             cpu_cores,
             memory_total_bytes,

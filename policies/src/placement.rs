@@ -1,6 +1,6 @@
 //! Placement of a new VM: which host should run it.
 //!
-//! Hard rules reject a host: it must be up, carry the VM's required labels, have at least as
+//! Hard rules reject a host: it must be up and not cordoned, carry the VM's required labels, have at least as
 //! many cores as the VM has vCPUs, have the memory free (less the reserve), be able to hold
 //! the VM's resources, run no member of the VM's anti-affinity group, and stay at or under
 //! the load ceiling with the VM's expected CPU use added. Every host left is scored by CPU
@@ -84,6 +84,8 @@ impl VmRequest {
 pub enum Rejection {
     /// The host is down.
     Down,
+    /// The host is cordoned: it takes no VMs.
+    Cordoned,
     /// The host lacks a required label, or has another value for it.
     MissingLabel {
         /// The label.
@@ -144,6 +146,7 @@ impl Rejection {
     pub fn kind(&self) -> &'static str {
         match self {
             Rejection::Down => "down",
+            Rejection::Cordoned => "cordoned",
             Rejection::MissingLabel { .. } => "missing a label",
             Rejection::TooFewCores { .. } => "too few cores",
             Rejection::NotEnoughMemory { .. } => "not enough memory",
@@ -159,6 +162,7 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rejection::Down => write!(f, "is down"),
+            Rejection::Cordoned => write!(f, "is cordoned"),
             Rejection::MissingLabel {
                 key,
                 want,
@@ -434,6 +438,9 @@ fn judge(
 ) -> Result<(f64, u64), Rejection> {
     if !host.up {
         return Err(Rejection::Down);
+    }
+    if host.cordoned {
+        return Err(Rejection::Cordoned);
     }
     if let Some((key, want)) = req
         .required_labels

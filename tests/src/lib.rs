@@ -5,7 +5,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -56,6 +56,8 @@ pub fn bin_dir() -> &'static Path {
             "--bins",
             "-p",
             "hypervisor-agent",
+            "-p",
+            "godwit-vmm",
             "-p",
             "orchestrator",
         ]);
@@ -271,6 +273,7 @@ pub struct Agent {
     pub name: String,
     pub data_dir: tempfile::TempDir,
     api: Api,
+    extra: Vec<String>,
 }
 
 impl std::ops::Deref for Agent {
@@ -290,21 +293,60 @@ impl Agent {
         let data_dir = tempfile::Builder::new()
             .prefix(&format!("godwit-{name}-"))
             .tempdir()?;
-        let (child, url) = spawn_daemon(
-            Command::new(bin_dir().join("hypervisor-agent"))
-                .args(["--listen", "127.0.0.1:0", "--name", name, "--data-dir"])
-                .arg(data_dir.path())
-                .args(extra),
-            "hypervisor-agent",
-        )?;
+        let (child, url) = Self::spawn(name, data_dir.path(), "127.0.0.1:0", extra)?;
         let agent = Agent {
             child: Some(child),
             name: name.to_owned(),
             data_dir,
             api: Api::new(url, Duration::from_secs(120))?,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         agent.wait_healthy()?;
         Ok(agent)
+    }
+
+    fn spawn(name: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> Result<(Child, String)> {
+        spawn_daemon(
+            Command::new(bin_dir().join("hypervisor-agent"))
+                .args(["--listen", listen, "--name", name, "--data-dir"])
+                .arg(data_dir)
+                .args(extra),
+            "hypervisor-agent",
+        )
+    }
+
+    /// Starts the agent again (after `kill` or `terminate`) on the same data directory and
+    /// address, with the arguments it first had.
+    pub fn restart(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "the agent still runs");
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let (child, url) = Self::spawn(&self.name, self.data_dir.path(), self.address(), &extra)?;
+        assert_eq!(url, self.url, "the agent came back on another address");
+        self.child = Some(child);
+        self.wait_healthy()
+    }
+
+    /// The pids of the VMM processes running this agent's VMs, by VM name.
+    pub fn vmm_pids(&self) -> std::collections::BTreeMap<String, u32> {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(dirs) = std::fs::read_dir(self.data_dir.path().join("vms")) {
+            for d in dirs.flatten() {
+                let run_dir = d.path();
+                let pid = std::fs::read_to_string(run_dir.join(godwit_daemon::run_dir::PID_FILE))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                if let Some(pid) = pid.filter(|&p| godwit_daemon::run_dir::vmm_alive(p, &run_dir)) {
+                    out.insert(d.file_name().to_string_lossy().into_owned(), pid);
+                }
+            }
+        }
+        out
+    }
+
+    /// A whole host fails: the agent and every VMM process of it are killed.
+    pub fn crash_host(&mut self) {
+        self.kill();
+        godwit_daemon::run_dir::kill_vmms(self.data_dir.path());
     }
 
     fn wait_healthy(&self) -> Result<()> {
@@ -377,7 +419,7 @@ impl Agent {
         }
     }
 
-    /// Kills the process outright (a crashed host).
+    /// Kills the agent process outright (its VMs run on in their VMM processes).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -413,5 +455,60 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Tests leave no VMM process behind.
+        godwit_daemon::run_dir::kill_vmms(self.data_dir.path());
+    }
+}
+
+/// A client that sends numbered lines to an endpoint and checks every echo, in order.
+#[derive(Debug)]
+pub struct EchoClient {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl EchoClient {
+    pub fn start(address: &str) -> EchoClient {
+        let stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+            let mut reader = BufReader::new(stream);
+            let mut n = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Acquire) {
+                // A few lines in flight at a time, to have bytes in every buffer at the pause.
+                for k in 0..3 {
+                    writeln!(writer, "line {} of the endpoint test", n + k)
+                        .map_err(|e| format!("send after {n} lines: {e}"))?;
+                }
+                for k in 0..3 {
+                    let mut line = String::new();
+                    reader
+                        .read_line(&mut line)
+                        .map_err(|e| format!("no echo after {n} lines: {e}"))?;
+                    let want = format!("line {} of the endpoint test\n", n + k);
+                    if line != want {
+                        return Err(format!("got {line:?}, expected {want:?}"));
+                    }
+                }
+                n += 3;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(n)
+        });
+        EchoClient { stop, handle }
+    }
+
+    /// Stops sending; returns how many lines came back (panics on a lost or wrong one).
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.handle
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("endpoint client: {e}"))
     }
 }

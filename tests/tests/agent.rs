@@ -397,7 +397,7 @@ fn sigterm_stops_the_agent_and_its_vms_cleanly() {
     if !kvm_available("sigterm_stops_the_agent_and_its_vms_cleanly") {
         return;
     }
-    let mut agent = Agent::start("term").unwrap();
+    let mut agent = Agent::start_with("term", &["--stop-vms-on-exit"]).unwrap();
     create(
         &agent,
         json!({"name":"a","vcpus":2,"memory_mib":64,"guest":{"kind":"spin","duty_percent":100}}),
@@ -407,6 +407,12 @@ fn sigterm_stops_the_agent_and_its_vms_cleanly() {
         json!({"name":"b","memory_mib":64,"guest":{"kind":"idle"}}),
     );
     advances(&agent, "a", 50);
+    assert_eq!(agent.vmm_pids().len(), 2);
     let code = agent.terminate(Duration::from_secs(20)).unwrap();
     assert_eq!(code, Some(0));
+    assert!(
+        agent.vmm_pids().is_empty(),
+        "VMMs left: {:?}",
+        agent.vmm_pids()
+    );
 }

@@ -335,7 +335,7 @@ fn a_killed_agent_is_marked_down_and_avoided() {
         return;
     }
     let mut c = cluster("automatic");
-    c.agents[2].kill();
+    c.agents[2].crash_host();
     c.orch
         .wait::<Vec<ClusterHost>>("/v1/hosts", WAIT, "host-3 down", |h| {
             h.iter().any(|h| h.name == "host-3" && !h.up)

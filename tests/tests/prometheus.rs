@@ -621,6 +621,26 @@ fn prometheus_scrapes_a_migrating_cluster() {
         assert!(status < 300, "delete spin{i}: {status} {body}");
     }
 
+    // 1b. Maintenance: prom-2, empty now, is drained (cordoned, nothing to move), uncordoned.
+    orch.wait::<Vec<godwit_api::ClusterHost>>("/v1/hosts", WAIT, "prom-2 empty", |h| {
+        h.iter().any(|h| h.name == "prom-2" && h.vm_count == 0)
+    })
+    .unwrap();
+    let (status, body) = orch
+        .request(Method::POST, "/v1/hosts/prom-2/drain", None)
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let drained = orch
+        .wait::<godwit_api::DrainStatus>("/v1/hosts/prom-2/drain", WAIT, "the drain", |d| {
+            d.state != godwit_api::DrainState::Running
+        })
+        .unwrap();
+    assert_eq!(drained.state, godwit_api::DrainState::Done, "{drained:?}");
+    let (status, body) = orch
+        .request(Method::POST, "/v1/hosts/prom-2/uncordon", None)
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
     // 2. A placement no host can take.
     let (status, body) = orch
         .request(

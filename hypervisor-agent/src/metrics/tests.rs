@@ -38,6 +38,7 @@ fn info(vm: &str, mode: MigrationMode, phase: MigrationPhase) -> MigrationInfo {
         throughput_bytes_s: 2e5,
         remaining_bytes: 8192,
         faults: FaultStats::default(),
+        outcome: None,
         source_digest: None,
         target_digest: None,
         resources: Vec::new(),

@@ -3,6 +3,8 @@
 //! Tables for people, `--json` for scripts; an error is one line and a non-zero exit.
 
 // Beside this file, not in src/bin/, where Cargo would take it for a binary of its own.
+#[path = "godwit/hosts.rs"]
+mod hosts;
 #[path = "godwit/resources.rs"]
 mod resources;
 
@@ -44,6 +46,9 @@ struct Cli {
 enum Command {
     /// List hosts with their load, VMs and state.
     Hosts,
+    /// Cordon, uncordon, drain or forget a host.
+    #[command(subcommand)]
+    Host(hosts::HostCommand),
     /// Create, list, show and remove VMs.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -200,6 +205,7 @@ fn run(cli: Cli) -> Result<()> {
     let c = Client::new(&cli.server)?;
     match cli.command {
         Command::Hosts => hosts(&c, json),
+        Command::Host(cmd) => hosts::run(&c, cmd, json),
         Command::Vm(VmCommand::Create(args)) => {
             let created = c.create_vm(&create_spec(*args)?)?;
             if json {
@@ -400,7 +406,11 @@ fn hosts(c: &Client, json: bool) -> Result<()> {
         println!(
             "{:<12} {:<5} {:>5.0}% {:>8.1} {:>4} {:>14}  {:<4} {}",
             h.name,
-            if h.up { "yes" } else { "DOWN" },
+            match (h.up, h.cordoned) {
+                (true, false) => "yes",
+                (true, true) => "CORD",
+                (false, _) => "DOWN",
+            },
             h.load * 100.0,
             h.capacity_cores,
             h.vm_count,

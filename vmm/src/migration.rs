@@ -28,7 +28,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{chain, AgentError};
 use crate::manager::{validate_name, Manager, VmEntry};
-use crate::metrics::{InProgress, Outcome, Role};
 use crate::microvm::layout::MIB;
 use crate::microvm::memory::{self, GuestMemory};
 use crate::microvm::postcopy::{self, PostcopyMemory};
@@ -609,8 +608,6 @@ impl Manager {
             now_unix_ms(),
         ));
         let record = self.migrations.add(&id, progress.clone(), false);
-        self.metrics
-            .migration_started(&id, name, Role::Source, req.mode);
         let cfg = SourceConfig {
             mode: req.mode,
             downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
@@ -651,9 +648,8 @@ impl Manager {
             Err(e) => {
                 let text = format!("Cannot start copying the VM's resources: {e}");
                 resource_plan::undo_exports(&self.resources, name, &plan.planned);
-                progress.finish(MigrationStatus::Failed, Some(text.clone()));
-                self.metrics
-                    .migration_ended(&id, &progress.info(), Outcome::Failed("resources"));
+                progress.finish_as(MigrationStatus::Failed, Some(text.clone()), "resources");
+                self.persist(&progress.info());
                 return Err(AgentError::BadGateway(text));
             }
         };
@@ -672,7 +668,6 @@ impl Manager {
         let manager = self.clone();
         let vm_name = name.to_owned();
         let mode = req.mode;
-        let migration_id = id.clone();
         let spawn_progress = progress.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("migrate-{name}"))
@@ -688,11 +683,6 @@ impl Manager {
                         source.transfer.verify_disks();
                         source.transfer.complete(&BTreeMap::new());
                         progress.finish(MigrationStatus::Completed, None);
-                        manager.metrics.migration_ended(
-                            &migration_id,
-                            &progress.info(),
-                            Outcome::Completed,
-                        );
                         let _ = manager.remove(&vm_name);
                         let details = resource_plan::finish_source(
                             &manager.resources,
@@ -701,8 +691,9 @@ impl Manager {
                             &target_name,
                         );
                         source.transfer.complete(&details);
-                        manager.metrics.resource_actions(&source.transfer.records());
                         let info = progress.info();
+                        manager.persist(&info);
+                        manager.set_ended(format!("VM {vm_name:?} moved to {target_name}"));
                         tracing::info!(
                             vm = %vm_name,
                             total_ms = info.total_ms,
@@ -713,11 +704,11 @@ impl Manager {
                     Err(e) => {
                         let (status, outcome) =
                             if matches!(e, page_transfer::MigrationError::Cancelled) {
-                                (MigrationStatus::Cancelled, Outcome::Cancelled)
+                                (MigrationStatus::Cancelled, "cancelled")
                             } else if source.resource_failed.load(Ordering::Acquire) {
-                                (MigrationStatus::Failed, Outcome::Failed("resources"))
+                                (MigrationStatus::Failed, "resources")
                             } else {
-                                (MigrationStatus::Failed, Outcome::Failed(failure_class(&e)))
+                                (MigrationStatus::Failed, failure_class(&e))
                             };
                         let mut text = chain(&e);
                         if switched {
@@ -731,11 +722,8 @@ impl Manager {
                             source.transfer.abort(&text);
                             resource_plan::undo_exports(&manager.resources, &vm_name, &planned);
                         }
-                        manager.metrics.resource_actions(&source.transfer.records());
-                        progress.finish(status, Some(text));
-                        manager
-                            .metrics
-                            .migration_ended(&migration_id, &progress.info(), outcome);
+                        progress.finish_as(status, Some(text), outcome);
+                        manager.persist(&progress.info());
                         // Either way the operator can act on this copy again.
                         source.entry.migrating.store(false, Ordering::Release);
                     }
@@ -743,9 +731,8 @@ impl Manager {
             });
         if let Err(e) = spawned {
             let text = format!("Cannot start the migration thread: {e}");
-            spawn_progress.finish(MigrationStatus::Failed, Some(text.clone()));
-            self.metrics
-                .migration_ended(&id, &spawn_progress.info(), Outcome::Failed("other"));
+            spawn_progress.finish_as(MigrationStatus::Failed, Some(text.clone()), "other");
+            self.persist(&spawn_progress.info());
             return Err(AgentError::Internal(text));
         }
         Ok(MigrationStarted { id })
@@ -787,8 +774,6 @@ impl Manager {
             now_unix_ms(),
         ));
         self.migrations.add(&req.id, progress.clone(), true);
-        self.metrics
-            .migration_started(&req.id, &req.vm, Role::Target, req.mode);
         let resources = Arc::new(Incoming::new(
             &req.id,
             &req.vm,
@@ -838,34 +823,40 @@ impl Manager {
                     result.is_ok(),
                     resources.bytes(),
                 );
-                let outcome = match result {
+                let ended = match result {
                     Ok(_) => {
                         progress.finish(MigrationStatus::Completed, None);
-                        Outcome::Completed
+                        None
                     }
                     Err(e) if cancelled_by_source(&e) => {
                         tracing::info!(vm = %name, "incoming migration cancelled by the source");
                         // The record says failed, as docs/migration.md promises for the
                         // target's side; the metrics count what happened, a cancel.
-                        progress.finish(MigrationStatus::Failed, Some(chain(&e)));
-                        Outcome::Cancelled
+                        progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), "cancelled");
+                        Some(format!("incoming migration {migration_id} was cancelled"))
                     }
                     Err(e) => {
                         tracing::warn!(vm = %name, error = %chain(&e), "incoming migration failed");
-                        progress.finish(MigrationStatus::Failed, Some(chain(&e)));
-                        Outcome::Failed(failure_class(&e))
+                        progress.finish_as(
+                            MigrationStatus::Failed,
+                            Some(chain(&e)),
+                            failure_class(&e),
+                        );
+                        Some(format!("incoming migration {migration_id} failed"))
                     }
                 };
-                manager
-                    .metrics
-                    .migration_ended(&migration_id, &progress.info(), outcome);
+                // The record is on disk before this process may exit.
+                manager.persist(&progress.info());
+                if let Some(why) = ended {
+                    manager.set_ended(why);
+                }
             });
         if let Err(e) = spawned {
             self.release(&req.vm);
             let text = format!("Cannot start the migration thread: {e}");
-            spawn_progress.finish(MigrationStatus::Failed, Some(text.clone()));
-            self.metrics
-                .migration_ended(&req.id, &spawn_progress.info(), Outcome::Failed("other"));
+            spawn_progress.finish_as(MigrationStatus::Failed, Some(text.clone()), "other");
+            self.persist(&spawn_progress.info());
+            self.set_ended(format!("incoming migration {} did not start", req.id));
             return Err(AgentError::Internal(text));
         }
         let ip = self.config().migration_ip;
@@ -879,29 +870,31 @@ impl Manager {
         })
     }
 
-    /// Meters running migrations for the 1 s sample: live byte counters and gauges, and the
-    /// count by role and phase. Returns the dirty rate each VM migrating away last measured.
-    pub(crate) fn sample_migrations(&self) -> HashMap<String, f64> {
-        let mut counts = InProgress::default();
+    /// The dirty rate each VM migrating away last measured (for its info).
+    pub(crate) fn migration_dirty_rates(&self) -> HashMap<String, f64> {
         let mut dirty_rates = HashMap::new();
-        for (id, record) in self.migrations.running_records() {
+        for (_, record) in self.migrations.running_records() {
             let info = record.progress.info();
-            if info.status != MigrationStatus::Running {
-                continue;
-            }
-            let role = if record.incoming {
-                Role::Target
-            } else {
-                Role::Source
-            };
-            counts.count(role, info.phase);
-            self.metrics.migration_progress(&id, &info);
-            if role == Role::Source && info.dirty_rate_bytes_s > 0.0 {
+            if !record.incoming && info.dirty_rate_bytes_s > 0.0 {
                 dirty_rates.insert(info.vm.clone(), info.dirty_rate_bytes_s);
             }
         }
-        self.metrics.set_in_progress(&counts);
         dirty_rates
+    }
+
+    /// Writes a finished migration's record to `DATA_DIR/migrations/ID.json`, where the agent
+    /// finds it after this process is gone (and after an agent restart).
+    pub(crate) fn persist(&self, info: &MigrationInfo) {
+        let dir = self.config().data_dir.join("migrations");
+        let result = std::fs::create_dir_all(&dir).and_then(|()| {
+            let bytes = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
+            let tmp = dir.join(format!(".{}.json.tmp", info.id));
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, dir.join(format!("{}.json", info.id)))
+        });
+        if let Err(e) = result {
+            tracing::warn!(id = %info.id, error = %e, "cannot write the migration record");
+        }
     }
 
     pub fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {

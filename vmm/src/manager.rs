@@ -12,14 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use godwit_api::{
-    CreateVm, DigestInfo, HostInfo, RestoreInfo, RestoreRequest, SnapshotInfo, SnapshotRequest,
-    VmInfo, VmState as ApiVmState,
+    CreateVm, DigestInfo, RestoreInfo, RestoreRequest, SnapshotInfo, SnapshotRequest, VmInfo,
+    VmState as ApiVmState, VmmStatus,
 };
 
 use crate::error::AgentError;
 use crate::guest;
-use crate::host::{self, CpuTicks};
-use crate::metrics::Metrics;
+use crate::host;
 use crate::microvm::layout::MIB;
 use crate::microvm::state::VmState;
 use crate::microvm::{memory, KvmHost, MicroVm, VmError, VmPlacement};
@@ -170,12 +169,6 @@ impl Registry {
     }
 }
 
-#[derive(Debug, Default)]
-struct HostLoad {
-    last_ticks: Option<CpuTicks>,
-    busy: f64,
-}
-
 #[derive(Debug)]
 pub struct Manager {
     config: ManagerConfig,
@@ -183,10 +176,10 @@ pub struct Manager {
     registry: Mutex<Registry>,
     pub(crate) migrations: crate::migration::Migrations,
     memory_total: u64,
-    cores: u32,
-    host_load: Mutex<HostLoad>,
-    pub metrics: Metrics,
     pub(crate) resources: Arc<HostResources>,
+    /// Why this VMM has nothing left to do (its VM moved away, was deleted, or never
+    /// arrived); the process exits once nothing else holds it (`crate::process`).
+    pub(crate) ended: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -244,20 +237,13 @@ impl Manager {
             kvm: Mutex::new(None),
             registry: Mutex::new(Registry::default()),
             memory_total: host::memory_total_bytes(),
-            cores: host::cores(),
-            host_load: Mutex::new(HostLoad::default()),
-            metrics: Metrics::new(&config.name),
+            ended: Mutex::new(None),
             config,
         };
         // Open KVM now so a missing device shows in /v1/host from the start; creation retries.
         if let Err(e) = manager.kvm() {
             tracing::warn!(error = %e, "KVM unavailable; VMs cannot be created until it is");
         }
-        manager.metrics.host_cores.set(f64::from(manager.cores));
-        manager
-            .metrics
-            .host_memory_bytes
-            .set(manager.memory_total as f64);
         Ok(manager)
     }
 
@@ -269,20 +255,9 @@ impl Manager {
                 "VM {vm:?} runs (or is arriving) here; delete it instead"
             )));
         }
-        Ok(self.resources.release_moved(vm))
-    }
-
-    /// `n` bytes from this host's entropy device.
-    pub fn read_entropy(&self, n: usize) -> Result<Vec<u8>, AgentError> {
-        let e = self
-            .resources
-            .local_entropy()
-            .ok_or_else(|| AgentError::NotFound("This host offers no entropy device".into()))?;
-        let mut buf = vec![0u8; n];
-        e.fill(&mut buf).map_err(|err| {
-            AgentError::Internal(format!("Cannot read the entropy device: {err}"))
-        })?;
-        Ok(buf)
+        let released = self.resources.release_moved(vm);
+        self.set_ended(format!("released what it kept for VM {vm:?}"));
+        Ok(released)
     }
 
     /// The URL peers reach this agent's API at (for devices other hosts' VMs use).
@@ -378,35 +353,14 @@ impl Manager {
     }
 
     pub(crate) fn insert(&self, name: &str, entry: VmEntry) {
-        let memory_bytes = entry.memory_bytes;
         lock(&self.registry)
             .vms
             .insert(name.to_owned(), Arc::new(entry));
-        self.metrics.vms.inc();
-        // The VM's series exist from its first moment, not from the next sample.
-        self.metrics
-            .vm_cpu_seconds
-            .with_label_values(&[name])
-            .inc_by(0.0);
-        self.metrics
-            .vm_memory_bytes
-            .with_label_values(&[name])
-            .set(memory_bytes as f64);
+        *lock(&self.ended) = None;
     }
 
     pub fn create(&self, req: &CreateVm) -> Result<VmInfo, AgentError> {
-        if req.memory_mib == 0 {
-            return Err(AgentError::BadRequest(
-                "memory_mib must be at least 4".into(),
-            ));
-        }
-        let memory_bytes = req.memory_mib.checked_mul(MIB).ok_or_else(|| {
-            AgentError::BadRequest(format!("memory_mib {} is too large", req.memory_mib))
-        })?;
-        validate_name(&req.name)?;
-        MicroVm::validate(req.vcpus, memory_bytes, &req.guest)
-            .map_err(|e| vm_error(&req.name, "create", e))?;
-        self.resources.validate(&req.resources)?;
+        let memory_bytes = validate_create(req)?;
         let _reservation = self.reserve(&req.name, memory_bytes)?;
         let kvm = self.kvm()?;
         let mut placement = self.placement(&req.name)?;
@@ -458,6 +412,7 @@ impl Manager {
         let resources = lock(&self.entry(name)?.resources).clone();
         self.remove(name)?;
         self.resources.delete_vm(name, &resources);
+        self.set_ended(format!("VM {name:?} deleted"));
         Ok(())
     }
 
@@ -467,8 +422,6 @@ impl Manager {
             .vms
             .remove(name)
             .ok_or_else(|| AgentError::NotFound(format!("No VM named {name:?} on this host")))?;
-        self.metrics.vms.dec();
-        self.metrics.forget_vm(name);
         // Dropping the last reference stops the vCPU threads and frees the memory. A request
         // still holding the entry finishes first. The console log stays for post-mortems until
         // a VM of the same name replaces it.
@@ -540,20 +493,6 @@ impl Manager {
     }
 
     pub fn snapshot(&self, name: &str, req: &SnapshotRequest) -> Result<SnapshotInfo, AgentError> {
-        let result = self.snapshot_inner(name, req);
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .snapshots
-            .with_label_values(&["snapshot", outcome])
-            .inc();
-        result
-    }
-
-    fn snapshot_inner(
-        &self,
-        name: &str,
-        req: &SnapshotRequest,
-    ) -> Result<SnapshotInfo, AgentError> {
         let entry = self.entry(name)?;
         refuse_while_migrating(name, &entry)?;
         let path = self.resolve(&req.path)?;
@@ -615,17 +554,6 @@ impl Manager {
     }
 
     pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreInfo, AgentError> {
-        let result = self.restore_inner(req);
-        if result.is_err() {
-            self.metrics
-                .snapshots
-                .with_label_values(&["restore", "error"])
-                .inc();
-        }
-        result
-    }
-
-    fn restore_inner(&self, req: &RestoreRequest) -> Result<RestoreInfo, AgentError> {
         let started = Instant::now();
         let path = self.resolve(&req.path)?;
         validate_name(&req.name)?;
@@ -672,10 +600,6 @@ impl Manager {
                 VmResources::default(),
             ),
         );
-        self.metrics
-            .snapshots
-            .with_label_values(&["restore", "ok"])
-            .inc();
         let info = RestoreInfo {
             vm: self.info(&req.name)?,
             read_ms,
@@ -686,11 +610,11 @@ impl Manager {
         Ok(info)
     }
 
-    /// Samples VM and host CPU use and running migrations; the agent's background loop calls
-    /// this every interval.
+    /// Samples the VM's CPU use and advances its dirty-rate probe; the VMM's background loop
+    /// calls this every interval.
     pub fn sample(&self) {
         // A VM migrating away is not probed; its last pre-copy round measured its dirty rate.
-        let measured_by_migration = self.sample_migrations();
+        let measured_by_migration = self.migration_dirty_rates();
         let entries: Vec<(String, Arc<VmEntry>)> = lock(&self.registry)
             .vms
             .iter()
@@ -700,91 +624,60 @@ impl Manager {
             if let Some(interval) = self.config.dirty_probe_interval {
                 entry.probe_dirty_rate(interval);
             }
-            let broken = entry.broken().is_some();
-            let (cpu, vcpus, state) = {
-                let vm = lock(&entry.vm);
-                let cpu: f64 = vm.vcpu_cpu_seconds().iter().sum();
-                (cpu, vm.config().vcpus, vm_state(&vm, broken))
-            };
-            let dirty_rate = measured_by_migration
-                .get(name)
-                .copied()
-                .unwrap_or_else(|| lock(&entry.probe).rate);
-            let memory_bytes = entry.memory_bytes;
+            if let Some(rate) = measured_by_migration.get(name) {
+                lock(&entry.probe).rate = *rate;
+            }
+            let cpu: f64 = lock(&entry.vm).vcpu_cpu_seconds().iter().sum();
             let mut usage = lock(&entry.usage);
             let delta = (cpu - usage.last_cpu_seconds).max(0.0);
             usage.cores = delta / crate::SAMPLE_INTERVAL.as_secs_f64();
             usage.last_cpu_seconds = cpu;
-            // Holding the registry lock: a VM deleted meanwhile must not get its series back.
-            let registry = lock(&self.registry);
-            if !registry.vms.contains_key(name) {
-                continue;
-            }
-            self.metrics
-                .vm_cpu_seconds
-                .with_label_values(&[name])
-                .inc_by(delta);
-            self.metrics
-                .vm_memory_bytes
-                .with_label_values(&[name])
-                .set(memory_bytes as f64);
-            self.metrics
-                .set_vm(name, state, vcpus, dirty_rate, entry.is_migrating());
-            drop(registry);
         }
-        let mut load = lock(&self.host_load);
-        if let Some(now) = CpuTicks::read() {
-            if let Some(before) = load.last_ticks {
-                load.busy = now.busy_since(&before);
-            }
-            load.last_ticks = Some(now);
-        }
-        let info = self.host_info_locked(&load);
-        self.metrics.host_vms_cpu_load.set(info.vms_cpu_load);
-        self.metrics.host_cpu_busy.set(info.host_cpu_busy);
-        self.metrics
-            .host_vm_memory_bytes
-            .set((info.memory_vms_mib * MIB) as f64);
     }
 
-    pub fn host_info(&self) -> HostInfo {
-        let load = lock(&self.host_load);
-        self.host_info_locked(&load)
-    }
-
-    fn host_info_locked(&self, load: &HostLoad) -> HostInfo {
-        let entries: Vec<Arc<VmEntry>> = lock(&self.registry).vms.values().cloned().collect();
-        let memory_vms: u64 = entries.iter().map(|e| e.memory_bytes).sum();
-        let used_cores: f64 = entries.iter().map(|e| lock(&e.usage).cores).sum();
-        let (kvm_available, kvm_error) = match self.kvm() {
-            Ok(_) => (true, None),
-            Err(e) => (false, Some(e.to_string())),
-        };
-        HostInfo {
-            name: self.config.name.clone(),
+    /// What this VMM process holds, for its agent.
+    pub fn status(&self) -> VmmStatus {
+        let registry = lock(&self.registry);
+        let vm = registry.vms.keys().next().cloned();
+        let memory_bytes = registry.memory_in_use();
+        let arriving = !registry.reserved.is_empty();
+        drop(registry);
+        let mut keeps = self.resources.kept();
+        let disk_used = self.resources.disk_used_bytes();
+        if vm.is_none() && disk_used > 0 {
+            keeps.push(format!("data ({} MiB)", disk_used.div_ceil(MIB)));
+        }
+        VmmStatus {
+            pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            cores: self.cores,
-            memory_total_mib: self.memory_total / MIB,
-            memory_vms_mib: memory_vms / MIB,
-            vm_count: entries.len() as u32,
-            vms_cpu_load: (used_cores / f64::from(self.cores.max(1))).clamp(0.0, 1.0),
-            host_cpu_busy: load.busy,
-            kvm_available,
-            kvm_error,
-            labels: self.config.labels.clone(),
-            migrations_in_flight: self.migrations.running(),
-            disk_free_bytes: self.resources.disk_free_bytes(),
-            device_classes: self.resources.device_classes(),
+            vm,
+            memory_bytes,
+            arriving,
+            keeps,
+            disk_used_bytes: disk_used,
+            migrations_running: self.migrations.running(),
+            ended: lock(&self.ended).clone(),
         }
     }
 
-    /// Stops every VM (agent shutdown).
+    /// Notes why this VMM has nothing left to run (the process exits once idle).
+    pub(crate) fn set_ended(&self, why: String) {
+        *lock(&self.ended) = Some(why);
+    }
+
+    /// Nothing runs, arrives, migrates or is kept here: the process may exit.
+    pub fn idle(&self) -> bool {
+        let s = self.status();
+        s.vm.is_none() && !s.arriving && s.keeps.is_empty() && s.migrations_running == 0
+    }
+
+    /// Stops the VM and releases what this process keeps (the VMM is about to exit).
     pub fn shutdown(&self) {
         let entries: Vec<Arc<VmEntry>> = lock(&self.registry).vms.drain().map(|(_, e)| e).collect();
         let n = entries.len();
         drop(entries);
         self.resources.shutdown();
-        tracing::info!(vms = n, "all VMs stopped");
+        tracing::info!(vms = n, "VM stopped");
     }
 }
 
@@ -857,7 +750,25 @@ fn refuse_while_migrating(name: &str, entry: &VmEntry) -> Result<(), AgentError>
     Ok(())
 }
 
-pub(crate) fn validate_name(name: &str) -> Result<(), AgentError> {
+/// Checks a creation request without touching anything (the agent calls this before it
+/// spends memory or a process on it); returns the VM's memory in bytes.
+pub fn validate_create(req: &CreateVm) -> Result<u64, AgentError> {
+    if req.memory_mib == 0 {
+        return Err(AgentError::BadRequest(
+            "memory_mib must be at least 4".into(),
+        ));
+    }
+    let memory_bytes = req.memory_mib.checked_mul(MIB).ok_or_else(|| {
+        AgentError::BadRequest(format!("memory_mib {} is too large", req.memory_mib))
+    })?;
+    validate_name(&req.name)?;
+    MicroVm::validate(req.vcpus, memory_bytes, &req.guest)
+        .map_err(|e| vm_error(&req.name, "create", e))?;
+    crate::resources::validate_specs(&req.resources)?;
+    Ok(memory_bytes)
+}
+
+pub fn validate_name(name: &str) -> Result<(), AgentError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

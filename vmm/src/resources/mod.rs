@@ -12,6 +12,8 @@ pub mod plan;
 mod spec;
 pub mod transfer;
 
+pub use spec::validate as validate_specs;
+
 pub use bound::{Bound, BoundState, VmResources};
 
 use std::collections::{BTreeSet, HashMap};
@@ -415,6 +417,28 @@ impl HostResources {
         let ep = Endpoint::start(vm, resource, stream, None)?;
         endpoints.insert(key, ep.clone());
         Ok(ep)
+    }
+
+    /// What this host keeps for VMs that are not running here (forwarders, exports, data
+    /// kept after a copy), one line each.
+    pub fn kept(&self) -> Vec<String> {
+        let mut out: Vec<String> = lock(&self.endpoints)
+            .iter()
+            .filter(|(_, ep)| !ep.is_local())
+            .map(|((vm, r), ep)| format!("{vm}: endpoint {r} ({})", ep.location()))
+            .collect();
+        out.extend(
+            lock(&self.exports)
+                .keys()
+                .map(|(vm, r)| format!("{vm}: export of {r}")),
+        );
+        out.sort();
+        out
+    }
+
+    /// Bytes of resource data this process accounts for (its VM's, or what it keeps).
+    pub fn disk_used_bytes(&self) -> u64 {
+        lock(&self.used).values().sum()
     }
 
     /// Whether exports or endpoints of a VM named `vm` are still kept here.

@@ -1,4 +1,4 @@
-//! What the agent knows about its host: cores, memory, and how busy the CPUs are (from
+//! What a Godwit daemon knows about its host: cores, memory, and how busy the CPUs are (from
 //! `/proc/stat`, sampled by the agent's background loop).
 
 use std::fs;

@@ -1,0 +1,131 @@
+//! The seam between the agent and what runs its VMs. A [`Backend`] makes VMs (create, restore,
+//! accept an incoming migration) and finds the ones already running when the agent starts; a
+//! [`VmHandle`] is one VM it runs. The agent keeps policy and bookkeeping (names, memory and
+//! disk accounting, records, metrics) and never holds a guest's memory.
+//!
+//! Backends today: [`microvm`], one `godwit-vmm` process per KVM microVM. A backend says what
+//! it can do in [`Capabilities`], so a request it cannot serve is refused with a reason before
+//! anything starts.
+
+pub mod microvm;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use godwit_api::{
+    CreateVm, DigestInfo, IncomingAccepted, IncomingMigration, MigrateRequest, MigrationInfo,
+    MigrationMode, MigrationStarted, RestoreInfo, RestoreRequest, SnapshotInfo, SnapshotRequest,
+    VmInfo, VmmStatus,
+};
+use serde::Serialize;
+
+use crate::error::AgentError;
+
+/// What a backend can do, reported in `GET /v1/host` and checked before a request reaches it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The backend's name (`microvm`).
+    pub backend: &'static str,
+    /// Migration modes it carries out.
+    pub modes: Vec<MigrationMode>,
+    pub snapshot: bool,
+    /// VM resources (disk, endpoint, scratch, device) and their rebinding on migration.
+    pub resources: bool,
+    /// Dirty-page tracking (the dirty-rate probe and pre-copy).
+    pub dirty_tracking: bool,
+    /// VMs keep running while the agent is stopped or restarted.
+    pub survives_agent_restart: bool,
+}
+
+impl Capabilities {
+    /// Refuses a migration mode the backend does not carry out.
+    pub fn check_mode(&self, mode: MigrationMode) -> Result<(), AgentError> {
+        if self.modes.contains(&mode) {
+            Ok(())
+        } else {
+            Err(AgentError::BadRequest(format!(
+                "The {} backend cannot migrate in mode {}",
+                self.backend,
+                mode.as_str()
+            )))
+        }
+    }
+}
+
+/// How a VM's process ended, once it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// It ended on purpose (its VM moved away, was deleted, or it was stopped): why.
+    Done(String),
+    /// It died: how (exit status or signal) and the tail of its log.
+    Crashed(String),
+}
+
+/// A VM found running (or found dead) when the agent started.
+#[derive(Debug)]
+pub struct Adopted {
+    pub name: String,
+    pub handle: Arc<dyn VmHandle>,
+    /// The VM's last known description (for a VM found crashed).
+    pub last_info: Option<VmInfo>,
+}
+
+/// What makes VMs and finds them again.
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    fn capabilities(&self) -> Capabilities;
+    /// Checks a creation request the way the backend will (before memory or a process is
+    /// spent on it).
+    fn validate(&self, req: &CreateVm) -> Result<(), AgentError>;
+    /// Starts a VM from `req`. `disk_budget_bytes` is the resource space it may use.
+    async fn create(
+        &self,
+        req: &CreateVm,
+        disk_budget_bytes: u64,
+    ) -> Result<(Arc<dyn VmHandle>, VmInfo), AgentError>;
+    /// Starts a VM from a snapshot.
+    async fn restore(
+        &self,
+        req: &RestoreRequest,
+    ) -> Result<(Arc<dyn VmHandle>, RestoreInfo), AgentError>;
+    /// Gets ready to receive a migrating VM: in `existing` (a handle that keeps things for a
+    /// VM of that name that moved away earlier and is coming back) or in a new one.
+    async fn incoming(
+        &self,
+        req: &IncomingMigration,
+        existing: Option<Arc<dyn VmHandle>>,
+        disk_budget_bytes: u64,
+    ) -> Result<(Arc<dyn VmHandle>, IncomingAccepted), AgentError>;
+    /// The VMs this backend runs (or ran) on this host, found after an agent (re)start.
+    async fn adopt(&self) -> Vec<Adopted>;
+}
+
+/// One VM a backend runs: the operations the agent's API offers on it.
+#[async_trait]
+pub trait VmHandle: Send + Sync + std::fmt::Debug {
+    /// What the VM's process holds (its VM, reserved memory, kept resources).
+    async fn status(&self) -> Result<VmmStatus, AgentError>;
+    async fn info(&self) -> Result<VmInfo, AgentError>;
+    async fn pause(&self) -> Result<VmInfo, AgentError>;
+    async fn resume(&self) -> Result<VmInfo, AgentError>;
+    /// The last `max_bytes` of the serial console (readable after a crash too).
+    async fn console(&self, max_bytes: u64) -> Result<Vec<u8>, AgentError>;
+    async fn digest(&self) -> Result<DigestInfo, AgentError>;
+    async fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, AgentError>;
+    async fn migrate(&self, req: &MigrateRequest) -> Result<MigrationStarted, AgentError>;
+    async fn migrations(&self) -> Result<Vec<MigrationInfo>, AgentError>;
+    async fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError>;
+    async fn cancel(&self, id: &str) -> Result<MigrationInfo, AgentError>;
+    /// Deletes the VM and everything bound to it here.
+    async fn delete(&self) -> Result<(), AgentError>;
+    /// Releases what is kept here for the VM that moved away and was deleted elsewhere.
+    async fn release_moved(&self) -> Result<Vec<String>, AgentError>;
+    /// Stops the VM and its process on purpose.
+    async fn stop(&self) -> Result<(), AgentError>;
+    /// Waits up to `timeout` for the process to end; true if it has.
+    async fn wait_exit(&self, timeout: std::time::Duration) -> bool;
+    /// How the process ended, once it has.
+    fn exited(&self) -> Option<Exit>;
+    /// The process id, for the record.
+    fn pid(&self) -> u32;
+}

@@ -1,0 +1,228 @@
+//! The VMM's local HTTP/JSON API, served on the unix socket in its run directory for its
+//! agent (documented in `docs/vmm-api.md`). The VM routes are the agent's own (the agent passes
+//! them through), plus `/v1/vmm` for the process itself. Handlers parse and validate, then run
+//! the manager's blocking work on tokio's blocking pool.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use godwit_api::{CreateVm, IncomingMigration, MigrateRequest, RestoreRequest, SnapshotRequest};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::AgentError;
+use crate::manager::Manager;
+
+type Shared = Arc<Manager>;
+
+/// The API; `stop` is notified when the agent asks the process to stop its VM and exit.
+pub fn router(manager: Shared, stop: Arc<tokio::sync::Notify>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/vmm", get(status))
+        .route(
+            "/v1/vmm/stop",
+            post(move || async move {
+                stop.notify_one();
+                StatusCode::ACCEPTED
+            }),
+        )
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/restore", post(restore_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/digest", get(digest))
+        .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/migrations", get(list_migrations))
+        .route("/v1/migrations/incoming", post(incoming_migration))
+        .route("/v1/migrations/{id}", get(get_migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/resources/{vm}", axum::routing::delete(release_moved))
+        .fallback(|| async {
+            AgentError::NotFound("No such API endpoint; see docs/agent-api.md".into())
+        })
+        .method_not_allowed_fallback(|| async {
+            AgentError::MethodNotAllowed(
+                "This endpoint does not accept that method; see docs/agent-api.md".into(),
+            )
+        })
+        .with_state(manager)
+}
+
+/// Parses a JSON body into `T`, answering a malformed one with a sentence instead of axum's
+/// default rejection.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
+    if body.is_empty() {
+        return Err(AgentError::BadRequest(
+            "The request needs a JSON body".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| AgentError::BadRequest(format!("Malformed JSON request body: {e}")))
+}
+
+/// Runs blocking manager work off the async workers.
+async fn blocking<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Manager) -> Result<T, AgentError> + Send + 'static,
+{
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || f(&m))
+        .await
+        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
+}
+
+/// As `blocking`, for work that keeps the manager beyond the request (migrations).
+async fn blocking_arc<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Arc<Manager>) -> Result<T, AgentError> + Send + 'static,
+{
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || f(&m))
+        .await
+        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
+}
+
+async fn migrate_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, AgentError> {
+    let req: MigrateRequest = parse(&body)?;
+    let started = blocking_arc(&m, move |m| m.migrate(&name, &req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
+}
+
+async fn incoming_migration(
+    State(m): State<Shared>,
+    body: Bytes,
+) -> Result<impl IntoResponse, AgentError> {
+    let req: IncomingMigration = parse(&body)?;
+    Ok(Json(blocking_arc(&m, move |m| m.incoming(&req)).await?))
+}
+
+async fn list_migrations(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, |m| Ok(m.migrations())).await?))
+}
+
+async fn get_migration(
+    State(m): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.migration(&id)).await?))
+}
+
+async fn cancel_migration(
+    State(m): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.cancel_migration(&id)).await?))
+}
+
+/// A VM that moved away from here was deleted where it ran: release what this host keeps
+/// for it (exports, forwarders, data).
+async fn release_moved(
+    State(m): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    let released = blocking(&m, move |m| m.release_moved(&vm)).await?;
+    Ok(Json(serde_json::json!({ "released": released })))
+}
+
+async fn status(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, |m| Ok(m.status())).await?))
+}
+
+async fn list_vms(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, |m| Ok(m.list())).await?))
+}
+
+async fn create_vm(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
+    let req: CreateVm = parse(&body)?;
+    let info = blocking(&m, move |m| m.create(&req)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn get_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.info(&name)).await?))
+}
+
+async fn delete_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    blocking(&m, move |m| m.delete(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.pause(&name)).await?))
+}
+
+async fn resume_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.resume(&name)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ConsoleQuery {
+    /// Return at most this many bytes from the end of the log. Default 1 MiB.
+    max_bytes: Option<String>,
+}
+
+async fn console(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<impl IntoResponse, AgentError> {
+    let max = match q.max_bytes {
+        None => 1 << 20,
+        Some(text) => text.parse::<u64>().map_err(|_| {
+            AgentError::BadRequest(format!(
+                "max_bytes must be a whole number of bytes, not {text:?}"
+            ))
+        })?,
+    };
+    let bytes = blocking(&m, move |m| m.console(&name, max)).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes))
+}
+
+async fn digest(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.digest(&name)).await?))
+}
+
+async fn snapshot_vm(
+    State(m): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, AgentError> {
+    let req: SnapshotRequest = parse(&body)?;
+    Ok(Json(blocking(&m, move |m| m.snapshot(&name, &req)).await?))
+}
+
+async fn restore_vm(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
+    let req: RestoreRequest = parse(&body)?;
+    let info = blocking(&m, move |m| m.restore(&req)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}

@@ -1,0 +1,31 @@
+//! Godwit's VMM: everything one running microVM is, in its own process. The KVM VM, guest
+//! memory, vCPU threads, devices and their backends (disk, entropy, endpoint stream), the
+//! console log, snapshot/restore, and both ends of the VM's live migrations live here, so a
+//! guest and its clients do not depend on the agent being up: the agent spawns, supervises and
+//! re-adopts VMM processes (see `docs/architecture.md`).
+//!
+//! The process serves a local HTTP/JSON API on a unix socket in the VM's run directory
+//! ([`api`], documented in `docs/vmm-api.md`); [`run`] is its main loop.
+
+pub mod api;
+pub mod guest;
+pub mod manager;
+pub mod microvm;
+pub mod migration;
+pub mod process;
+pub mod resources;
+pub mod sealed;
+pub mod snapshot;
+
+pub use godwit_daemon::host;
+
+/// The VMM's API errors (shared with the agent, which passes them on).
+pub mod error {
+    pub use godwit_daemon::{chain, AgentError};
+}
+pub use process::{run, VmmConfig};
+
+use std::time::Duration;
+
+/// How often the VMM samples its VM's CPU use and probes its dirty rate.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);

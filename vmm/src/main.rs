@@ -1,0 +1,89 @@
+//! `godwit-vmm`: one microVM in its own process. Started by the agent (never by hand in normal
+//! use), it serves the VM's local API on `RUN_DIR/vmm.sock` and runs until its VM is gone; see
+//! `godwit_vmm::process` and `docs/vmm-api.md`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use godwit_vmm::manager::ManagerConfig;
+use godwit_vmm::VmmConfig;
+
+/// Godwit VMM: runs one KVM microVM and serves its local API on a unix socket.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The VM's run directory (socket, pid file, console and logs), DATA_DIR/vms/NAME.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// The agent's data directory (resource data, snapshots, migration records).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Name of this host in the cluster (the agent's name).
+    #[arg(long)]
+    host: String,
+    /// The agent's API URL as peers reach it (for devices other hosts' VMs use and for the
+    /// hosts a VM visited).
+    #[arg(long)]
+    agent_url: Option<String>,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// Do not ask for transparent huge pages for guest memory.
+    #[arg(long)]
+    no_huge_pages: bool,
+    /// Address incoming migrations and resource links listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    migration_ip: std::net::IpAddr,
+    /// Do not prefault the memory of an incoming stop-and-copy migration.
+    #[arg(long)]
+    no_prefault: bool,
+    /// Seconds between probes of the VM's dirty rate; 0 = never.
+    #[arg(long, default_value_t = 10)]
+    dirty_probe_interval_s: u64,
+    /// Space the agent leaves this VM's resource data, MiB.
+    #[arg(long, default_value_t = 4096)]
+    resource_capacity_mib: u64,
+    /// A device class this host offers VMs (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        // Its log is a file in the run directory, read by people and by the agent.
+        .with_ansi(false)
+        .init();
+    let args = Args::parse();
+    let config = VmmConfig {
+        run_dir: args.run_dir,
+        manager: ManagerConfig {
+            name: args.host,
+            data_dir: args.data_dir,
+            kvm_device: args.kvm_device,
+            huge_pages: !args.no_huge_pages,
+            // The agent accounts for host memory across its VMMs before it starts one.
+            reserved_memory_bytes: 0,
+            migration_ip: args.migration_ip,
+            prefault: !args.no_prefault,
+            labels: Default::default(),
+            dirty_probe_interval: (args.dirty_probe_interval_s > 0)
+                .then(|| Duration::from_secs(args.dirty_probe_interval_s)),
+            resource_capacity_bytes: args.resource_capacity_mib.saturating_mul(1 << 20),
+            device_classes: args.devices.into_iter().collect(),
+        },
+        agent_url: args.agent_url,
+    };
+    let reason = godwit_vmm::run(config, godwit_daemon::shutdown_signal())
+        .await
+        .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))
+        .context("The VMM failed")?;
+    tracing::info!(%reason, "VMM stopped");
+    Ok(())
+}

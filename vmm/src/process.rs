@@ -1,0 +1,136 @@
+//! The VMM process's life: its run directory, the local API on a unix socket, the sample loop,
+//! and when it ends.
+//!
+//! Run directory (`DATA_DIR/vms/<vm>/`, owned by this process while it runs):
+//! - `vmm.sock`: the local API; `vmm.pid`: this process's id, written once the socket listens;
+//! - `vmm.log`: its log (the agent points stderr there), `console.log`: the guest's serial;
+//! - `exit.json`: written just before a deliberate exit, with why. A VMM that is gone without
+//!   one crashed.
+//!
+//! The process exits on its own once it has nothing left to run or keep: its VM moved away
+//! (and it keeps no forwarder, export or data for it), was deleted, or never arrived. It
+//! exits on `POST /v1/vmm/stop` and on SIGTERM/SIGINT, stopping its VM. It does not exit when
+//! its agent does: that is the point of it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::AgentError;
+use crate::manager::{Manager, ManagerConfig};
+
+pub use godwit_daemon::run_dir::{EXIT_FILE, PID_FILE, SOCKET};
+
+/// `exit.json`: why a VMM ended on purpose.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub pid: u32,
+    pub reason: String,
+    pub unix_ms: u64,
+}
+
+/// What the VMM process runs with.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    pub manager: ManagerConfig,
+    /// The VM's run directory (socket, pid file, logs).
+    pub run_dir: PathBuf,
+    /// The agent's API URL as peers reach it.
+    pub agent_url: Option<String>,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes `path` atomically (a temporary file renamed over it).
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Serves the VMM until it ends (see the module doc); returns why.
+pub async fn run(
+    config: VmmConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<String, AgentError> {
+    let run_dir = config.run_dir.clone();
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| AgentError::Internal(format!("Cannot create {}: {e}", run_dir.display())))?;
+    let _ = std::fs::remove_file(run_dir.join(EXIT_FILE));
+    let manager_config = config.manager.clone();
+    let manager = Arc::new(
+        tokio::task::spawn_blocking(move || Manager::new(manager_config))
+            .await
+            .map_err(|e| AgentError::Internal(format!("VMM start failed: {e}")))??,
+    );
+    if let Some(url) = config.agent_url.clone() {
+        manager.set_api_url(url);
+    }
+    let socket = run_dir.join(SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| AgentError::Internal(format!("Cannot listen on {}: {e}", socket.display())))?;
+    write_atomic(
+        &run_dir.join(PID_FILE),
+        std::process::id().to_string().as_bytes(),
+    )
+    .map_err(|e| AgentError::Internal(format!("Cannot write the pid file: {e}")))?;
+    tracing::info!(socket = %socket.display(), pid = std::process::id(), "VMM listening");
+
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let app = crate::api::router(manager.clone(), stop.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let sampler_manager = manager.clone();
+    let mut tick = tokio::time::interval(crate::SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle_check = tokio::time::interval(Duration::from_millis(100));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let reason = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let m = sampler_manager.clone();
+                let _ = tokio::task::spawn_blocking(move || m.sample()).await;
+            }
+            _ = idle_check.tick() => {
+                let m = manager.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    let ended = m.status().ended;
+                    ended.filter(|_| m.idle())
+                })
+                .await
+                .ok()
+                .flatten();
+                if let Some(why) = done {
+                    break why;
+                }
+            }
+            _ = stop.notified() => break "stopped by its agent".to_owned(),
+            _ = &mut shutdown => break "stopped by a signal".to_owned(),
+        }
+    };
+    tracing::info!(%reason, "VMM exiting");
+    server.abort();
+    let m = manager.clone();
+    let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+    let record = ExitRecord {
+        pid: std::process::id(),
+        reason: reason.clone(),
+        unix_ms: now_unix_ms(),
+    };
+    if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
+        if let Err(e) = write_atomic(&run_dir.join(EXIT_FILE), &bytes) {
+            tracing::warn!(error = %e, "cannot write the exit record");
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(run_dir.join(PID_FILE));
+    Ok(reason)
+}
