@@ -23,6 +23,10 @@ use crate::state::{lock, now_unix_ms, State};
 const TICK: Duration = Duration::from_millis(500);
 /// Attempts per VM before it is reported stuck.
 const ATTEMPTS: u32 = 2;
+/// How long a VM the orchestrator has no record of may still be reported before it counts as
+/// one that cannot move (a VM deleted a moment ago is reported until the agent's next
+/// heartbeat).
+const UNKNOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Cordons `host` and starts draining it in the background; returns the drain's first status.
 /// A drain already running is returned as it is.
@@ -78,6 +82,7 @@ fn set_vm(state: &State, host: &str, vm: DrainVm) {
 
 async fn run(state: Arc<State>, host: String) {
     let mut attempts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut unknown_since: BTreeMap<String, std::time::Instant> = BTreeMap::new();
     let per_host = state.config.policy.limits.max_migrations_per_host.max(1) as usize;
     loop {
         if !state.is_cordoned(&host) {
@@ -85,6 +90,12 @@ async fn run(state: Arc<State>, host: String) {
             return;
         }
         let here = vms_on(&state, &host);
+        // A VM that left the host while it waited (deleted, or moved by someone else) is no
+        // longer the drain's.
+        update(&state, &host, |d| {
+            d.vms
+                .retain(|v| v.state != DrainVmState::Waiting || here.contains(&v.vm))
+        });
         let current = lock(&state.drains).get(&host).cloned();
         let Some(current) = current else { return };
         // Follow the migrations this drain started.
@@ -192,7 +203,17 @@ async fn run(state: Arc<State>, host: String) {
                         }
                     }
                 }
-                Err(reason) => set_vm(
+                Err(Unmovable::Unknown(reason)) => {
+                    let since = *unknown_since
+                        .entry(vm.clone())
+                        .or_insert_with(std::time::Instant::now);
+                    let mut v = waiting(vm, &reason);
+                    if since.elapsed() >= UNKNOWN_GRACE {
+                        v.state = DrainVmState::Stuck;
+                    }
+                    set_vm(&state, &host, v);
+                }
+                Err(Unmovable::Stuck(reason)) => set_vm(
                     &state,
                     &host,
                     DrainVm {
@@ -249,16 +270,29 @@ fn waiting(vm: &str, reason: &str) -> DrainVm {
     }
 }
 
+/// Why a VM does not move now.
+enum Unmovable {
+    /// The orchestrator has no record of it (yet, or any more).
+    Unknown(String),
+    /// It cannot move: pinned, or no host can take it.
+    Stuck(String),
+}
+
 /// Where `vm` should go, with why; or why it cannot move.
-fn plan_move(state: &State, vm: &str) -> Result<(String, String), String> {
-    let record = state
-        .vm_record(vm)
-        .map_err(|_| "the orchestrator has no record of it (it was not created through the orchestrator), so it is not moved".to_owned())?;
+fn plan_move(state: &State, vm: &str) -> Result<(String, String), Unmovable> {
+    let record = state.vm_record(vm).map_err(|_| {
+        Unmovable::Unknown(
+            "the orchestrator has no record of it (it was not created through the \
+             orchestrator), so it is not moved"
+                .to_owned(),
+        )
+    })?;
     if record.spec.pinned {
-        return Err("it is pinned to its host".into());
+        return Err(Unmovable::Stuck("it is pinned to its host".into()));
     }
-    let (to, reason) = balancer::place(state, &record.spec).map_err(|e| e.to_string())?;
-    balancer::check_target(state, &record, &to).map_err(|e| e.to_string())?;
+    let stuck = |e: OrchError| Unmovable::Stuck(e.to_string());
+    let (to, reason) = balancer::place(state, &record.spec).map_err(stuck)?;
+    balancer::check_target(state, &record, &to).map_err(stuck)?;
     Ok((to, reason))
 }
 

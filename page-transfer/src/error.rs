@@ -40,6 +40,18 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    /// The source cancelled the migration on purpose (the target's view of a cancel).
+    pub fn cancelled_by_peer(&self) -> bool {
+        matches!(
+            self,
+            MigrationError::Protocol(crate::protocol::ProtocolError::PeerCancelled)
+                | MigrationError::Channel {
+                    source: crate::protocol::ProtocolError::PeerCancelled,
+                    ..
+                }
+        )
+    }
+
     pub(crate) fn channel(channel: u16) -> impl FnOnce(ProtocolError) -> MigrationError {
         move |source| MigrationError::Channel { channel, source }
     }

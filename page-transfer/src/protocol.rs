@@ -409,7 +409,14 @@ pub enum ProtocolError {
     /// The peer sent [`Message::Abort`].
     #[error("The peer aborted the migration: {0}")]
     RemoteAbort(String),
+    /// The source sent [`Message::Abort`] with [`CANCEL_REASON`]: an operator cancelled it.
+    #[error("The peer aborted the migration: it was cancelled")]
+    PeerCancelled,
 }
+
+/// The reason an [`Message::Abort`] carries when the source cancels on purpose; the target
+/// reads it as [`ProtocolError::PeerCancelled`] rather than as a failure.
+pub const CANCEL_REASON: &str = "The migration was cancelled";
 
 impl ProtocolError {
     /// The error for receiving `got` while waiting for `expected`: the peer's own text when
@@ -417,6 +424,7 @@ impl ProtocolError {
     pub fn unexpected(expected: &'static str, got: &Message) -> Self {
         match got {
             Message::Error { message } => ProtocolError::Remote(message.clone()),
+            Message::Abort { reason } if reason == CANCEL_REASON => ProtocolError::PeerCancelled,
             Message::Abort { reason } => ProtocolError::RemoteAbort(reason.clone()),
             other => ProtocolError::Unexpected {
                 expected,

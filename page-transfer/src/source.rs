@@ -785,7 +785,11 @@ impl Source<'_> {
 
     /// After a failure: before switchover the VM goes on here and the target drops its copy.
     fn recover(&mut self, error: &MigrationError) {
-        let _ = self.send_control(&Message::abort(error.to_string()));
+        let reason = match error {
+            MigrationError::Cancelled => crate::protocol::CANCEL_REASON.to_owned(),
+            other => other.to_string(),
+        };
+        let _ = self.send_control(&Message::abort(reason));
         if self.switched.load(Ordering::Acquire) {
             return;
         }

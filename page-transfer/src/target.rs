@@ -42,6 +42,8 @@ struct Shared {
     markers: Mutex<Vec<u32>>,
     markers_changed: Condvar,
     failure: Mutex<Option<String>>,
+    /// The failure is the source's cancel (its abort carried `CANCEL_REASON`).
+    cancelled: AtomicBool,
     /// For waking the control loop out of its read.
     control: TcpStream,
     /// Every message to the source goes through here, so frames never interleave.
@@ -72,6 +74,15 @@ impl Shared {
         let _ = self.control.shutdown(Shutdown::Read);
     }
 
+    /// The error a recorded failure stands for.
+    fn failed(&self, message: String) -> MigrationError {
+        if self.cancelled.load(Ordering::Acquire) {
+            MigrationError::Protocol(ProtocolError::PeerCancelled)
+        } else {
+            MigrationError::Failed(message)
+        }
+    }
+
     fn failure(&self) -> Option<String> {
         self.failure
             .lock()
@@ -88,7 +99,7 @@ impl Shared {
         let mut markers = self.markers.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(f) = self.failure() {
-                return Err(MigrationError::Failed(f));
+                return Err(self.failed(f));
             }
             if markers.iter().all(|&m| m >= phase) {
                 return Ok(());
@@ -278,7 +289,12 @@ fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
             }
             Command::Abort | Command::Error => {
                 let text = match Message::decode(command, &payload) {
-                    Ok(Message::Abort { reason }) => reason,
+                    Ok(Message::Abort { reason }) => {
+                        if reason == crate::protocol::CANCEL_REASON {
+                            shared.cancelled.store(true, Ordering::Release);
+                        }
+                        reason
+                    }
                     Ok(Message::Error { message }) => message,
                     _ => "no reason given".into(),
                 };
@@ -420,6 +436,7 @@ pub fn receive(
         markers: Mutex::new(vec![0; data.len()]),
         markers_changed: Condvar::new(),
         failure: Mutex::new(None),
+        cancelled: AtomicBool::new(false),
         control: control
             .try_clone()
             .map_err(|e| MigrationError::Failed(format!("Cannot clone the control socket: {e}")))?,
@@ -500,7 +517,7 @@ fn control_loop<'s>(
             Ok(m) => m,
             Err(e) => {
                 return Err(match shared.failure() {
-                    Some(f) => MigrationError::Failed(f),
+                    Some(f) => shared.failed(f),
                     None => MigrationError::Failed(format!("The control channel broke: {e}")),
                 })
             }
@@ -579,6 +596,9 @@ fn control_loop<'s>(
                 });
                 shared.send(&Message::Done { digest, report })?;
                 return Ok(());
+            }
+            Message::Abort { reason } if reason == crate::protocol::CANCEL_REASON => {
+                return Err(MigrationError::Protocol(ProtocolError::PeerCancelled))
             }
             Message::Abort { reason } => return Err(MigrationError::Remote(reason)),
             Message::Error { message } => return Err(MigrationError::Remote(message)),

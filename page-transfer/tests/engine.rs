@@ -406,7 +406,11 @@ fn precopy_that_cannot_converge_fails_and_the_source_runs_on() {
     let r = run(2048, 200, cfg, None, None);
     let err = r.source_result.unwrap_err();
     assert!(matches!(err, MigrationError::NotConverged(_)), "{err}");
-    assert!(r.target_result.is_err());
+    // The target learns it was a cancel, not a failure, whichever channel read the abort.
+    match &r.target_result {
+        Err(e) => assert!(e.cancelled_by_peer(), "{e:?}"),
+        Ok(()) => panic!("the target completed a cancelled migration"),
+    }
     assert!(r.target.unwrap().aborted.load(Ordering::Acquire));
     assert!(!r.source.paused.load(Ordering::Acquire));
 }

@@ -828,7 +828,7 @@ impl Manager {
                         progress.finish(MigrationStatus::Completed, None);
                         None
                     }
-                    Err(e) if cancelled_by_source(&e) => {
+                    Err(e) if e.cancelled_by_peer() => {
                         tracing::info!(vm = %name, "incoming migration cancelled by the source");
                         // The record says failed, as docs/migration.md promises for the
                         // target's side; the metrics count what happened, a cancel.
@@ -954,12 +954,6 @@ fn failure_class(e: &page_transfer::MigrationError) -> &'static str {
         E::DigestMismatch { .. } => "digest_mismatch",
         E::Cancelled | E::Failed(_) => "other",
     }
-}
-
-/// The target learns of a cancel as the source's abort carrying the cancel's own words (on the
-/// control channel or a data channel, whichever reads it first).
-fn cancelled_by_source(e: &page_transfer::MigrationError) -> bool {
-    chain(e).ends_with(&page_transfer::MigrationError::Cancelled.to_string())
 }
 
 /// Asks the target agent to get ready; its refusal comes back as the same kind of error.

@@ -23,6 +23,10 @@ use crate::manager::{Manager, ManagerConfig};
 
 pub use godwit_daemon::run_dir::{EXIT_FILE, PID_FILE, SOCKET};
 
+/// A VMM that got nothing to run within this long after it started exits (its agent died
+/// before it asked for anything).
+const ABANDONED_AFTER: Duration = Duration::from_secs(60);
+
 /// `exit.json`: why a VMM ended on purpose.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExitRecord {
@@ -93,6 +97,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle_check = tokio::time::interval(Duration::from_millis(100));
     let mut shutdown = std::pin::pin!(shutdown);
+    let started = std::time::Instant::now();
     let reason = loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -101,9 +106,21 @@ pub async fn run(
             }
             _ = idle_check.tick() => {
                 let m = manager.clone();
+                let abandoned = started.elapsed() > ABANDONED_AFTER;
                 let done = tokio::task::spawn_blocking(move || {
-                    let ended = m.status().ended;
-                    ended.filter(|_| m.idle())
+                    let status = m.status();
+                    if !m.idle() {
+                        return None;
+                    }
+                    match status.ended {
+                        Some(why) => Some(why),
+                        // Idle and never given anything: only the start can leave it so.
+                        None if abandoned => Some(format!(
+                            "nothing to run {} s after it started",
+                            ABANDONED_AFTER.as_secs()
+                        )),
+                        None => None,
+                    }
                 })
                 .await
                 .ok()
