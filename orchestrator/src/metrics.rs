@@ -354,6 +354,7 @@ mod tests {
         m.hotspots.with_label_values(&["h"]).inc();
         m.decisions.with_label_values(&["migrate", "hotspot"]).inc();
         m.vm_moves_in_window.with_label_values(&["v"]).set(1.0);
+        m.host_cordoned.with_label_values(&["h"]).set(1.0);
         let text = m.render();
         let mut n = 0;
         for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
@@ -368,7 +369,7 @@ mod tests {
                 "{name} has no HELP text"
             );
         }
-        assert_eq!(n, 14, "{text}");
+        assert_eq!(n, 16, "{text}");
     }
 
     fn resource(
