@@ -12,7 +12,8 @@ use godwit_api::{MigrationInfo, MigrationStatus};
 
 use crate::metrics::{InProgress, Metrics, Outcome, Role};
 
-/// Most records kept in memory (the oldest finished ones are forgotten first).
+/// Most records kept, in memory and in `DATA_DIR/migrations` (the oldest finished ones are
+/// forgotten first).
 const MAX_RECORDS: usize = 1000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -198,6 +199,8 @@ impl MigrationBook {
             match oldest {
                 Some(id) => {
                     known.remove(&id);
+                    // The record files are bounded like the records.
+                    let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
                 }
                 None => break,
             }

@@ -145,13 +145,6 @@ impl Registry {
         lock(&self.inner).slots.get(name).cloned()
     }
 
-    /// The slot of a VM that runs (or crashed) here, or a 404.
-    pub fn vm(&self, name: &str) -> Result<Arc<Slot>, AgentError> {
-        self.get(name)
-            .filter(|s| s.has_vm())
-            .ok_or_else(|| AgentError::NotFound(format!("No VM named {name:?} on this host")))
-    }
-
     pub fn slots(&self) -> Vec<Arc<Slot>> {
         let mut v: Vec<_> = lock(&self.inner).slots.values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

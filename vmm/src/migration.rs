@@ -569,8 +569,8 @@ impl Manager {
                 name,
                 &vm_resources,
                 &info,
-                &self.advertise_host(),
-                &self.api_url(),
+                &self.resources.advertise_host(),
+                &self.resources.api_url(),
             )?
         };
         let incoming = IncomingMigration {
@@ -585,7 +585,7 @@ impl Manager {
                 Vec::new()
             } else {
                 let mut hosts = vm_resources.visited.clone();
-                let me = self.api_url();
+                let me = self.resources.api_url();
                 if !hosts.contains(&me) {
                     hosts.push(me);
                 }
@@ -753,7 +753,7 @@ impl Manager {
             .filter(|&b| b > 0)
             .ok_or_else(|| AgentError::BadRequest("memory_mib is out of range".into()))?;
         let host = self.kvm()?;
-        self.check_incoming_resources(req)?;
+        self.resources.check_incoming_resources(req)?;
         self.claim(&req.vm, memory_bytes)?;
         let listener = match TcpListener::bind((self.config().migration_ip, 0)) {
             Ok(l) => l,

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
-use godwit_api::{ResourceKind, ResourceSpec};
+use godwit_api::{IncomingMigration, ResourceKind, ResourceSpec};
 
 use crate::error::AgentError;
 use crate::microvm::block::{FileDisk, NbdDisk};
@@ -527,6 +527,74 @@ impl HostResources {
         for (_, x) in lock(&self.exports).drain() {
             x.stop();
         }
+    }
+}
+
+impl HostResources {
+    /// Refuses an incoming VM whose resources cannot be bound here as the source planned.
+    pub(crate) fn check_incoming_resources(
+        &self,
+        req: &IncomingMigration,
+    ) -> Result<(), AgentError> {
+        use godwit_api::{ResourceAction, ResourceKind};
+        let specs: Vec<_> = req.resources.iter().map(|r| r.spec.clone()).collect();
+        self.validate(&specs)?;
+        let mut needed = 0u64;
+        for r in &req.resources {
+            match (r.spec.kind, r.action) {
+                (ResourceKind::Device, ResourceAction::Rebind) => {
+                    let class = r.spec.class.as_deref().unwrap_or_default();
+                    if !self.device_classes().iter().any(|c| c == class) {
+                        return Err(AgentError::Conflict(format!(
+                            "This host has no {class:?} device to rebind {} to",
+                            r.spec.name
+                        )));
+                    }
+                }
+                (kind, ResourceAction::Move | ResourceAction::Copy)
+                    if transfer::carries_data(kind, r.action) =>
+                {
+                    needed += r.spec.size_bytes();
+                }
+                (ResourceKind::Disk | ResourceKind::Device, ResourceAction::GlobalRef)
+                    if r.remote.is_none() =>
+                {
+                    return Err(AgentError::BadRequest(format!(
+                        "resource {} is kept on the source but no address to reach it was sent",
+                        r.spec.name
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let free = self.disk_free_bytes();
+        if needed > free {
+            return Err(AgentError::InsufficientMemory(format!(
+                "The VM's moved and copied resources need {} MiB, this host has {} MiB free",
+                needed / MIB,
+                free / MIB
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host name or IP peers reach this host's exports at.
+    pub(crate) fn advertise_host(&self) -> String {
+        let ip = self.endpoint_ip;
+        if !ip.is_unspecified() {
+            return ip.to_string();
+        }
+        let url = self.api_url();
+        url.trim_start_matches("http://")
+            .rsplit_once(':')
+            .map_or("127.0.0.1".to_owned(), |(h, _)| h.to_owned())
+    }
+
+    /// This host's agent API URL as peers reach it.
+    pub(crate) fn api_url(&self) -> String {
+        lock(&self.api_url)
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into())
     }
 }
 
