@@ -409,6 +409,26 @@ pub struct HostInfo {
     /// Device classes this host offers VMs (`--device`), e.g. `entropy`.
     #[serde(default)]
     pub device_classes: Vec<String>,
+    /// What this host's VM backends can do (absent from agents before the backend seam).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendCapabilities>,
+}
+
+/// What one VM backend of a host can do (`GET /v1/host/capabilities`), so a request it cannot
+/// serve is refused with a reason before anything starts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendCapabilities {
+    /// The backend's name (`microvm`).
+    pub backend: String,
+    /// Migration modes it carries out.
+    pub modes: Vec<MigrationMode>,
+    pub snapshot: bool,
+    /// VM resources (disk, endpoint, scratch, device) and their rebinding on migration.
+    pub resources: bool,
+    /// Dirty-page tracking (the dirty-rate probe and pre-copy).
+    pub dirty_tracking: bool,
+    /// VMs keep running while the agent is stopped or restarted.
+    pub survives_agent_restart: bool,
 }
 
 /// `POST /v1/agents/heartbeat` on the orchestrator: an agent announces itself and its state.

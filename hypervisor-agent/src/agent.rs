@@ -12,7 +12,7 @@ use godwit_api::{
     SnapshotRequest, VmInfo,
 };
 
-use crate::backend::{Backend, Capabilities, Exit};
+use crate::backend::{Backend, Capabilities, CapabilityChecks, Exit};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
 use crate::migrations::MigrationBook;
@@ -601,6 +601,7 @@ impl Agent {
             migrations_in_flight: in_flight,
             disk_free_bytes: self.registry.disk_free(),
             device_classes: self.config.device_classes.iter().cloned().collect(),
+            backends: vec![self.capabilities()],
         }
     }
 

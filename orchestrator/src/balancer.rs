@@ -215,6 +215,34 @@ pub fn check_target(state: &State, record: &VmRecord, to: &str) -> Result<(), Or
     })
 }
 
+/// Refuses (409) a migration in `mode` between hosts whose backends cannot both carry it out
+/// (by what their agents report; an agent that reports no backends is not second-guessed).
+pub fn check_mode(
+    state: &State,
+    from: &str,
+    to: &str,
+    mode: MigrationMode,
+) -> Result<(), OrchError> {
+    for name in [from, to] {
+        let Ok(agent) = state.agent(name) else {
+            continue;
+        };
+        let backends = &agent.host.backends;
+        if !backends.is_empty() && !backends.iter().any(|b| b.modes.contains(&mode)) {
+            return Err(OrchError::Conflict(format!(
+                "Host {name}'s VM backend ({}) cannot migrate in mode {}",
+                backends
+                    .iter()
+                    .map(|b| b.backend.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                mode.as_str()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Chooses the mode for moving `record` to `to`.
 pub fn choose_mode(
     state: &State,
@@ -452,6 +480,33 @@ mod tests {
             "name": name, "guest": {"kind": "idle"}, "resources": resources,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn migrations_a_backend_cannot_carry_out_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = state(&dir);
+        let mut h1 = host("h1", 0, &[]);
+        h1.backends = vec![godwit_api::BackendCapabilities {
+            backend: "precopy-only".into(),
+            modes: vec![MigrationMode::Precopy],
+            snapshot: false,
+            resources: false,
+            dirty_tracking: true,
+            survives_agent_restart: true,
+        }];
+        s.observe("http://h1", h1, vec![]);
+        // An agent that reports no backends (an older one) is not second-guessed.
+        s.observe("http://h2", host("h2", 0, &[]), vec![]);
+        assert!(check_mode(&s, "h2", "h1", MigrationMode::Precopy).is_ok());
+        let e = check_mode(&s, "h2", "h1", MigrationMode::Postcopy).unwrap_err();
+        assert!(matches!(e, OrchError::Conflict(_)), "{e}");
+        assert!(
+            e.to_string().contains("precopy-only") && e.to_string().contains("postcopy"),
+            "{e}"
+        );
+        assert!(check_mode(&s, "h1", "h2", MigrationMode::StopAndCopy).is_err());
+        assert!(check_mode(&s, "h2", "h2", MigrationMode::Postcopy).is_ok());
     }
 
     #[test]

@@ -114,6 +114,7 @@ pub async fn start_migration(
     }
     let src = state.up_agent(&record.host)?;
     let dst = state.up_agent(to)?;
+    crate::balancer::check_mode(state, &src.name, to, mode)?;
     let req = MigrateRequest {
         target: dst.address().to_owned(),
         mode,

@@ -196,7 +196,7 @@ fn exit_text(exit: &Exit) -> &str {
 impl Backend for MicrovmBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            backend: "microvm",
+            backend: "microvm".into(),
             modes: vec![
                 MigrationMode::StopAndCopy,
                 MigrationMode::Precopy,

@@ -17,29 +17,20 @@ use godwit_api::{
     MigrationMode, MigrationStarted, RestoreInfo, RestoreRequest, SnapshotInfo, SnapshotRequest,
     VmInfo, VmmStatus,
 };
-use serde::Serialize;
 
 use crate::error::AgentError;
 
 /// What a backend can do, reported in `GET /v1/host` and checked before a request reaches it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Capabilities {
-    /// The backend's name (`microvm`).
-    pub backend: &'static str,
-    /// Migration modes it carries out.
-    pub modes: Vec<MigrationMode>,
-    pub snapshot: bool,
-    /// VM resources (disk, endpoint, scratch, device) and their rebinding on migration.
-    pub resources: bool,
-    /// Dirty-page tracking (the dirty-rate probe and pre-copy).
-    pub dirty_tracking: bool,
-    /// VMs keep running while the agent is stopped or restarted.
-    pub survives_agent_restart: bool,
+pub type Capabilities = godwit_api::BackendCapabilities;
+
+/// The checks the agent makes with a backend's capabilities.
+pub trait CapabilityChecks {
+    /// Refuses a migration mode the backend does not carry out.
+    fn check_mode(&self, mode: MigrationMode) -> Result<(), AgentError>;
 }
 
-impl Capabilities {
-    /// Refuses a migration mode the backend does not carry out.
-    pub fn check_mode(&self, mode: MigrationMode) -> Result<(), AgentError> {
+impl CapabilityChecks for Capabilities {
+    fn check_mode(&self, mode: MigrationMode) -> Result<(), AgentError> {
         if self.modes.contains(&mode) {
             Ok(())
         } else {
