@@ -15,6 +15,23 @@ pub const LOG_FILE: &str = "vmm.log";
 /// The guest's serial console.
 pub const CONSOLE_FILE: &str = "console.log";
 
+/// The last `max_bytes` of a file (empty if it does not exist): console and VMM log tails.
+pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len > max_bytes {
+        file.seek(SeekFrom::Start(len - max_bytes))?;
+    }
+    let mut buf = Vec::with_capacity(len.min(max_bytes) as usize);
+    file.take(max_bytes).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 /// Whether `pid` is a live VMM process serving `run_dir` (not gone, not a zombie, and not
 /// another process that reused the id).
 pub fn vmm_alive(pid: u32, run_dir: &Path) -> bool {
@@ -58,4 +75,27 @@ pub fn kill_vmms(data_dir: &Path) -> usize {
         }
     }
     killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails_read_the_end() {
+        let dir = std::env::temp_dir().join(format!("godwit-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.log");
+        std::fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(read_tail(&path, 4).unwrap(), b"6789");
+        assert_eq!(read_tail(&path, 100).unwrap(), b"0123456789");
+        assert!(read_tail(&dir.join("none"), 4).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn this_process_is_not_a_vmm() {
+        assert!(!vmm_alive(std::process::id(), Path::new("/nowhere")));
+        assert_eq!(kill_vmms(Path::new("/nowhere")), 0);
+    }
 }

@@ -465,7 +465,7 @@ impl Manager {
     pub fn console(&self, name: &str, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
         let entry = self.entry(name)?;
         let path = lock(&entry.vm).devices().console_path().to_owned();
-        read_tail(&path, max_bytes)
+        godwit_daemon::run_dir::read_tail(&path, max_bytes)
             .map_err(|e| AgentError::Internal(format!("Cannot read console log: {e}")))
     }
 
@@ -787,22 +787,6 @@ pub fn validate_name(name: &str) -> Result<(), AgentError> {
     }
 }
 
-fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let len = file.metadata()?.len();
-    if len > max_bytes {
-        file.seek(SeekFrom::Start(len - max_bytes))?;
-    }
-    let mut buf = Vec::with_capacity(len.min(max_bytes) as usize);
-    file.take(max_bytes).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -813,15 +797,5 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn console_tail_reads_the_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.log");
-        std::fs::write(&path, b"0123456789").unwrap();
-        assert_eq!(read_tail(&path, 4).unwrap(), b"6789");
-        assert_eq!(read_tail(&path, 100).unwrap(), b"0123456789");
-        assert!(read_tail(&dir.path().join("none"), 4).unwrap().is_empty());
     }
 }

@@ -7,7 +7,7 @@
 //! process that is not our child has no exit status for us: a crash then says so).
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +25,9 @@ use super::{Adopted, Backend, Capabilities, Exit, VmHandle};
 use crate::error::AgentError;
 use crate::vmm_client::{VmmClient, DEFAULT_TIMEOUT};
 
-use godwit_daemon::run_dir::{vmm_alive, CONSOLE_FILE, EXIT_FILE, LOG_FILE, PID_FILE, SOCKET};
+use godwit_daemon::run_dir::{
+    read_tail, vmm_alive, CONSOLE_FILE, EXIT_FILE, LOG_FILE, PID_FILE, SOCKET,
+};
 /// The agent's last view of the VM, for a VM found crashed after a restart.
 pub const LAST_INFO_FILE: &str = "last-info.json";
 
@@ -577,23 +579,6 @@ impl VmHandle for VmmProcess {
     }
 }
 
-/// The last `max_bytes` of a file (empty if it does not exist).
-pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let len = file.metadata()?.len();
-    if len > max_bytes {
-        file.seek(SeekFrom::Start(len - max_bytes))?;
-    }
-    let mut buf = Vec::with_capacity(len.min(max_bytes) as usize);
-    file.take(max_bytes).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,15 +587,5 @@ mod tests {
     fn exit_statuses_read_well() {
         assert!(describe(ExitStatus::from_raw(9)).contains("signal 9 (SIGKILL)"));
         assert!(describe(ExitStatus::from_raw(3 << 8)).contains("status 3"));
-    }
-
-    #[test]
-    fn console_tail_reads_the_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.log");
-        std::fs::write(&path, b"0123456789").unwrap();
-        assert_eq!(read_tail(&path, 4).unwrap(), b"6789");
-        assert_eq!(read_tail(&path, 100).unwrap(), b"0123456789");
-        assert!(read_tail(&dir.path().join("none"), 4).unwrap().is_empty());
     }
 }
