@@ -60,6 +60,18 @@ impl AgentError {
     }
 }
 
+/// Parses a JSON request body into `T`, answering a missing or malformed one with a sentence
+/// (instead of axum's default rejection). The agent's and the VMM's APIs both parse with it.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AgentError> {
+    if body.is_empty() {
+        return Err(AgentError::BadRequest(
+            "The request needs a JSON body".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| AgentError::BadRequest(format!("Malformed JSON request body: {e}")))
+}
+
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         crate::error_response(self.status(), &self)

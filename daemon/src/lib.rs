@@ -8,7 +8,7 @@ mod api_error;
 pub mod host;
 pub mod run_dir;
 
-pub use api_error::AgentError;
+pub use api_error::{parse_body, AgentError};
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

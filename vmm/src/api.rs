@@ -57,16 +57,9 @@ pub fn router(manager: Shared, stop: Arc<tokio::sync::Notify>) -> Router {
         .with_state(manager)
 }
 
-/// Parses a JSON body into `T`, answering a malformed one with a sentence instead of axum's
-/// default rejection.
+/// Parses a JSON body into `T`, answering a malformed one with a sentence.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
-    if body.is_empty() {
-        return Err(AgentError::BadRequest(
-            "The request needs a JSON body".into(),
-        ));
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| AgentError::BadRequest(format!("Malformed JSON request body: {e}")))
+    godwit_daemon::parse_body(body)
 }
 
 /// Runs blocking manager work off the async workers.
