@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use godwit_api::{
     CreateVm, DigestInfo, HostInfo, IncomingAccepted, IncomingMigration, MigrateRequest,
     MigrationInfo, MigrationStarted, MigrationStatus, RestoreInfo, RestoreRequest, SnapshotInfo,
@@ -13,7 +14,7 @@ use godwit_api::{
 };
 
 use crate::backend::{Backend, Capabilities, CapabilityChecks, Exit};
-use crate::error::AgentError;
+use crate::error::{chain, Error};
 use crate::metrics::Metrics;
 use crate::migrations::MigrationBook;
 use crate::registry::{Registry, Slot};
@@ -37,6 +38,9 @@ pub struct AgentConfig {
     pub device_classes: std::collections::BTreeSet<String>,
 }
 
+/// How long one sample waits for a VMM's answers.
+const SAMPLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The agent's state.
 #[derive(Debug)]
 pub struct Agent {
@@ -49,22 +53,24 @@ pub struct Agent {
 }
 
 /// VM names follow one rule everywhere (the VMM's).
-pub use godwit_vmm::manager::validate_name;
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    Ok(godwit_vmm::validate_name(name)?)
+}
 
 impl Agent {
-    pub fn new(mut config: AgentConfig, backend: Arc<dyn Backend>) -> Result<Self, AgentError> {
+    pub fn new(mut config: AgentConfig, backend: Arc<dyn Backend>) -> Result<Self, Error> {
         std::fs::create_dir_all(config.data_dir.join("vms")).map_err(|e| {
-            AgentError::Internal(format!(
-                "Cannot create data directory {}: {e}",
-                config.data_dir.display()
-            ))
+            Error::io(
+                format!("create data directory {}", config.data_dir.display()),
+                e,
+            )
         })?;
         // Paths the API reports are absolute, whatever the agent was started with.
         config.data_dir = config.data_dir.canonicalize().map_err(|e| {
-            AgentError::Internal(format!(
-                "Cannot resolve data directory {}: {e}",
-                config.data_dir.display()
-            ))
+            Error::io(
+                format!("resolve data directory {}", config.data_dir.display()),
+                e,
+            )
         })?;
         let memory_total = godwit_daemon::host::memory_total_bytes();
         let metrics = Metrics::new(&config.name);
@@ -92,6 +98,14 @@ impl Agent {
 
     pub fn capabilities(&self) -> Capabilities {
         self.backend.capabilities()
+    }
+
+    /// The refusal of a request the host's backend cannot carry out.
+    fn unsupported(&self, what: &str) -> Error {
+        Error::Unsupported {
+            backend: self.capabilities().backend,
+            what: what.to_owned(),
+        }
     }
 
     /// Finds the VMs whose processes outlived the last agent (or died meanwhile) and takes
@@ -133,14 +147,12 @@ impl Agent {
         true
     }
 
-    pub async fn create(&self, req: &CreateVm) -> Result<VmInfo, AgentError> {
+    pub async fn create(&self, req: &CreateVm) -> Result<VmInfo, Error> {
         validate_name(&req.name)?;
         self.backend.validate(req)?;
         let memory_bytes = req.memory_mib * MIB;
         if !req.resources.is_empty() && !self.capabilities().resources {
-            return Err(AgentError::BadRequest(
-                "This host's backend cannot bind VM resources".into(),
-            ));
+            return Err(self.unsupported("bind VM resources"));
         }
         let disk_bytes: u64 = req.resources.iter().map(|s| s.size_bytes()).sum();
         self.settle(&req.name).await;
@@ -158,12 +170,10 @@ impl Agent {
         Ok(info)
     }
 
-    pub async fn restore(&self, req: &RestoreRequest) -> Result<RestoreInfo, AgentError> {
+    pub async fn restore(&self, req: &RestoreRequest) -> Result<RestoreInfo, Error> {
         validate_name(&req.name)?;
         if !self.capabilities().snapshot {
-            return Err(AgentError::BadRequest(
-                "This host's backend cannot restore snapshots".into(),
-            ));
+            return Err(self.unsupported("restore snapshots"));
         }
         let result = self.restore_checked(req).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -174,7 +184,7 @@ impl Agent {
         result
     }
 
-    async fn restore_checked(&self, req: &RestoreRequest) -> Result<RestoreInfo, AgentError> {
+    async fn restore_checked(&self, req: &RestoreRequest) -> Result<RestoreInfo, Error> {
         // The snapshot says how much memory it needs; the VMM reads it, and the memory is
         // checked against what is free once it has.
         let reservation = self.registry.reserve(&req.name, 0, 0, false)?;
@@ -187,10 +197,10 @@ impl Agent {
         if self.registry.memory_used() > self.registry_limit() {
             let _ = handle.stop().await;
             self.registry.remove(&slot);
-            return Err(AgentError::InsufficientMemory(format!(
-                "Not enough host memory for the {} MiB of snapshot {}",
-                info.vm.memory_mib, req.path
-            )));
+            return Err(Error::SnapshotTooBig {
+                mib: info.vm.memory_mib,
+                path: req.path.clone(),
+            });
         }
         self.refresh(&slot).await;
         Ok(info)
@@ -202,14 +212,14 @@ impl Agent {
 
     /// The target side of a migration: a VMM (new, or the one that keeps things for a VM of
     /// this name that left earlier) gets ready to receive the VM.
-    pub async fn incoming(&self, req: &IncomingMigration) -> Result<IncomingAccepted, AgentError> {
+    pub async fn incoming(&self, req: &IncomingMigration) -> Result<IncomingAccepted, Error> {
         validate_name(&req.vm)?;
         self.capabilities().check_mode(req.mode)?;
         let memory_bytes = req
             .memory_mib
             .checked_mul(MIB)
             .filter(|&b| b > 0)
-            .ok_or_else(|| AgentError::BadRequest("memory_mib is out of range".into()))?;
+            .ok_or_else(|| Error::Invalid("memory_mib is out of range".into()))?;
         self.settle(&req.vm).await;
         let reservation = self.registry.reserve(&req.vm, memory_bytes, 0, true)?;
         let existing = self
@@ -233,8 +243,8 @@ impl Agent {
 
     /// The slot of VM `name` as it is now: a process that just received its VM is asked
     /// again rather than trusting the last sample, one that ended on purpose has no VM.
-    async fn vm_slot(&self, name: &str) -> Result<Arc<Slot>, AgentError> {
-        let not_found = || AgentError::NotFound(format!("No VM named {name:?} on this host"));
+    async fn vm_slot(&self, name: &str) -> Result<Arc<Slot>, Error> {
+        let not_found = || Error::NoSuchVm { name: name.into() };
         let slot = self.registry.get(name).ok_or_else(not_found)?;
         match slot.handle.exited() {
             Some(Exit::Done(_)) => return Err(not_found()),
@@ -278,7 +288,7 @@ impl Agent {
         }
     }
 
-    pub async fn info(&self, name: &str) -> Result<VmInfo, AgentError> {
+    pub async fn info(&self, name: &str) -> Result<VmInfo, Error> {
         let slot = self.vm_slot(name).await?;
         if let Some(info) = slot.crashed_info() {
             self.metrics.vm_seen(&info);
@@ -290,14 +300,12 @@ impl Agent {
                 Ok(info)
             }
             // A process that stops answering may just have died: say so if it did.
-            Err(e @ AgentError::Internal(_)) => {
+            Err(e) if e.is_unreachable() => {
                 slot.handle
                     .wait_exit(std::time::Duration::from_millis(500))
                     .await;
                 match slot.handle.exited() {
-                    Some(Exit::Done(_)) => Err(AgentError::NotFound(format!(
-                        "No VM named {name:?} on this host"
-                    ))),
+                    Some(Exit::Done(_)) => Err(Error::NoSuchVm { name: name.into() }),
                     Some(Exit::Crashed(_)) => {
                         let info = slot.crashed_info().ok_or(e)?;
                         self.metrics.vm_seen(&info);
@@ -310,15 +318,18 @@ impl Agent {
         }
     }
 
-    /// Every VM here, running or crashed.
+    /// Every VM here, running or crashed. Every VMM is asked at once, so one slow to answer
+    /// holds the list up by its own time only.
     pub async fn list(&self) -> Vec<VmInfo> {
+        let slots = self.registry.slots();
+        let answers = join_all(slots.iter().map(|slot| self.info(&slot.name))).await;
         let mut out = Vec::new();
-        for slot in self.registry.slots() {
-            match self.info(&slot.name).await {
+        for (slot, answer) in slots.iter().zip(answers) {
+            match answer {
                 Ok(info) => out.push(info),
-                Err(AgentError::NotFound(_)) => {}
+                Err(e) if e.is_not_found() => {}
                 Err(e) => {
-                    tracing::warn!(vm = %slot.name, error = %e, "cannot describe a VM");
+                    tracing::warn!(vm = %slot.name, error = %chain(&e), "cannot describe a VM");
                     if let Some(info) = slot.last_info() {
                         out.push(info);
                     }
@@ -339,37 +350,34 @@ impl Agent {
     }
 
     /// A VM whose process runs.
-    async fn live(&self, name: &str) -> Result<Arc<Slot>, AgentError> {
+    async fn live(&self, name: &str) -> Result<Arc<Slot>, Error> {
         let slot = self.vm_slot(name).await?;
         if let Some(Exit::Crashed(how)) = slot.handle.exited() {
-            return Err(AgentError::Conflict(format!(
-                "VM {name:?} crashed ({how}); delete it"
-            )));
+            return Err(Error::Crashed {
+                name: name.into(),
+                how,
+            });
         }
         Ok(slot)
     }
 
-    pub async fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
+    pub async fn pause(&self, name: &str) -> Result<VmInfo, Error> {
         self.live(name).await?.handle.pause().await
     }
 
-    pub async fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
+    pub async fn resume(&self, name: &str) -> Result<VmInfo, Error> {
         self.live(name).await?.handle.resume().await
     }
 
-    pub async fn console(&self, name: &str, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
+    pub async fn console(&self, name: &str, max_bytes: u64) -> Result<Vec<u8>, Error> {
         self.vm_slot(name).await?.handle.console(max_bytes).await
     }
 
-    pub async fn digest(&self, name: &str) -> Result<DigestInfo, AgentError> {
+    pub async fn digest(&self, name: &str) -> Result<DigestInfo, Error> {
         self.live(name).await?.handle.digest().await
     }
 
-    pub async fn snapshot(
-        &self,
-        name: &str,
-        req: &SnapshotRequest,
-    ) -> Result<SnapshotInfo, AgentError> {
+    pub async fn snapshot(&self, name: &str, req: &SnapshotRequest) -> Result<SnapshotInfo, Error> {
         let result = self.live(name).await?.handle.snapshot(req).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics
@@ -383,7 +391,7 @@ impl Agent {
         &self,
         name: &str,
         req: &MigrateRequest,
-    ) -> Result<MigrationStarted, AgentError> {
+    ) -> Result<MigrationStarted, Error> {
         self.capabilities().check_mode(req.mode)?;
         let slot = self.live(name).await?;
         let started = slot.handle.migrate(req).await?;
@@ -396,8 +404,8 @@ impl Agent {
     }
 
     /// A migration's record: fresh from its VMM while that runs, else as last known.
-    pub async fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
-        let not_found = || AgentError::NotFound(format!("No migration {id:?} on this host"));
+    pub async fn migration(&self, id: &str) -> Result<MigrationInfo, Error> {
+        let not_found = || Error::NoSuchMigration { id: id.into() };
         let (vm, last) = self.migrations.get(id).ok_or_else(not_found)?;
         if last.status == MigrationStatus::Running {
             if let Some(slot) = self.registry.get(&vm) {
@@ -435,24 +443,20 @@ impl Agent {
             .collect()
     }
 
-    pub async fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
+    pub async fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, Error> {
         let (vm, _) = self
             .migrations
             .get(id)
-            .ok_or_else(|| AgentError::NotFound(format!("No migration {id:?} on this host")))?;
+            .ok_or_else(|| Error::NoSuchMigration { id: id.into() })?;
         let slot = self
             .registry
             .get(&vm)
             .filter(|s| s.handle.exited().is_none())
-            .ok_or_else(|| {
-                AgentError::Conflict(format!(
-                    "Migration {id} has ended: its VM's process is gone"
-                ))
-            })?;
+            .ok_or_else(|| Error::MigrationGone { id: id.into() })?;
         slot.handle.cancel(id).await
     }
 
-    pub async fn delete(&self, name: &str) -> Result<(), AgentError> {
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
         let slot = self.vm_slot(name).await?;
         match slot.handle.exited() {
             Some(_) => self.forget_dead(&slot),
@@ -482,15 +486,13 @@ impl Agent {
     }
 
     /// Releases what this host keeps for a VM that moved away and was deleted elsewhere.
-    pub async fn release_moved(&self, vm: &str) -> Result<Vec<String>, AgentError> {
+    pub async fn release_moved(&self, vm: &str) -> Result<Vec<String>, Error> {
         validate_name(vm)?;
         let Some(slot) = self.registry.get(vm) else {
             return Ok(Vec::new());
         };
         if slot.has_vm() || self.registry.is_reserved(vm) {
-            return Err(AgentError::Conflict(format!(
-                "VM {vm:?} runs (or is arriving) here; delete it instead"
-            )));
+            return Err(Error::StillHere { name: vm.into() });
         }
         if slot.handle.exited().is_some() {
             self.registry.remove(&slot);
@@ -512,24 +514,34 @@ impl Agent {
     }
 
     /// One sample: each VM's process asked what it holds, deaths noted, migrations and host
-    /// load metered. The agent's background loop calls this every second.
+    /// load metered. The agent's background loop calls this every second. The VMMs are asked
+    /// at once, each for at most [`SAMPLE_TIMEOUT`]: a hung VMM keeps its last sample and holds
+    /// up no other.
     pub async fn sample(&self) {
-        for slot in self.registry.slots() {
+        let slots = self.registry.slots();
+        join_all(slots.iter().map(|slot| async move {
             match slot.handle.exited() {
                 None => {
-                    self.refresh(&slot).await;
-                    if let Ok(list) = slot.handle.migrations().await {
-                        for info in list {
-                            self.migrations.observe(info, &self.metrics);
+                    let asked = tokio::time::timeout(SAMPLE_TIMEOUT, async {
+                        self.refresh(slot).await;
+                        if let Ok(list) = slot.handle.migrations().await {
+                            for info in list {
+                                self.migrations.observe(info, &self.metrics);
+                            }
                         }
+                    })
+                    .await;
+                    if asked.is_err() {
+                        tracing::warn!(vm = %slot.name, pid = slot.handle.pid(), "VMM did not answer the sample in time");
                     }
                     if let Some(info) = slot.last_info() {
                         self.sampler.keep_last_info(&self.config.data_dir, &info);
                     }
                 }
-                Some(exit) => self.ended(&slot, exit),
+                Some(exit) => self.ended(slot, exit),
             }
-        }
+        }))
+        .await;
         let (_, counts) = self.migrations.in_progress();
         self.metrics.set_in_progress(&counts);
         let info = self.host_info();
@@ -606,17 +618,15 @@ impl Agent {
     }
 
     /// `n` bytes from this host's entropy device, for a VM elsewhere that reads it (GR).
-    pub fn read_entropy(&self, n: usize) -> Result<Vec<u8>, AgentError> {
+    pub fn read_entropy(&self, n: usize) -> Result<Vec<u8>, Error> {
         use std::io::Read;
         if !self.config.device_classes.contains("entropy") {
-            return Err(AgentError::NotFound(
-                "This host offers no entropy device".into(),
-            ));
+            return Err(Error::NoEntropy);
         }
         let mut buf = vec![0u8; n];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut buf))
-            .map_err(|e| AgentError::Internal(format!("Cannot read the entropy device: {e}")))?;
+            .map_err(|e| Error::io("read the entropy device", e))?;
         Ok(buf)
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use godwit_api::{VmInfo, VmState, VmmStatus};
 
 use crate::backend::{Exit, VmHandle};
-use crate::error::AgentError;
+use crate::error::Error;
 
 const MIB: u64 = 1 << 20;
 
@@ -204,31 +204,27 @@ impl Registry {
         memory_bytes: u64,
         disk_bytes: u64,
         reuse: bool,
-    ) -> Result<Reservation<'_>, AgentError> {
+    ) -> Result<Reservation<'_>, Error> {
         let mut inner = lock(&self.inner);
         let taken = inner.reserved.contains_key(name)
             || inner.slots.get(name).is_some_and(|s| !reuse || s.has_vm());
         if taken {
-            return Err(AgentError::Conflict(format!(
-                "A VM named {name:?} already exists on this host"
-            )));
+            return Err(Error::NameTaken { name: name.into() });
         }
         let in_use = Self::memory_in_use(&inner);
         if in_use + memory_bytes > self.memory_limit {
-            return Err(AgentError::InsufficientMemory(format!(
-                "Not enough host memory for {} MiB: {} MiB of {} MiB usable are already assigned to VMs",
-                memory_bytes / MIB,
-                in_use / MIB,
-                self.memory_limit / MIB
-            )));
+            return Err(Error::OutOfMemory {
+                want_mib: memory_bytes / MIB,
+                used_mib: in_use / MIB,
+                limit_mib: self.memory_limit / MIB,
+            });
         }
         let disk_free = self.disk_capacity.saturating_sub(Self::disk_in_use(&inner));
         if disk_bytes > disk_free {
-            return Err(AgentError::InsufficientMemory(format!(
-                "Not enough space for the VM's resources: {} MiB needed, {} MiB free",
-                disk_bytes.div_ceil(MIB),
-                disk_free / MIB
-            )));
+            return Err(Error::OutOfDisk {
+                need_mib: disk_bytes.div_ceil(MIB),
+                free_mib: disk_free / MIB,
+            });
         }
         inner
             .reserved

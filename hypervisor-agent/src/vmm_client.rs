@@ -1,7 +1,8 @@
 //! A client for one VMM process's local API: HTTP/1.1 over the unix socket in the VM's run
 //! directory. reqwest has no unix-socket transport, so this speaks hyper's client directly:
 //! one connection per request (the socket is local, a connect costs microseconds), a timeout
-//! on each, and every non-2xx answer turned back into the `AgentError` it stands for.
+//! on each, and every non-2xx answer turned back into an [`Error::Vmm`] with its status and
+//! sentence.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::AgentError;
+use crate::error::Error;
 
 /// How long a VMM call may take unless the caller says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,20 +43,18 @@ impl VmmClient {
         path: &str,
         body: Option<Vec<u8>>,
         timeout: Duration,
-    ) -> Result<(u16, Bytes), AgentError> {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            AgentError::Internal(format!(
-                "The VM's VMM process does not answer on {}: {e}",
-                self.socket.display()
-            ))
+    ) -> Result<(u16, Bytes), Error> {
+        let unreachable = |e: Box<dyn std::error::Error + Send + Sync>| Error::VmmUnreachable {
+            socket: self.socket.display().to_string(),
+            source: e,
         };
         let exchange = async {
             let stream = tokio::net::UnixStream::connect(&self.socket)
                 .await
-                .map_err(|e| unreachable(&e))?;
+                .map_err(|e| unreachable(e.into()))?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
-                .map_err(|e| unreachable(&e))?;
+                .map_err(|e| unreachable(e.into()))?;
             tokio::spawn(conn);
             let request = Request::builder()
                 .method(method)
@@ -63,23 +62,26 @@ impl VmmClient {
                 .header(hyper::header::HOST, "vmm")
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| AgentError::Internal(format!("Bad VMM request {path}: {e}")))?;
+                .map_err(|e| unreachable(e.into()))?;
             let response = sender
                 .send_request(request)
                 .await
-                .map_err(|e| unreachable(&e))?;
+                .map_err(|e| unreachable(e.into()))?;
             let status = response.status().as_u16();
             let bytes = response
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| unreachable(&e))?
+                .map_err(|e| unreachable(e.into()))?
                 .to_bytes();
-            Ok::<_, AgentError>((status, bytes))
+            Ok::<_, Error>((status, bytes))
         };
         tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| unreachable(&format!("no answer within {timeout:?}")))?
+            .map_err(|_| Error::VmmTimeout {
+                path: path.to_owned(),
+                timeout,
+            })?
     }
 
     /// A JSON call: a 2xx answer parsed as `T`, any other one as the error it carries.
@@ -89,34 +91,38 @@ impl VmmClient {
         path: &str,
         body: Option<&(impl Serialize + Sync)>,
         timeout: Duration,
-    ) -> Result<T, AgentError> {
-        let body = body
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(|e| AgentError::Internal(format!("Cannot encode a VMM request: {e}")))?;
+    ) -> Result<T, Error> {
+        let body =
+            body.map(serde_json::to_vec)
+                .transpose()
+                .map_err(|source| Error::VmmNonsense {
+                    path: path.to_owned(),
+                    source,
+                })?;
         let (status, bytes) = self.raw(method, path, body, timeout).await?;
         if !(200..300).contains(&status) {
             return Err(error_answer(status, &bytes));
         }
         // 204 and 202 carry no body; `()` and unit-like answers parse from `null`.
         let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-        serde_json::from_slice(bytes).map_err(|e| {
-            AgentError::Internal(format!("The VMM answered {path} with nonsense: {e}"))
+        serde_json::from_slice(bytes).map_err(|source| Error::VmmNonsense {
+            path: path.to_owned(),
+            source,
         })
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, AgentError> {
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
         self.call(Method::GET, path, None::<&()>, DEFAULT_TIMEOUT)
             .await
     }
 }
 
-/// The `AgentError` a non-2xx VMM answer carries (its JSON `error`, or the status).
-pub fn error_answer(status: u16, body: &[u8]) -> AgentError {
+/// The error a non-2xx VMM answer carries (its JSON `error`, or the status).
+pub fn error_answer(status: u16, body: &[u8]) -> Error {
     let message = serde_json::from_slice::<godwit_api::ErrorBody>(body)
         .map(|b| b.error)
         .unwrap_or_else(|_| format!("The VMM answered HTTP {status}"));
-    AgentError::from_status(status, message)
+    Error::Vmm { status, message }
 }
 
 #[cfg(test)]
@@ -126,9 +132,13 @@ mod tests {
     #[test]
     fn errors_keep_their_status_and_sentence() {
         let e = error_answer(409, br#"{"error":"VM \"a\" is being migrated"}"#);
-        assert!(matches!(e, AgentError::Conflict(ref m) if m.contains("being migrated")));
+        assert!(
+            matches!(e, Error::Vmm { status: 409, ref message } if message.contains("being migrated"))
+        );
         let e = error_answer(500, b"garbage");
-        assert!(matches!(e, AgentError::Internal(ref m) if m.contains("HTTP 500")));
+        assert!(
+            matches!(e, Error::Vmm { status: 500, ref message } if message.contains("HTTP 500"))
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,6 @@
 //! frees its copy), or with an error. Before switchover an error leaves the VM running here;
 //! after switchover the VM belongs to the target and is never resumed here.
 
-use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -17,10 +16,12 @@ use godwit_api::{MigrationMode, MigrationPhase};
 use crate::bitmap::{AtomicPageBitmap, PageBitmap, PageMap};
 use crate::codec::{Compression, PageEncoder};
 use crate::digest::PageDigests;
-use crate::error::MigrationError;
+use crate::error::{Awaited, MigrationError};
 use crate::limiter::Limiter;
 use crate::progress::{Progress, Stage};
-use crate::protocol::{read_message, write_message, Message, PagesWriter, MAX_RUNS, PAGE_SIZE};
+use crate::protocol::{
+    read_message, write_message, Command, Message, PagesWriter, ProtocolError, MAX_RUNS, PAGE_SIZE,
+};
 use crate::transport::{self, CONTROL, FIRST_BULK, URGENT};
 use crate::vm::{SourceVm, VmAccessError, PEER_TIMEOUT};
 
@@ -36,6 +37,8 @@ const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(4);
 const NOT_SHRINKING: f64 = 0.9;
 /// How long a converged pre-copy waits between rounds for the VM's other data to catch up.
 const READY_POLL: Duration = Duration::from_millis(20);
+/// What the target may send on the control channel once the setup is done.
+const CONTROL_MESSAGES: &str = "Marker, PageRequest, Resumed or Done";
 
 /// How to migrate.
 #[derive(Debug, Clone)]
@@ -60,9 +63,20 @@ pub struct SourceConfig {
 /// Control messages the reader thread passes on.
 enum Event {
     Resumed,
-    Done { digest: String, report: String },
+    Done {
+        digest: String,
+        report: String,
+    },
     Remote(String),
-    Closed(String),
+    /// A message the target should not send on the control channel.
+    Unexpected(Command),
+    Closed(ProtocolError),
+}
+
+/// The events a wait returns; the others end it with an error.
+enum Reply {
+    Resumed,
+    Done { digest: String, report: String },
 }
 
 struct Source<'a> {
@@ -101,12 +115,8 @@ pub fn migrate(
     let mut streams =
         transport::connect(addr, cfg.migration_id, cfg.channels, cfg.connect_timeout)?;
     let bulk = streams.split_off(FIRST_BULK as usize);
-    let urgent = streams
-        .pop()
-        .ok_or_else(|| MigrationError::Failed("no urgent channel".into()))?;
-    let mut control = streams
-        .pop()
-        .ok_or_else(|| MigrationError::Failed("no control channel".into()))?;
+    let urgent = streams.pop().ok_or(MigrationError::NoChannel("urgent"))?;
+    let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
 
     write_message(
         &mut control,
@@ -124,9 +134,9 @@ pub fn migrate(
             return Err(MigrationError::Remote(message))
         }
         other => {
-            return Err(MigrationError::channel(CONTROL)(
-                crate::protocol::ProtocolError::unexpected("SetupAck", &other),
-            ))
+            return Err(MigrationError::channel(CONTROL)(ProtocolError::unexpected(
+                "SetupAck", &other,
+            )))
         }
     }
     progress.update(|i| i.setup_ms = progress.elapsed_ms());
@@ -138,13 +148,13 @@ pub fn migrate(
     let (request_tx, requests) = mpsc::channel();
     let reader = control
         .try_clone()
-        .map_err(|e| MigrationError::Failed(format!("Cannot clone the control socket: {e}")))?;
+        .map_err(MigrationError::io("clone the control socket"))?;
     let applied = Arc::new((Mutex::new(0u32), Condvar::new()));
     let reader_applied = applied.clone();
     let reader_thread = std::thread::Builder::new()
         .name("migrate-ctl".into())
         .spawn(move || read_control(reader, event_tx, request_tx, reader_applied))
-        .map_err(|e| MigrationError::Failed(format!("Cannot start a thread: {e}")))?;
+        .map_err(MigrationError::Spawn)?;
 
     let mut source = Source {
         vm,
@@ -207,15 +217,12 @@ fn read_control(
             Ok(Message::Done { digest, report }) => Event::Done { digest, report },
             Ok(Message::Error { message }) => Event::Remote(message),
             Ok(Message::Abort { reason }) => Event::Remote(reason),
-            Ok(other) => Event::Remote(format!(
-                "the target sent an unexpected {} message",
-                other.command()
-            )),
-            Err(e) => Event::Closed(e.to_string()),
+            Ok(other) => Event::Unexpected(other.command()),
+            Err(e) => Event::Closed(e),
         };
         let stop = matches!(
             event,
-            Event::Closed(_) | Event::Remote(_) | Event::Done { .. }
+            Event::Closed(_) | Event::Remote(_) | Event::Unexpected(_) | Event::Done { .. }
         );
         if events.send(event).is_err() || stop {
             return;
@@ -249,9 +256,8 @@ impl Source<'_> {
             .try_recv()
         {
             Ok(Event::Remote(m)) => Err(MigrationError::Remote(m)),
-            Ok(Event::Closed(m)) => Err(MigrationError::Failed(format!(
-                "The control connection to the target broke: {m}"
-            ))),
+            Ok(Event::Unexpected(got)) => Err(out_of_order(CONTROL_MESSAGES, got)),
+            Ok(Event::Closed(e)) => Err(control_broke(Some(e))),
             _ => Ok(()),
         }
     }
@@ -280,8 +286,10 @@ impl Source<'_> {
         let mut buf = Vec::new();
         msg.encode(&mut buf)?;
         self.progress.wire(Stage::Downtime, buf.len());
-        c.write_all(&buf)
-            .map_err(|e| MigrationError::Failed(format!("Cannot send {}: {e}", msg.command())))
+        crate::protocol::write_frame(&mut *c, &buf).map_err(|source| MigrationError::Send {
+            command: msg.command(),
+            source,
+        })
     }
 
     /// Sends the state and the switchover, then waits for the target to run the VM.
@@ -299,8 +307,8 @@ impl Source<'_> {
         let state_ms = ms(t);
         let t = Instant::now();
         match self.wait_event(PEER_TIMEOUT)? {
-            Event::Resumed => {}
-            _ => unreachable_event()?,
+            Reply::Resumed => {}
+            Reply::Done { .. } => return Err(out_of_order("Resumed", Command::Done)),
         }
         let resume_ms = ms(t);
         self.vm.target_running();
@@ -320,20 +328,19 @@ impl Source<'_> {
 
     /// Waits for the next control event; Done and Resumed are returned, anything else is an
     /// error.
-    fn wait_event(&self, timeout: Duration) -> Result<Event, MigrationError> {
+    fn wait_event(&self, timeout: Duration) -> Result<Reply, MigrationError> {
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         match events.recv_timeout(timeout) {
             Ok(Event::Remote(m)) => Err(MigrationError::Remote(m)),
-            Ok(Event::Closed(m)) => Err(MigrationError::Failed(format!(
-                "The control connection to the target broke: {m}"
-            ))),
-            Ok(e) => Ok(e),
-            Err(RecvTimeoutError::Timeout) => Err(MigrationError::Timeout(
-                "the target did not answer on the control channel".into(),
-            )),
-            Err(RecvTimeoutError::Disconnected) => Err(MigrationError::Failed(
-                "The control connection to the target broke".into(),
-            )),
+            Ok(Event::Unexpected(got)) => Err(out_of_order(CONTROL_MESSAGES, got)),
+            Ok(Event::Closed(e)) => Err(control_broke(Some(e))),
+            Ok(Event::Resumed) => Ok(Reply::Resumed),
+            Ok(Event::Done { digest, report }) => Ok(Reply::Done { digest, report }),
+            Err(RecvTimeoutError::Timeout) => Err(MigrationError::Timeout {
+                awaited: Awaited::ControlAnswer,
+                after: timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(control_broke(None)),
         }
     }
 
@@ -346,9 +353,10 @@ impl Source<'_> {
             drop(a);
             self.check_cancel()?;
             if Instant::now() > deadline {
-                return Err(MigrationError::Timeout(format!(
-                    "the target did not confirm phase {phase}"
-                )));
+                return Err(MigrationError::Timeout {
+                    awaited: Awaited::PhaseApplied(phase),
+                    after: PEER_TIMEOUT,
+                });
             }
             a = lock.lock().unwrap_or_else(|e| e.into_inner());
             a = changed
@@ -366,9 +374,8 @@ impl Source<'_> {
             .update(|i| i.phase = MigrationPhase::Completing);
         let (digest, report) = loop {
             match self.wait_event(PEER_TIMEOUT)? {
-                Event::Done { digest, report } => break (digest, report),
-                Event::Resumed => continue,
-                _ => unreachable_event()?,
+                Reply::Done { digest, report } => break (digest, report),
+                Reply::Resumed => continue,
             }
         };
         let total = self.progress.elapsed_ms();
@@ -478,17 +485,15 @@ impl Source<'_> {
                 return self.switch_to_postcopy(dirty);
             }
             if out_of_rounds || out_of_time {
-                return Err(MigrationError::NotConverged(format!(
-                    "after {} rounds in {:.1} s the guest still dirtied {:.1} MiB/s; {} pages remain, \
-                     predicted to take {:.0} ms against a downtime target of {} ms at {:.1} MiB/s",
-                    self.phase,
-                    started.elapsed().as_secs_f64(),
-                    dirty_rate / (1 << 20) as f64,
-                    n,
-                    predicted.as_secs_f64() * 1000.0,
-                    self.cfg.downtime.as_millis(),
-                    bandwidth / (1 << 20) as f64,
-                )));
+                return Err(MigrationError::NotConverged {
+                    rounds: self.phase,
+                    elapsed: started.elapsed(),
+                    dirty_rate,
+                    remaining_pages: n,
+                    predicted,
+                    downtime: self.cfg.downtime,
+                    bandwidth,
+                });
             }
             self.phase += 1;
             round_start = Instant::now();
@@ -566,9 +571,9 @@ impl Source<'_> {
             let urgent = scope.spawn(|| self.serve_requests(phase, &sent, &bulk_done));
             let bulk = self.send_pages_inner(&pages, Stage::Postcopy, Some(&sent));
             bulk_done.store(true, Ordering::Release);
-            let urgent = urgent.join().unwrap_or_else(|_| {
-                Err(MigrationError::Failed("the urgent sender panicked".into()))
-            });
+            let urgent = urgent
+                .join()
+                .unwrap_or(Err(MigrationError::Panicked("urgent sender")));
             bulk.and(urgent)
         });
         urgent_result?;
@@ -701,8 +706,7 @@ impl Source<'_> {
                         first_error.get_or_insert(e);
                     }
                     Err(_) => {
-                        first_error
-                            .get_or_insert(MigrationError::Failed("a page sender panicked".into()));
+                        first_error.get_or_insert(MigrationError::Panicked("page sender"));
                     }
                 }
             }
@@ -779,15 +783,18 @@ impl Source<'_> {
     }
 
     fn encoder(&self) -> Result<PageEncoder, MigrationError> {
-        PageEncoder::new(self.cfg.compression)
-            .map_err(|e| MigrationError::Failed(format!("Cannot set up compression: {e}")))
+        PageEncoder::new(self.cfg.compression).map_err(|source| MigrationError::Codec {
+            what: "compression",
+            source,
+        })
     }
 
     /// After a failure: before switchover the VM goes on here and the target drops its copy.
     fn recover(&mut self, error: &MigrationError) {
         let reason = match error {
             MigrationError::Cancelled => crate::protocol::CANCEL_REASON.to_owned(),
-            other => other.to_string(),
+            // The target records this text as the reason: it gets the causes too.
+            other => crate::error::chain(other),
         };
         let _ = self.send_control(&Message::abort(reason));
         if self.switched.load(Ordering::Acquire) {
@@ -803,10 +810,16 @@ impl Source<'_> {
     }
 }
 
-fn unreachable_event<T>() -> Result<T, MigrationError> {
-    Err(MigrationError::Failed(
-        "The target sent its messages out of order".into(),
-    ))
+fn control_broke(source: Option<ProtocolError>) -> MigrationError {
+    MigrationError::ControlBroke {
+        peer: "target",
+        source,
+    }
+}
+
+/// The target sent `got` on the control channel while the source waited for `expected`.
+fn out_of_order(expected: &'static str, got: Command) -> MigrationError {
+    MigrationError::Protocol(ProtocolError::Unexpected { expected, got })
 }
 
 fn ms(t: Instant) -> f64 {

@@ -41,7 +41,8 @@ struct Shared {
     postcopy: AtomicBool,
     markers: Mutex<Vec<u32>>,
     markers_changed: Condvar,
-    failure: Mutex<Option<String>>,
+    /// The first failure of a channel thread, until the control loop takes it.
+    failure: Mutex<Option<MigrationError>>,
     /// The failure is the source's cancel (its abort carried `CANCEL_REASON`).
     cancelled: AtomicBool,
     /// For waking the control loop out of its read.
@@ -63,10 +64,11 @@ impl Shared {
         write_message(&mut *tx, msg)
     }
 
-    fn fail(&self, message: String) {
+    /// Records the first failure of a channel thread and wakes the control loop to report it.
+    fn fail(&self, error: MigrationError) {
         let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if f.is_none() {
-            *f = Some(message);
+            *f = Some(error);
         }
         drop(f);
         self.markers_changed.notify_all();
@@ -74,20 +76,19 @@ impl Shared {
         let _ = self.control.shutdown(Shutdown::Read);
     }
 
-    /// The error a recorded failure stands for.
-    fn failed(&self, message: String) -> MigrationError {
-        if self.cancelled.load(Ordering::Acquire) {
-            MigrationError::Protocol(ProtocolError::PeerCancelled)
-        } else {
-            MigrationError::Failed(message)
-        }
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.failure
+    /// Takes the recorded failure, as the error it stands for: a cancel if the source
+    /// cancelled on any channel. The control loop ends with it, so it is taken once.
+    fn take_failure(&self) -> Option<MigrationError> {
+        let failure = self
+            .failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .take()?;
+        if self.cancelled.load(Ordering::Acquire) {
+            Some(MigrationError::Protocol(ProtocolError::PeerCancelled))
+        } else {
+            Some(failure)
+        }
     }
 
     fn received_pages(&self) -> u64 {
@@ -98,8 +99,8 @@ impl Shared {
     fn wait_markers(&self, phase: u32) -> Result<(), MigrationError> {
         let mut markers = self.markers.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(f) = self.failure() {
-                return Err(self.failed(f));
+            if let Some(e) = self.take_failure() {
+                return Err(e);
             }
             if markers.iter().all(|&m| m >= phase) {
                 return Ok(());
@@ -214,7 +215,12 @@ fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
     let mut payload = Vec::new();
     let mut decoder = match PageDecoder::new() {
         Ok(d) => d,
-        Err(e) => return shared.fail(format!("Cannot set up decompression: {e}")),
+        Err(source) => {
+            return shared.fail(MigrationError::Codec {
+                what: "decompression",
+                source,
+            })
+        }
     };
     let mut page = [0u8; PAGE_SIZE];
     let zero_hash = zero_page_hash();
@@ -224,55 +230,61 @@ fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
         data: Vec::with_capacity(RUN_PAGES * PAGE_SIZE),
         zeros: 0,
     };
-    let result: Result<(), String> = (|| loop {
+    let channel = slot as u16 + 1;
+    let on_channel = |source| MigrationError::Channel { channel, source };
+    let result: Result<(), MigrationError> = (|| loop {
         let command = match read_frame(&mut stream, &mut payload) {
             Ok(c) => c,
             Err(e) => {
                 if shared.stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
-                return Err(format!("data channel {}: {e}", slot + 1));
+                return Err(on_channel(e));
             }
         };
         match command {
             Command::Pages => {
-                let view = PagesView::parse(&payload).map_err(|e| e.to_string())?;
+                let view = PagesView::parse(&payload).map_err(on_channel)?;
                 for (gpa, kind, data) in view {
-                    let (region, index) = shared.map.locate(gpa).ok_or_else(|| {
-                        format!("the source sent a page at {gpa:#x}, outside guest memory")
-                    })?;
+                    let (region, index) =
+                        shared
+                            .map
+                            .locate(gpa)
+                            .ok_or(MigrationError::OutsideMemory {
+                                what: "sent a page",
+                                gpa,
+                            })?;
                     let global = shared.map.global(region, index);
                     if kind == PageKind::Zero {
                         if let Some(d) = &shared.digests {
                             d.set_hash(global, zero_hash);
                         }
-                        run.push(shared, region, index, None)
-                            .map_err(|e| e.to_string())?;
+                        run.push(shared, region, index, None)?;
                     } else if kind == PageKind::Raw && !shared.postcopy.load(Ordering::Acquire) {
                         // Straight from the frame into guest memory: one copy instead of three.
                         if let Some(d) = &shared.digests {
                             d.set(global, data);
                         }
-                        run.flush(shared).map_err(|e| e.to_string())?;
-                        shared.vm.write(gpa, data).map_err(|e| e.to_string())?;
+                        run.flush(shared)?;
+                        shared.vm.write(gpa, data)?;
                         shared.mark_received(region, index, 1, true);
                     } else {
                         decoder
                             .decode(kind, data, &mut page)
-                            .map_err(|e| format!("page at {gpa:#x}: {e}"))?;
+                            .map_err(|source| MigrationError::BadPage { gpa, source })?;
                         if let Some(d) = &shared.digests {
                             d.set(global, &page);
                         }
-                        run.push(shared, region, index, Some(&page))
-                            .map_err(|e| e.to_string())?;
+                        run.push(shared, region, index, Some(&page))?;
                     }
                 }
-                run.flush(shared).map_err(|e| e.to_string())?;
+                run.flush(shared)?;
             }
             Command::Marker => {
-                run.flush(shared).map_err(|e| e.to_string())?;
-                let Ok(Message::Marker { phase, .. }) = Message::decode(command, &payload) else {
-                    return Err("a malformed phase marker".into());
+                run.flush(shared)?;
+                let phase = match Message::decode(command, &payload).map_err(on_channel)? {
+                    Message::Marker { phase, .. } => phase,
+                    other => return Err(on_channel(ProtocolError::unexpected("Marker", &other))),
                 };
                 let mut markers = shared.markers.lock().unwrap_or_else(|e| e.into_inner());
                 markers[slot] = phase;
@@ -284,27 +296,35 @@ fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
                     let pages = shared.received_pages();
                     shared
                         .send(&Message::Marker { phase, pages })
-                        .map_err(|e| format!("Cannot acknowledge phase {phase}: {e}"))?;
+                        .map_err(|source| MigrationError::Send {
+                            command: Command::Marker,
+                            source,
+                        })?;
                 }
             }
             Command::Abort | Command::Error => {
-                let text = match Message::decode(command, &payload) {
-                    Ok(Message::Abort { reason }) => {
-                        if reason == crate::protocol::CANCEL_REASON {
+                return Err(
+                    match Message::decode(command, &payload).map_err(on_channel)? {
+                        Message::Abort { reason } if reason == crate::protocol::CANCEL_REASON => {
                             shared.cancelled.store(true, Ordering::Release);
+                            MigrationError::Protocol(ProtocolError::PeerCancelled)
                         }
-                        reason
-                    }
-                    Ok(Message::Error { message }) => message,
-                    _ => "no reason given".into(),
-                };
-                return Err(format!("the source aborted: {text}"));
+                        Message::Abort { reason } => MigrationError::Remote(reason),
+                        Message::Error { message } => MigrationError::Remote(message),
+                        other => on_channel(ProtocolError::unexpected("Abort or Error", &other)),
+                    },
+                );
             }
-            other => return Err(format!("unexpected {other} message on a data channel")),
+            other => {
+                return Err(on_channel(ProtocolError::Unexpected {
+                    expected: "Pages or Marker",
+                    got: other,
+                }))
+            }
         }
     })();
-    if let Err(message) = result {
-        shared.fail(message);
+    if let Err(e) = result {
+        shared.fail(e);
     }
 }
 
@@ -317,7 +337,7 @@ fn serve_faults(shared: &Shared) {
             .vm
             .wait_faults(&mut faults, Duration::from_millis(20))
         {
-            return shared.fail(format!("Cannot read guest faults: {e}"));
+            return shared.fail(e.into());
         }
         for &gpa in &faults {
             shared.faults.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +347,7 @@ fn serve_faults(shared: &Shared) {
             if shared.received[region].get(page) {
                 // It arrived between the fault and now.
                 if let Err(e) = shared.vm.wake(gpa & !(PAGE - 1), 1) {
-                    return shared.fail(format!("Cannot wake a vCPU: {e}"));
+                    return shared.fail(e.into());
                 }
                 continue;
             }
@@ -355,7 +375,10 @@ fn serve_faults(shared: &Shared) {
                 pages: n as u32,
             };
             if let Err(e) = shared.send(&msg) {
-                return shared.fail(format!("Cannot request pages: {e}"));
+                return shared.fail(MigrationError::Send {
+                    command: Command::PageRequest,
+                    source: e,
+                });
             }
         }
     }
@@ -372,9 +395,7 @@ pub fn receive(
 ) -> Result<Arc<dyn TargetVm>, MigrationError> {
     let mut streams = transport::accept(listener, migration_id, accept_timeout)?;
     let data = streams.split_off(1);
-    let mut control = streams
-        .pop()
-        .ok_or_else(|| MigrationError::Failed("no control channel".into()))?;
+    let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
     // The control channel may stay quiet for a whole pre-copy.
     let _ = control.set_read_timeout(None);
     for s in &data {
@@ -389,9 +410,9 @@ pub fn receive(
             vm,
         } => {
             if mode > 3 {
-                let text = format!("unknown migration mode {mode}");
-                let _ = write_message(&mut control, &Message::error(text.clone()));
-                return Err(MigrationError::Failed(text));
+                let e = MigrationError::UnknownMode(mode);
+                let _ = write_message(&mut control, &Message::error(e.to_string()));
+                return Err(e);
             }
             (
                 IncomingSetup {
@@ -439,10 +460,12 @@ pub fn receive(
         cancelled: AtomicBool::new(false),
         control: control
             .try_clone()
-            .map_err(|e| MigrationError::Failed(format!("Cannot clone the control socket: {e}")))?,
-        control_tx: Mutex::new(control.try_clone().map_err(|e| {
-            MigrationError::Failed(format!("Cannot clone the control socket: {e}"))
-        })?),
+            .map_err(MigrationError::io("clone the control socket"))?,
+        control_tx: Mutex::new(
+            control
+                .try_clone()
+                .map_err(MigrationError::io("clone the control socket"))?,
+        ),
         pending: Mutex::new(HashMap::new()),
         pending_count: AtomicUsize::new(0),
         latency: LatencyRecorder::default(),
@@ -516,19 +539,19 @@ fn control_loop<'s>(
         let msg = match read_message(control) {
             Ok(m) => m,
             Err(e) => {
-                return Err(match shared.failure() {
-                    Some(f) => shared.failed(f),
-                    None => MigrationError::Failed(format!("The control channel broke: {e}")),
-                })
+                return Err(shared
+                    .take_failure()
+                    .unwrap_or(MigrationError::ControlBroke {
+                        peer: "source",
+                        source: Some(e),
+                    }))
             }
         };
         match msg {
             Message::State { blob } => state = Some(blob),
             Message::Discard { runs } => {
                 if discards.len() + runs.len() > total_pages as usize {
-                    return Err(MigrationError::Failed(
-                        "the source discarded more runs than there are pages".into(),
-                    ));
+                    return Err(MigrationError::TooManyDiscards { pages: total_pages });
                 }
                 discards.extend(runs);
             }
@@ -537,18 +560,19 @@ fn control_loop<'s>(
                 markers_phase,
             } => {
                 shared.wait_markers(markers_phase)?;
-                let blob = state.take().ok_or_else(|| {
-                    MigrationError::Failed("switchover without the VM state".into())
+                let blob = state.take().ok_or(ProtocolError::Unexpected {
+                    expected: "State",
+                    got: Command::Switchover,
                 })?;
                 if postcopy {
                     enter_postcopy(shared, &discards)?;
                 } else {
                     let have = shared.received_pages();
                     if have != total_pages {
-                        return Err(MigrationError::Failed(format!(
-                            "switchover with {} of {total_pages} pages received",
-                            have
-                        )));
+                        return Err(MigrationError::SwitchoverIncomplete {
+                            received: have,
+                            total: total_pages,
+                        });
                     }
                 }
                 shared.vm.start(&blob)?;
@@ -569,10 +593,10 @@ fn control_loop<'s>(
                 shared.wait_markers(phase)?;
                 let have = shared.received_pages();
                 if have != total_pages {
-                    return Err(MigrationError::Failed(format!(
-                        "all sent, yet {} of {total_pages} pages are missing",
-                        total_pages - have
-                    )));
+                    return Err(MigrationError::PagesMissing {
+                        missing: total_pages - have,
+                        total: total_pages,
+                    });
                 }
                 shared.stop.store(true, Ordering::Release);
                 if shared.postcopy.load(Ordering::Acquire) {
@@ -617,9 +641,10 @@ fn control_loop<'s>(
 fn enter_postcopy(shared: &Shared, discards: &[(u64, u32)]) -> Result<(), MigrationError> {
     for &(gpa, pages) in discards {
         let Some((region, first)) = shared.map.locate(gpa) else {
-            return Err(MigrationError::Failed(format!(
-                "the source discarded pages at {gpa:#x}, outside guest memory"
-            )));
+            return Err(MigrationError::OutsideMemory {
+                what: "discarded pages",
+                gpa,
+            });
         };
         let n = u64::from(pages).min(shared.map.pages(region) - first);
         shared.vm.discard(gpa, n)?;

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::error::MigrationError;
+use crate::error::{Awaited, MigrationError};
 use crate::protocol::{
     self, read_message, write_message, Message, ProtocolError, MAX_CHANNELS, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -26,10 +26,10 @@ pub fn connect(
 ) -> Result<Vec<TcpStream>, MigrationError> {
     let channels = bulk.saturating_add(FIRST_BULK);
     if bulk == 0 || channels > MAX_CHANNELS {
-        return Err(MigrationError::Failed(format!(
-            "channels must be 1-{}, not {bulk}",
-            MAX_CHANNELS - FIRST_BULK
-        )));
+        return Err(MigrationError::ChannelCount {
+            requested: bulk,
+            max: MAX_CHANNELS - FIRST_BULK,
+        });
     }
     let sockaddr: SocketAddr = addr
         .to_socket_addrs()
@@ -38,7 +38,9 @@ pub fn connect(
             source,
         })?
         .next()
-        .ok_or_else(|| MigrationError::Failed(format!("{addr} resolves to no address")))?;
+        .ok_or_else(|| MigrationError::NoAddress {
+            addr: addr.to_owned(),
+        })?;
     let mut streams = Vec::with_capacity(channels as usize);
     for channel in 0..channels {
         let mut s = TcpStream::connect_timeout(&sockaddr, timeout).map_err(|source| {
@@ -50,9 +52,7 @@ pub fn connect(
         s.set_nodelay(channel < FIRST_BULK)
             .and_then(|()| s.set_read_timeout(Some(timeout)))
             .and_then(|()| s.set_write_timeout(Some(crate::vm::PEER_TIMEOUT)))
-            .map_err(|e| {
-                MigrationError::Failed(format!("Cannot configure channel {channel}: {e}"))
-            })?;
+            .map_err(MigrationError::io("configure a migration channel"))?;
         write_message(
             &mut s,
             &Message::Hello {
@@ -66,11 +66,7 @@ pub fn connect(
         .map_err(MigrationError::channel(channel))?;
         match read_message(&mut s).map_err(MigrationError::channel(channel))? {
             Message::HelloAck { version } => {
-                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
-                    return Err(MigrationError::Remote(format!(
-                        "the target chose protocol version {version}, which this source does not speak"
-                    )));
-                }
+                protocol::negotiate(version, version).map_err(MigrationError::channel(channel))?;
             }
             Message::Error { message } | Message::Abort { reason: message } => {
                 return Err(MigrationError::Remote(message))
@@ -97,7 +93,7 @@ pub fn accept(
     let deadline = Instant::now() + timeout;
     listener
         .set_nonblocking(true)
-        .map_err(|e| MigrationError::Failed(format!("Cannot poll the migration listener: {e}")))?;
+        .map_err(MigrationError::io("poll the migration listener"))?;
     let mut slots: Vec<Option<TcpStream>> = Vec::new();
     let mut expected: Option<u16> = None;
     loop {
@@ -107,9 +103,10 @@ pub fn accept(
             }
         }
         if Instant::now() > deadline {
-            return Err(MigrationError::Timeout(
-                "the source did not open all migration channels".into(),
-            ));
+            return Err(MigrationError::Timeout {
+                awaited: Awaited::Channels,
+                after: timeout,
+            });
         }
         let mut s = match listener.accept() {
             Ok((s, _)) => s,
@@ -117,11 +114,7 @@ pub fn accept(
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            Err(e) => {
-                return Err(MigrationError::Failed(format!(
-                    "Cannot accept a migration channel: {e}"
-                )))
-            }
+            Err(e) => return Err(MigrationError::io("accept a migration channel")(e)),
         };
         let _ = s.set_nonblocking(false);
         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));

@@ -405,7 +405,20 @@ fn precopy_that_cannot_converge_fails_and_the_source_runs_on() {
     cfg.downtime = Duration::from_millis(1);
     let r = run(2048, 200, cfg, None, None);
     let err = r.source_result.unwrap_err();
-    assert!(matches!(err, MigrationError::NotConverged(_)), "{err}");
+    match &err {
+        MigrationError::NotConverged {
+            rounds,
+            remaining_pages,
+            ..
+        } => {
+            // The full pass, then max_rounds more.
+            assert_eq!(*rounds, 3, "{err}");
+            assert!(*remaining_pages > 0, "{err}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("did not converge"), "{err}");
+    assert_eq!(err.class(), "not_converged");
     // A failure is not a cancel to the target.
     match &r.target_result {
         Err(e) => assert!(!e.cancelled_by_peer(), "{e:?}"),
@@ -451,7 +464,10 @@ fn cancel_before_switchover_leaves_the_vm_running_on_the_source() {
     );
     // The target learns it was a cancel, not a failure, whichever channel read the abort.
     match &r.target_result {
-        Err(e) => assert!(e.cancelled_by_peer(), "{e:?}"),
+        Err(e) => {
+            assert!(e.cancelled_by_peer(), "{e:?}");
+            assert_eq!(e.class(), "cancelled");
+        }
         Ok(()) => panic!("the target completed a cancelled migration"),
     }
     assert!(r.target.unwrap().aborted.load(Ordering::Acquire));
@@ -468,7 +484,10 @@ fn a_refusing_target_reports_why() {
         None,
     );
     match r.source_result {
-        Err(MigrationError::Remote(m)) => assert!(m.contains("no room"), "{m}"),
+        Err(ref e @ MigrationError::Remote(ref m)) => {
+            assert!(m.contains("no room"), "{m}");
+            assert_eq!(e.class(), "peer");
+        }
         other => panic!("{other:?}"),
     }
 }

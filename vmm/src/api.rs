@@ -1,7 +1,8 @@
 //! The VMM's local HTTP/JSON API, served on the unix socket in its run directory for its
 //! agent (documented in `docs/vmm-api.md`). The VM routes are the agent's own (the agent passes
 //! them through), plus `/v1/vmm` for the process itself. Handlers parse and validate, then run
-//! the manager's blocking work on tokio's blocking pool.
+//! the VMM's blocking work on tokio's blocking pool; this is where a [`VmmError`] becomes a
+//! status and a sentence ([`AgentError`]).
 
 use std::sync::Arc;
 
@@ -15,13 +16,14 @@ use godwit_api::{CreateVm, IncomingMigration, MigrateRequest, RestoreRequest, Sn
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::error::AgentError;
-use crate::manager::Manager;
+use crate::error::{AgentError, VmmError};
+use crate::migration;
+use crate::vmm::Vmm;
 
-type Shared = Arc<Manager>;
+type Shared = Arc<Vmm>;
 
 /// The API; `stop` is notified when the agent asks the process to stop its VM and exit.
-pub fn router(manager: Shared, stop: Arc<tokio::sync::Notify>) -> Router {
+pub fn router(vmm: Shared, stop: Arc<tokio::sync::Notify>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/vmm", get(status))
@@ -54,7 +56,7 @@ pub fn router(manager: Shared, stop: Arc<tokio::sync::Notify>) -> Router {
                 "This endpoint does not accept that method; see docs/agent-api.md".into(),
             )
         })
-        .with_state(manager)
+        .with_state(vmm)
 }
 
 /// Parses a JSON body into `T`, answering a malformed one with a sentence.
@@ -62,28 +64,16 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
     godwit_daemon::parse_body(body)
 }
 
-/// Runs blocking manager work off the async workers.
+/// Runs blocking VMM work off the async workers.
 async fn blocking<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
 where
     T: Send + 'static,
-    F: FnOnce(&Manager) -> Result<T, AgentError> + Send + 'static,
+    F: FnOnce(&Arc<Vmm>) -> Result<T, VmmError> + Send + 'static,
 {
     let m = m.clone();
-    tokio::task::spawn_blocking(move || f(&m))
+    Ok(tokio::task::spawn_blocking(move || f(&m))
         .await
-        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
-}
-
-/// As `blocking`, for work that keeps the manager beyond the request (migrations).
-async fn blocking_arc<T, F>(m: &Shared, f: F) -> Result<T, AgentError>
-where
-    T: Send + 'static,
-    F: FnOnce(&Arc<Manager>) -> Result<T, AgentError> + Send + 'static,
-{
-    let m = m.clone();
-    tokio::task::spawn_blocking(move || f(&m))
-        .await
-        .map_err(|e| AgentError::Internal(format!("The request's worker failed: {e}")))?
+        .map_err(VmmError::Worker)??)
 }
 
 async fn migrate_vm(
@@ -92,7 +82,7 @@ async fn migrate_vm(
     body: Bytes,
 ) -> Result<impl IntoResponse, AgentError> {
     let req: MigrateRequest = parse(&body)?;
-    let started = blocking_arc(&m, move |m| m.migrate(&name, &req)).await?;
+    let started = blocking(&m, move |m| migration::migrate(m, &name, &req)).await?;
     Ok((StatusCode::ACCEPTED, Json(started)))
 }
 
@@ -101,25 +91,27 @@ async fn incoming_migration(
     body: Bytes,
 ) -> Result<impl IntoResponse, AgentError> {
     let req: IncomingMigration = parse(&body)?;
-    Ok(Json(blocking_arc(&m, move |m| m.incoming(&req)).await?))
+    Ok(Json(
+        blocking(&m, move |m| migration::incoming(m, &req)).await?,
+    ))
 }
 
 async fn list_migrations(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, |m| Ok(m.migrations())).await?))
+    Ok(Json(blocking(&m, |m| Ok(m.migrations.list())).await?))
 }
 
 async fn get_migration(
     State(m): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.migration(&id)).await?))
+    Ok(Json(blocking(&m, move |m| m.migrations.info(&id)).await?))
 }
 
 async fn cancel_migration(
     State(m): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.cancel_migration(&id)).await?))
+    Ok(Json(blocking(&m, move |m| m.migrations.cancel(&id)).await?))
 }
 
 /// A VM that moved away from here was deleted where it ran: release what this host keeps
@@ -150,7 +142,7 @@ async fn get_vm(
     State(m): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.info(&name)).await?))
+    Ok(Json(blocking(&m, move |m| m.vm(&name)?.info()).await?))
 }
 
 async fn delete_vm(
@@ -165,14 +157,14 @@ async fn pause_vm(
     State(m): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.pause(&name)).await?))
+    Ok(Json(blocking(&m, move |m| m.vm(&name)?.pause()).await?))
 }
 
 async fn resume_vm(
     State(m): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.resume(&name)).await?))
+    Ok(Json(blocking(&m, move |m| m.vm(&name)?.resume()).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,7 +186,7 @@ async fn console(
             ))
         })?,
     };
-    let bytes = blocking(&m, move |m| m.console(&name, max)).await?;
+    let bytes = blocking(&m, move |m| m.vm(&name)?.console(max)).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes))
 }
 
@@ -202,7 +194,7 @@ async fn digest(
     State(m): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
-    Ok(Json(blocking(&m, move |m| m.digest(&name)).await?))
+    Ok(Json(blocking(&m, move |m| m.vm(&name)?.digest()).await?))
 }
 
 async fn snapshot_vm(
@@ -211,7 +203,13 @@ async fn snapshot_vm(
     body: Bytes,
 ) -> Result<impl IntoResponse, AgentError> {
     let req: SnapshotRequest = parse(&body)?;
-    Ok(Json(blocking(&m, move |m| m.snapshot(&name, &req)).await?))
+    Ok(Json(
+        blocking(&m, move |m| {
+            let path = m.resolve(&req.path)?;
+            m.vm(&name)?.snapshot(&path, req.leave_paused)
+        })
+        .await?,
+    ))
 }
 
 async fn restore_vm(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {

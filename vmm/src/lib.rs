@@ -8,22 +8,22 @@
 //! ([`api`], documented in `docs/vmm-api.md`); [`run`] is its main loop.
 
 pub mod api;
+pub mod error;
 pub mod guest;
-pub mod manager;
 pub mod microvm;
 pub mod migration;
 pub mod process;
 pub mod resources;
 pub mod sealed;
 pub mod snapshot;
+pub mod vm;
+pub mod vmm;
 
 pub use godwit_daemon::host;
 
-/// The VMM's API errors (shared with the agent, which passes them on).
-pub mod error {
-    pub use godwit_daemon::{chain, AgentError};
-}
+pub use error::VmmError;
 pub use process::{run, VmmConfig};
+pub use vmm::{validate_create, validate_name, HostConfig, Vmm};
 
 use std::time::Duration;
 

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use godwit_vmm::manager::ManagerConfig;
-use godwit_vmm::VmmConfig;
+use godwit_vmm::{HostConfig, VmmConfig};
 
 /// Godwit VMM: runs one KVM microVM and serves its local API on a unix socket.
 #[derive(Debug, Parser)]
@@ -63,16 +62,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = VmmConfig {
         run_dir: args.run_dir,
-        manager: ManagerConfig {
+        host: HostConfig {
             name: args.host,
             data_dir: args.data_dir,
             kvm_device: args.kvm_device,
             huge_pages: !args.no_huge_pages,
-            // The agent accounts for host memory across its VMMs before it starts one.
-            reserved_memory_bytes: 0,
             migration_ip: args.migration_ip,
             prefault: !args.no_prefault,
-            labels: Default::default(),
             dirty_probe_interval: (args.dirty_probe_interval_s > 0)
                 .then(|| Duration::from_secs(args.dirty_probe_interval_s)),
             resource_capacity_bytes: args.resource_capacity_mib.saturating_mul(1 << 20),

@@ -1,6 +1,6 @@
-//! Live migration in the agent: the source and target sides of page-transfer's engine bound
-//! to this agent's microVMs, and the migrate / incoming / status / cancel operations the API
-//! offers.
+//! Live migration of the VMM's VM: the source and target sides of page-transfer's engine bound
+//! to the microVM, the migrate / incoming operations the API offers, and the records of this
+//! process's migrations ([`Migrations`]: status, cancel, and the file each leaves behind).
 //!
 //! Flow: the source agent's `migrate` asks the target agent (HTTP, `POST
 //! /v1/migrations/incoming`) to reserve the name and memory and to listen for the migration's
@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,8 +27,7 @@ use page_transfer::vm::{IncomingSetup, Region, SourceVm, TargetFactory, TargetVm
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::error::{chain, AgentError};
-use crate::manager::{validate_name, Manager, VmEntry};
+use crate::error::{chain, CancelRefusal, VmmError};
 use crate::microvm::layout::MIB;
 use crate::microvm::memory::{self, GuestMemory};
 use crate::microvm::postcopy::{self, PostcopyMemory};
@@ -35,13 +35,15 @@ use crate::microvm::state::{VmConfig, VmState};
 use crate::microvm::{KvmHost, MicroVm, PreparedVm};
 use crate::resources::plan::{self as resource_plan, MigrationPlan};
 use crate::resources::transfer::{Incoming, SourceTransfer};
+use crate::vm::{now_unix_ms, Vm};
+use crate::vmm::Vmm;
 
 /// How long the target waits for the source's channels after accepting.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most migration records kept for `GET /v1/migrations`.
 const MAX_RECORDS: usize = 1000;
 
-/// One migration as this agent sees it (source or target side).
+/// One migration as this VMM sees it (source or target side).
 #[derive(Debug)]
 pub struct MigrationRecord {
     pub progress: Arc<Progress>,
@@ -51,13 +53,22 @@ pub struct MigrationRecord {
     incoming: bool,
 }
 
-/// The agent's migrations by id.
-#[derive(Debug, Default)]
+/// This VMM's migrations by id, and the directory their finished records go to.
+#[derive(Debug)]
 pub struct Migrations {
     records: Mutex<HashMap<String, Arc<MigrationRecord>>>,
+    dir: PathBuf,
 }
 
 impl Migrations {
+    /// Records finished migrations as `dir/ID.json`.
+    pub fn new(dir: PathBuf) -> Self {
+        Migrations {
+            records: Mutex::default(),
+            dir,
+        }
+    }
+
     fn add(&self, id: &str, progress: Arc<Progress>, incoming: bool) -> Arc<MigrationRecord> {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         if records.len() >= MAX_RECORDS {
@@ -123,13 +134,6 @@ impl Migrations {
     }
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn new_id(vm: &str) -> (String, [u8; 16]) {
     let mut hasher = blake3::Hasher::new();
     hasher.update(vm.as_bytes());
@@ -171,7 +175,7 @@ struct MigratingVm {
 
 /// The source side's view of a VM for the engine.
 struct VmSource {
-    entry: Arc<VmEntry>,
+    vm: Arc<Vm>,
     memory: GuestMemory,
     blob: Vec<u8>,
     /// The VM's resource data on its way to the target.
@@ -189,8 +193,7 @@ fn vm_err(what: &str, e: impl std::error::Error) -> VmAccessError {
 
 impl VmSource {
     fn with_vm<T>(&self, f: impl FnOnce(&mut MicroVm) -> T) -> T {
-        let mut vm = self.entry.vm.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut vm)
+        f(&mut self.vm.monitor())
     }
 }
 
@@ -285,7 +288,7 @@ impl SourceVm for VmSource {
 
 /// The target side: memory prepared at setup, the VM built at switchover.
 struct IncomingVm {
-    manager: Arc<Manager>,
+    vmm: Arc<Vmm>,
     host: Arc<KvmHost>,
     name: String,
     memory: GuestMemory,
@@ -350,14 +353,13 @@ impl TargetVm for IncomingVm {
     fn start(&self, state: &[u8]) -> Result<(), VmAccessError> {
         let state =
             VmState::decode(state).map_err(|e| vm_err("The incoming VM state is unusable", e))?;
-        let placement = self
-            .manager
+        let mut placement = self
+            .vmm
             .placement(&self.name)
-            .map_err(|e| VmAccessError::new(e.to_string()))?;
-        let mut placement = placement;
+            .map_err(|e| vm_err("Cannot place the migrated VM", e))?;
         let resources = self
             .resources
-            .bind(&self.manager.resources)
+            .bind(&self.vmm.resources)
             .map_err(|e| vm_err("Cannot bind the VM's resources here", e))?;
         placement.attachments = resources.attachments();
         let prepared = self
@@ -369,8 +371,7 @@ impl TargetVm for IncomingVm {
         let vm = MicroVm::restore_prepared(&self.host, &placement, &state, prepared, false)
             .map_err(|e| vm_err("Cannot start the migrated VM", e))?;
         let bytes = state.config.memory_bytes;
-        self.manager
-            .insert(&self.name, VmEntry::new(vm, bytes, None, resources));
+        self.vmm.insert(Vm::new(vm, bytes, None, resources));
         self.started.store(true, Ordering::Release);
         tracing::info!(vm = %self.name, "migrated VM running on this host");
         Ok(())
@@ -392,8 +393,8 @@ impl TargetVm for IncomingVm {
             pm.keep_registered();
         }
         let reason = "post-copy migration failed with pages still missing; the VM is stopped                       here and its memory is incomplete";
-        match self.manager.entry(&self.name) {
-            Ok(entry) => entry.mark_broken(reason),
+        match self.vmm.vm(&self.name) {
+            Ok(vm) => vm.mark_broken(reason),
             Err(_) => tracing::error!(vm = %self.name, "{reason}"),
         }
     }
@@ -404,7 +405,7 @@ impl TargetVm for IncomingVm {
 }
 
 struct Factory {
-    manager: Arc<Manager>,
+    vmm: Arc<Vmm>,
     host: Arc<KvmHost>,
     name: String,
     memory_bytes: u64,
@@ -444,7 +445,7 @@ impl TargetFactory for Factory {
         // First touch of fresh memory is slow here. Stop-and-copy pays it inside the downtime,
         // so its target memory is touched at setup, before the guest pauses; pre-copy pays it
         // while the guest still runs, and an idle guest's zero pages never need it.
-        let prefault = setup.stop_and_copy && self.manager.config().prefault;
+        let prefault = setup.stop_and_copy && self.vmm.config().prefault;
         if prefault {
             let t = std::time::Instant::now();
             memory::prefault(&memory).map_err(|e| vm_err("Cannot prefault guest memory", e))?;
@@ -453,7 +454,7 @@ impl TargetFactory for Factory {
         let prepared = MicroVm::prepare(&self.host, memory.clone(), vm.config.vcpus)
             .map_err(|e| vm_err("Cannot create the VM", e))?;
         Ok(Arc::new(IncomingVm {
-            manager: self.manager.clone(),
+            vmm: self.vmm.clone(),
             host: self.host.clone(),
             name: self.name.clone(),
             memory,
@@ -475,517 +476,457 @@ fn compression(mode: CompressMode) -> Compression {
 }
 
 /// Splits `HOST:PORT` and checks it.
-fn target_host(target: &str) -> Result<&str, AgentError> {
-    let (host, port) = target.rsplit_once(':').ok_or_else(|| {
-        AgentError::BadRequest(format!("target must be HOST:PORT, not {target:?}"))
-    })?;
+fn target_host(target: &str) -> Result<&str, VmmError> {
+    let bad = || VmmError::Invalid(format!("target must be HOST:PORT, not {target:?}"));
+    let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
     if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(AgentError::BadRequest(format!(
-            "target must be HOST:PORT, not {target:?}"
-        )));
+        return Err(bad());
     }
     Ok(host)
 }
 
-impl Manager {
-    /// Starts migrating `name` to another agent; returns at once with the migration's id.
-    pub fn migrate(
-        self: &Arc<Self>,
-        name: &str,
-        req: &MigrateRequest,
-    ) -> Result<MigrationStarted, AgentError> {
-        let host = target_host(&req.target)?;
-        let channels = req
-            .channels
-            .unwrap_or_else(|| crate::host::cores().clamp(2, 8));
-        if !(1..=32).contains(&channels) {
-            return Err(AgentError::BadRequest(format!(
-                "channels must be 1-32, not {channels}"
-            )));
-        }
-        if let Some(b) = req.bandwidth_mib_s {
-            if !b.is_finite() || b < 0.0 {
-                return Err(AgentError::BadRequest(
-                    "bandwidth_mib_s must be a number >= 0 (0 = unlimited)".into(),
-                ));
-            }
-        }
-        let entry = self.entry(name)?;
-        if entry
-            .migrating
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return Err(AgentError::Conflict(format!(
-                "VM {name:?} is already being migrated"
-            )));
-        }
-        let result = self.start_migration(name, req, host, channels, &entry);
-        if result.is_err() {
-            entry.migrating.store(false, Ordering::Release);
-        }
-        result
+/// Starts migrating the VM `name` to another agent; returns at once with the migration's id.
+pub fn migrate(
+    vmm: &Arc<Vmm>,
+    name: &str,
+    req: &MigrateRequest,
+) -> Result<MigrationStarted, VmmError> {
+    let host = target_host(&req.target)?;
+    let channels = req
+        .channels
+        .unwrap_or_else(|| crate::host::cores().clamp(2, 8));
+    if !(1..=32).contains(&channels) {
+        return Err(VmmError::Invalid(format!(
+            "channels must be 1-32, not {channels}"
+        )));
     }
+    if let Some(b) = req.bandwidth_mib_s {
+        if !b.is_finite() || b < 0.0 {
+            return Err(VmmError::Invalid(
+                "bandwidth_mib_s must be a number >= 0 (0 = unlimited)".into(),
+            ));
+        }
+    }
+    let vm = vmm.vm(name)?;
+    vm.start_migrating()?;
+    let result = start_migration(vmm, req, host, channels, &vm);
+    if result.is_err() {
+        vm.stop_migrating();
+    }
+    result
+}
 
-    fn start_migration(
-        self: &Arc<Self>,
-        name: &str,
-        req: &MigrateRequest,
-        host: &str,
-        channels: u32,
-        entry: &Arc<VmEntry>,
-    ) -> Result<MigrationStarted, AgentError> {
-        let (config, memory) = {
-            let vm = entry.vm.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(reason) = vm.crash_reason() {
-                return Err(AgentError::Conflict(format!(
-                    "VM {name:?} crashed and cannot be migrated: {reason}"
-                )));
-            }
-            if vm.is_paused() {
-                return Err(AgentError::Conflict(format!(
-                    "VM {name:?} is paused; resume it before migrating"
-                )));
-            }
-            (vm.config().clone(), vm.memory().clone())
-        };
-        let blob = serde_json::to_vec(&MigratingVm {
-            name: name.to_owned(),
-            config: config.clone(),
-        })
-        .map_err(|e| AgentError::Internal(format!("Cannot describe the VM: {e}")))?;
-        let (id, id_bytes) = new_id(name);
-        let vm_resources = entry
-            .resources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let plan = if vm_resources.items.is_empty() {
-            MigrationPlan::default()
-        } else {
-            let info = resource_plan::target_info(&req.target)?;
-            resource_plan::plan(
-                &self.resources,
-                name,
-                &vm_resources,
-                &info,
-                &self.resources.advertise_host(),
-                &self.resources.api_url(),
-            )?
-        };
-        let incoming = IncomingMigration {
-            id: id.clone(),
-            vm: name.to_owned(),
-            vcpus: config.vcpus,
-            memory_mib: config.memory_bytes / MIB,
-            mode: req.mode,
-            source: self.config().name.clone(),
-            resources: plan.incoming.clone(),
-            previous_hosts: if vm_resources.items.is_empty() {
-                Vec::new()
-            } else {
-                let mut hosts = vm_resources.visited.clone();
-                let me = self.resources.api_url();
-                if !hosts.contains(&me) {
-                    hosts.push(me);
-                }
-                hosts
-            },
-        };
-        let accepted = match ask_target(&req.target, &incoming) {
-            Ok(a) => a,
-            Err(e) => {
-                resource_plan::undo_exports(&self.resources, name, &plan.planned);
-                return Err(e);
-            }
-        };
-        let progress = Arc::new(Progress::new(
-            &id,
+fn start_migration(
+    vmm: &Arc<Vmm>,
+    req: &MigrateRequest,
+    host: &str,
+    channels: u32,
+    vm: &Arc<Vm>,
+) -> Result<MigrationStarted, VmmError> {
+    let name = vm.name();
+    let (config, memory) = {
+        let monitor = vm.monitor();
+        Vm::refuse_if_crashed(&monitor, "be migrated")?;
+        if monitor.is_paused() {
+            return Err(VmmError::Paused { name: name.into() });
+        }
+        (monitor.config().clone(), monitor.memory().clone())
+    };
+    let blob = serde_json::to_vec(&MigratingVm {
+        name: name.to_owned(),
+        config: config.clone(),
+    })
+    .map_err(|e| VmmError::io("describe the VM", e.into()))?;
+    let (id, id_bytes) = new_id(name);
+    let vm_resources = vm.resources();
+    let plan = if vm_resources.items.is_empty() {
+        MigrationPlan::default()
+    } else {
+        let info = resource_plan::target_info(&req.target)?;
+        resource_plan::plan(
+            &vmm.resources,
             name,
-            &self.config().name,
-            &accepted.agent,
-            req.mode,
-            now_unix_ms(),
-        ));
-        let record = self.migrations.add(&id, progress.clone(), false);
-        let cfg = SourceConfig {
-            mode: req.mode,
-            downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
-            bandwidth: req
-                .bandwidth_mib_s
-                .filter(|&b| b > 0.0)
-                .map(|b| (b * MIB as f64) as u64),
-            channels: channels as u16,
-            compression: compression(req.compress),
-            max_rounds: req.max_rounds.unwrap_or(30),
-            precopy_timeout: Duration::from_secs(req.precopy_timeout_s.unwrap_or(300)),
-            verify: req.verify.unwrap_or(true),
-            migration_id: id_bytes,
-            connect_timeout: Duration::from_secs(10),
-        };
-        let target_ip = accepted.host.as_deref().unwrap_or(host).to_owned();
-        let resource_addr: Option<std::net::SocketAddr> =
-            format!("{target_ip}:{}", accepted.resource_port)
-                .parse()
+            &vm_resources,
+            &info,
+            &vmm.resources.advertise_host(),
+            &vmm.resources.api_url(),
+        )?
+    };
+    let incoming = IncomingMigration {
+        id: id.clone(),
+        vm: name.to_owned(),
+        vcpus: config.vcpus,
+        memory_mib: config.memory_bytes / MIB,
+        mode: req.mode,
+        source: vmm.config().name.clone(),
+        resources: plan.incoming.clone(),
+        previous_hosts: if vm_resources.items.is_empty() {
+            Vec::new()
+        } else {
+            let mut hosts = vm_resources.visited.clone();
+            let me = vmm.resources.api_url();
+            if !hosts.contains(&me) {
+                hosts.push(me);
+            }
+            hosts
+        },
+    };
+    let accepted = match ask_target(&req.target, &incoming) {
+        Ok(a) => a,
+        Err(e) => {
+            resource_plan::undo_exports(&vmm.resources, name, &plan.planned);
+            return Err(e);
+        }
+    };
+    let progress = Arc::new(Progress::new(
+        &id,
+        name,
+        &vmm.config().name,
+        &accepted.agent,
+        req.mode,
+        now_unix_ms(),
+    ));
+    let record = vmm.migrations.add(&id, progress.clone(), false);
+    let cfg = SourceConfig {
+        mode: req.mode,
+        downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
+        bandwidth: req
+            .bandwidth_mib_s
+            .filter(|&b| b > 0.0)
+            .map(|b| (b * MIB as f64) as u64),
+        channels: channels as u16,
+        compression: compression(req.compress),
+        max_rounds: req.max_rounds.unwrap_or(30),
+        precopy_timeout: Duration::from_secs(req.precopy_timeout_s.unwrap_or(300)),
+        verify: req.verify.unwrap_or(true),
+        migration_id: id_bytes,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let target_ip = accepted.host.as_deref().unwrap_or(host).to_owned();
+    let resource_addr: Option<std::net::SocketAddr> =
+        format!("{target_ip}:{}", accepted.resource_port)
+            .parse()
+            .ok()
+            .or_else(|| {
+                std::net::ToSocketAddrs::to_socket_addrs(&(
+                    target_ip.as_str(),
+                    accepted.resource_port,
+                ))
                 .ok()
-                .or_else(|| {
-                    std::net::ToSocketAddrs::to_socket_addrs(&(
-                        target_ip.as_str(),
-                        accepted.resource_port,
-                    ))
-                    .ok()
-                    .and_then(|mut a| a.next())
-                });
-        let transfer = match SourceTransfer::start(
-            resource_addr.filter(|_| accepted.resource_port != 0),
-            &id,
-            plan.planned.clone(),
-            plan.records.clone(),
-            progress.clone(),
-            vm_resources.stream(),
-        ) {
-            Ok(t) => Arc::new(t),
-            Err(e) => {
-                let text = format!("Cannot start copying the VM's resources: {e}");
-                resource_plan::undo_exports(&self.resources, name, &plan.planned);
-                progress.finish_as(MigrationStatus::Failed, Some(text.clone()), "resources");
-                self.persist(&progress.info());
-                return Err(AgentError::BadGateway(text));
-            }
-        };
-        let source = VmSource {
-            entry: entry.clone(),
-            memory,
-            blob,
-            transfer: transfer.clone(),
-            resource_failed: AtomicBool::new(false),
-            planned: plan.planned.clone(),
-            link: resource_addr,
-        };
-        let addr = format!("{target_ip}:{}", accepted.port);
-        let planned = plan.planned;
-        let target_name = accepted.agent.clone();
-        let manager = self.clone();
-        let vm_name = name.to_owned();
-        let mode = req.mode;
-        let spawn_progress = progress.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("migrate-{name}"))
-            .spawn(move || {
-                tracing::info!(vm = %vm_name, %addr, ?mode, "migration started");
-                let result =
-                    page_transfer::source::migrate(&source, &addr, &cfg, &progress, &record.cancel);
-                let switched = progress.switched();
-                match result {
-                    Ok(()) => {
-                        // Every resource action is over once the target confirmed: the
-                        // record says so before the migration reads completed.
-                        source.transfer.verify_disks();
-                        source.transfer.complete(&BTreeMap::new());
-                        progress.finish(MigrationStatus::Completed, None);
-                        let _ = manager.remove(&vm_name);
-                        let details = resource_plan::finish_source(
-                            &manager.resources,
-                            &vm_name,
-                            &planned,
-                            &target_name,
-                        );
-                        source.transfer.complete(&details);
-                        let info = progress.info();
-                        manager.persist(&info);
-                        manager.set_ended(format!("VM {vm_name:?} moved to {target_name}"));
-                        tracing::info!(
-                            vm = %vm_name,
-                            total_ms = info.total_ms,
-                            downtime_ms = info.downtime_ms.unwrap_or(0.0),
-                            "migration completed; the VM now runs on the target"
-                        );
-                    }
-                    Err(e) => {
-                        let (status, outcome) =
-                            if matches!(e, page_transfer::MigrationError::Cancelled) {
-                                (MigrationStatus::Cancelled, "cancelled")
-                            } else if source.resource_failed.load(Ordering::Acquire) {
-                                (MigrationStatus::Failed, "resources")
-                            } else {
-                                (MigrationStatus::Failed, failure_class(&e))
-                            };
-                        let mut text = chain(&e);
-                        if switched {
-                            text.push_str(
-                                "; the switchover had been sent, so the VM stays paused here: check \
-                                 the target before resuming or deleting this copy",
-                            );
-                        }
-                        tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
-                        if !switched {
-                            source.transfer.abort(&text);
-                            resource_plan::undo_exports(&manager.resources, &vm_name, &planned);
-                        }
-                        progress.finish_as(status, Some(text), outcome);
-                        manager.persist(&progress.info());
-                        // Either way the operator can act on this copy again.
-                        source.entry.migrating.store(false, Ordering::Release);
-                    }
-                }
+                .and_then(|mut a| a.next())
             });
-        if let Err(e) = spawned {
-            let text = format!("Cannot start the migration thread: {e}");
-            spawn_progress.finish_as(MigrationStatus::Failed, Some(text.clone()), "other");
-            self.persist(&spawn_progress.info());
-            return Err(AgentError::Internal(text));
+    let transfer = match SourceTransfer::start(
+        resource_addr.filter(|_| accepted.resource_port != 0),
+        &id,
+        plan.planned.clone(),
+        plan.records.clone(),
+        progress.clone(),
+        vm_resources.stream(),
+    ) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            let e = VmmError::ResourceCopy(e);
+            resource_plan::undo_exports(&vmm.resources, name, &plan.planned);
+            progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), "resources");
+            vmm.migrations.persist(&progress.info());
+            return Err(e);
         }
-        Ok(MigrationStarted { id })
+    };
+    let source = VmSource {
+        vm: vm.clone(),
+        memory,
+        blob,
+        transfer: transfer.clone(),
+        resource_failed: AtomicBool::new(false),
+        planned: plan.planned.clone(),
+        link: resource_addr,
+    };
+    let addr = format!("{target_ip}:{}", accepted.port);
+    let planned = plan.planned;
+    let target_name = accepted.agent.clone();
+    let worker = vmm.clone();
+    let vm_name = name.to_owned();
+    let mode = req.mode;
+    let spawn_progress = progress.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("migrate-{name}"))
+        .spawn(move || {
+            let vmm = worker;
+            tracing::info!(vm = %vm_name, %addr, ?mode, "migration started");
+            let result =
+                page_transfer::source::migrate(&source, &addr, &cfg, &progress, &record.cancel);
+            let switched = progress.switched();
+            match result {
+                Ok(()) => {
+                    // Every resource action is over once the target confirmed: the record
+                    // says so before the migration reads completed.
+                    source.transfer.verify_disks();
+                    source.transfer.complete(&BTreeMap::new());
+                    progress.finish(MigrationStatus::Completed, None);
+                    let _ = vmm.remove(&vm_name);
+                    let details = resource_plan::finish_source(
+                        &vmm.resources,
+                        &vm_name,
+                        &planned,
+                        &target_name,
+                    );
+                    source.transfer.complete(&details);
+                    let info = progress.info();
+                    vmm.migrations.persist(&info);
+                    vmm.set_ended(format!("VM {vm_name:?} moved to {target_name}"));
+                    tracing::info!(
+                        vm = %vm_name,
+                        total_ms = info.total_ms,
+                        downtime_ms = info.downtime_ms.unwrap_or(0.0),
+                        "migration completed; the VM now runs on the target"
+                    );
+                }
+                Err(e) => {
+                    let (status, outcome) = if matches!(e, page_transfer::MigrationError::Cancelled)
+                    {
+                        (MigrationStatus::Cancelled, "cancelled")
+                    } else if source.resource_failed.load(Ordering::Acquire) {
+                        (MigrationStatus::Failed, "resources")
+                    } else {
+                        (MigrationStatus::Failed, e.class())
+                    };
+                    let mut text = chain(&e);
+                    if switched {
+                        text.push_str(
+                            "; the switchover had been sent, so the VM stays paused here: check \
+                             the target before resuming or deleting this copy",
+                        );
+                    }
+                    tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
+                    if !switched {
+                        source.transfer.abort(&text);
+                        resource_plan::undo_exports(&vmm.resources, &vm_name, &planned);
+                    }
+                    progress.finish_as(status, Some(text), outcome);
+                    vmm.migrations.persist(&progress.info());
+                    // Either way the operator can act on this copy again.
+                    source.vm.stop_migrating();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        let e = VmmError::io("start the migration thread", e);
+        spawn_progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), "other");
+        vmm.migrations.persist(&spawn_progress.info());
+        return Err(e);
     }
+    Ok(MigrationStarted { id })
+}
 
-    /// The target side: reserves name and memory, listens for the source's channels and runs
-    /// the engine in the background.
-    pub fn incoming(
-        self: &Arc<Self>,
-        req: &IncomingMigration,
-    ) -> Result<IncomingAccepted, AgentError> {
-        let id_bytes = parse_id(&req.id)
-            .ok_or_else(|| AgentError::BadRequest("id must be 32 hex digits".into()))?;
-        validate_name(&req.vm)?;
-        let memory_bytes = req
-            .memory_mib
-            .checked_mul(MIB)
-            .filter(|&b| b > 0)
-            .ok_or_else(|| AgentError::BadRequest("memory_mib is out of range".into()))?;
-        let host = self.kvm()?;
-        self.resources.check_incoming_resources(req)?;
-        self.claim(&req.vm, memory_bytes)?;
-        let listener = match TcpListener::bind((self.config().migration_ip, 0)) {
-            Ok(l) => l,
-            Err(e) => {
-                self.release(&req.vm);
-                return Err(AgentError::Internal(format!(
-                    "Cannot listen for the migration: {e}"
-                )));
-            }
-        };
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        let progress = Arc::new(Progress::new(
-            &req.id,
-            &req.vm,
-            &req.source,
-            &self.config().name,
-            req.mode,
-            now_unix_ms(),
-        ));
-        self.migrations.add(&req.id, progress.clone(), true);
-        let resources = Arc::new(Incoming::new(
-            &req.id,
-            &req.vm,
-            req.resources.clone(),
-            req.previous_hosts.clone(),
-            self.resources.vm_dir(&req.vm),
-        ));
-        self.resources
-            .incoming
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(req.id.clone(), resources.clone());
-        progress.update(|i| i.resources = resource_plan::target_records(&req.resources));
-        let factory = Factory {
-            manager: self.clone(),
-            host,
-            name: req.vm.clone(),
-            memory_bytes,
-            vcpus: req.vcpus,
-            resources: resources.clone(),
-        };
-        let manager = self.clone();
-        let name = req.vm.clone();
-        let migration_id = req.id.clone();
-        let spawn_progress = progress.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("incoming-{name}"))
-            .spawn(move || {
-                let result = page_transfer::target::receive(
-                    &listener,
-                    id_bytes,
-                    &factory,
-                    progress.clone(),
-                    ACCEPT_TIMEOUT,
-                );
-                manager.release(&name);
-                manager
-                    .resources
-                    .incoming
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&migration_id);
-                resource_plan::finish_target_records(
-                    &manager,
-                    &name,
-                    &progress,
-                    result.is_ok(),
-                    resources.bytes(),
-                );
-                let ended = match result {
-                    Ok(_) => {
-                        progress.finish(MigrationStatus::Completed, None);
-                        None
-                    }
-                    Err(e) if e.cancelled_by_peer() => {
-                        tracing::info!(vm = %name, "incoming migration cancelled by the source");
-                        // The record says failed, as docs/migration.md promises for the
-                        // target's side; the metrics count what happened, a cancel.
-                        progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), "cancelled");
-                        Some(format!("incoming migration {migration_id} was cancelled"))
-                    }
-                    Err(e) => {
-                        tracing::warn!(vm = %name, error = %chain(&e), "incoming migration failed");
-                        progress.finish_as(
-                            MigrationStatus::Failed,
-                            Some(chain(&e)),
-                            failure_class(&e),
-                        );
-                        Some(format!("incoming migration {migration_id} failed"))
-                    }
-                };
-                // The record is on disk before this process may exit.
-                manager.persist(&progress.info());
-                if let Some(why) = ended {
-                    manager.set_ended(why);
-                }
-            });
-        if let Err(e) = spawned {
-            self.release(&req.vm);
-            let text = format!("Cannot start the migration thread: {e}");
-            spawn_progress.finish_as(MigrationStatus::Failed, Some(text.clone()), "other");
-            self.persist(&spawn_progress.info());
-            self.set_ended(format!("incoming migration {} did not start", req.id));
-            return Err(AgentError::Internal(text));
+/// The target side: takes the VMM's slot for the VM, listens for the source's channels and
+/// runs the engine in the background.
+pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccepted, VmmError> {
+    let id_bytes =
+        parse_id(&req.id).ok_or_else(|| VmmError::Invalid("id must be 32 hex digits".into()))?;
+    crate::validate_name(&req.vm)?;
+    let memory_bytes = req
+        .memory_mib
+        .checked_mul(MIB)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| VmmError::Invalid("memory_mib is out of range".into()))?;
+    let host = vmm.kvm()?;
+    vmm.resources.check_incoming_resources(req)?;
+    vmm.claim(&req.vm, memory_bytes)?;
+    let listener = match TcpListener::bind((vmm.config().migration_ip, 0)) {
+        Ok(l) => l,
+        Err(e) => {
+            vmm.release(&req.vm);
+            return Err(VmmError::io("listen for the migration", e));
         }
-        let ip = self.config().migration_ip;
-        Ok(IncomingAccepted {
-            resource_port: self.resources.listener_port(),
-            port,
-            agent: self.config().name.clone(),
-            // A specific migration address is where the source must connect; a wildcard means
-            // "the address you reached my API at".
-            host: (!ip.is_unspecified()).then(|| ip.to_string()),
+    };
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let progress = Arc::new(Progress::new(
+        &req.id,
+        &req.vm,
+        &req.source,
+        &vmm.config().name,
+        req.mode,
+        now_unix_ms(),
+    ));
+    vmm.migrations.add(&req.id, progress.clone(), true);
+    let resources = Arc::new(Incoming::new(
+        &req.id,
+        &req.vm,
+        req.resources.clone(),
+        req.previous_hosts.clone(),
+        vmm.resources.vm_dir(&req.vm),
+    ));
+    vmm.resources
+        .incoming
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(req.id.clone(), resources.clone());
+    progress.update(|i| i.resources = resource_plan::target_records(&req.resources));
+    let factory = Factory {
+        vmm: vmm.clone(),
+        host,
+        name: req.vm.clone(),
+        memory_bytes,
+        vcpus: req.vcpus,
+        resources: resources.clone(),
+    };
+    let worker = vmm.clone();
+    let name = req.vm.clone();
+    let migration_id = req.id.clone();
+    let spawn_progress = progress.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("incoming-{name}"))
+        .spawn(move || {
+            let vmm = worker;
+            let result = page_transfer::target::receive(
+                &listener,
+                id_bytes,
+                &factory,
+                progress.clone(),
+                ACCEPT_TIMEOUT,
+            );
+            vmm.release(&name);
+            vmm.resources
+                .incoming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&migration_id);
+            let bound = vmm.vm(&name).ok().map(|vm| vm.resources().info());
+            resource_plan::finish_target_records(
+                bound.as_deref(),
+                &progress,
+                result.is_ok(),
+                resources.bytes(),
+            );
+            let ended = match result {
+                Ok(_) => {
+                    progress.finish(MigrationStatus::Completed, None);
+                    None
+                }
+                Err(e) if e.cancelled_by_peer() => {
+                    tracing::info!(vm = %name, "incoming migration cancelled by the source");
+                    // The record says failed, as docs/migration.md promises for the target's
+                    // side; the metrics count what happened, a cancel.
+                    progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), "cancelled");
+                    Some(format!("incoming migration {migration_id} was cancelled"))
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %chain(&e), "incoming migration failed");
+                    progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), e.class());
+                    Some(format!("incoming migration {migration_id} failed"))
+                }
+            };
+            // The record is on disk before this process may exit.
+            vmm.migrations.persist(&progress.info());
+            if let Some(why) = ended {
+                vmm.set_ended(why);
+            }
+        });
+    if let Err(e) = spawned {
+        vmm.release(&req.vm);
+        let e = VmmError::io("start the migration thread", e);
+        spawn_progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), "other");
+        vmm.migrations.persist(&spawn_progress.info());
+        vmm.set_ended(format!("incoming migration {} did not start", req.id));
+        return Err(e);
+    }
+    let ip = vmm.config().migration_ip;
+    Ok(IncomingAccepted {
+        resource_port: vmm.resources.listener_port(),
+        port,
+        agent: vmm.config().name.clone(),
+        // A specific migration address is where the source must connect; a wildcard means "the
+        // address you reached my API at".
+        host: (!ip.is_unspecified()).then(|| ip.to_string()),
+    })
+}
+
+impl Migrations {
+    /// The dirty rate the VM's migration away last measured, if one runs.
+    pub(crate) fn outgoing_dirty_rate(&self) -> Option<f64> {
+        self.running_records().into_iter().find_map(|(_, record)| {
+            let info = record.progress.info();
+            (!record.incoming && info.dirty_rate_bytes_s > 0.0).then_some(info.dirty_rate_bytes_s)
         })
     }
 
-    /// The dirty rate each VM migrating away last measured (for its info).
-    pub(crate) fn migration_dirty_rates(&self) -> HashMap<String, f64> {
-        let mut dirty_rates = HashMap::new();
-        for (_, record) in self.migrations.running_records() {
-            let info = record.progress.info();
-            if !record.incoming && info.dirty_rate_bytes_s > 0.0 {
-                dirty_rates.insert(info.vm.clone(), info.dirty_rate_bytes_s);
-            }
-        }
-        dirty_rates
-    }
-
-    /// Writes a finished migration's record to `DATA_DIR/migrations/ID.json`, where the agent
-    /// finds it after this process is gone (and after an agent restart).
+    /// Writes a finished migration's record to `DIR/ID.json`, where the agent finds it after
+    /// this process is gone (and after an agent restart).
     pub(crate) fn persist(&self, info: &MigrationInfo) {
-        let dir = self.config().data_dir.join("migrations");
-        let result = std::fs::create_dir_all(&dir).and_then(|()| {
+        let result = std::fs::create_dir_all(&self.dir).and_then(|()| {
             let bytes = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
-            let tmp = dir.join(format!(".{}.json.tmp", info.id));
+            let tmp = self.dir.join(format!(".{}.json.tmp", info.id));
             std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, dir.join(format!("{}.json", info.id)))
+            std::fs::rename(&tmp, self.dir.join(format!("{}.json", info.id)))
         });
         if let Err(e) = result {
             tracing::warn!(id = %info.id, error = %e, "cannot write the migration record");
         }
     }
 
-    pub fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
-        self.migrations
-            .get(id)
+    pub fn info(&self, id: &str) -> Result<MigrationInfo, VmmError> {
+        self.get(id)
             .map(|r| r.progress.info())
-            .ok_or_else(|| AgentError::NotFound(format!("No migration {id:?} on this host")))
+            .ok_or_else(|| VmmError::NoSuchMigration { id: id.into() })
     }
 
-    pub fn migrations(&self) -> Vec<MigrationInfo> {
-        self.migrations
-            .all()
-            .iter()
-            .map(|r| r.progress.info())
-            .collect()
+    pub fn list(&self) -> Vec<MigrationInfo> {
+        self.all().iter().map(|r| r.progress.info()).collect()
     }
 
     /// Cancels a migration that has not reached switchover.
-    pub fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
+    pub fn cancel(&self, id: &str) -> Result<MigrationInfo, VmmError> {
         let record = self
-            .migrations
             .get(id)
-            .ok_or_else(|| AgentError::NotFound(format!("No migration {id:?} on this host")))?;
+            .ok_or_else(|| VmmError::NoSuchMigration { id: id.into() })?;
         let info = record.progress.info();
+        let refuse = |why| {
+            Err(VmmError::CannotCancel {
+                id: id.to_owned(),
+                why,
+            })
+        };
         if record.incoming {
-            return Err(AgentError::Conflict(format!(
-                "This agent is the target of migration {id}; cancel it on the source agent"
-            )));
+            return refuse(CancelRefusal::OnTarget);
         }
         if info.status != MigrationStatus::Running {
-            return Err(AgentError::Conflict(format!(
-                "Migration {id} is already {:?}",
-                info.status
-            )));
+            return refuse(CancelRefusal::Finished(info.status));
         }
         if record.progress.switched() || info.phase == MigrationPhase::StopAndCopy {
-            return Err(AgentError::Conflict(format!(
-                "Migration {id} is past the point of no return: the VM is moving to the target"
-            )));
+            return refuse(CancelRefusal::PastSwitchover);
         }
         record.cancel.store(true, Ordering::Release);
         Ok(info)
     }
 }
 
-/// The bounded reason class of a failed migration, for metrics.
-fn failure_class(e: &page_transfer::MigrationError) -> &'static str {
-    use page_transfer::MigrationError as E;
-    match e {
-        E::Connect { .. } => "connect",
-        E::Channel { .. } => "channel",
-        E::Protocol(_) => "protocol",
-        E::Vm(_) => "vm",
-        E::Remote(_) => "peer",
-        E::NotConverged(_) => "not_converged",
-        E::Timeout(_) => "timeout",
-        E::DigestMismatch { .. } => "digest_mismatch",
-        E::Cancelled | E::Failed(_) => "other",
-    }
-}
-
-/// Asks the target agent to get ready; its refusal comes back as the same kind of error.
-fn ask_target(target: &str, req: &IncomingMigration) -> Result<IncomingAccepted, AgentError> {
+/// Asks the target agent to get ready; its refusal comes back with its status.
+fn ask_target(target: &str, req: &IncomingMigration) -> Result<IncomingAccepted, VmmError> {
+    let unreachable = |source| VmmError::TargetUnreachable {
+        target: target.to_owned(),
+        source,
+    };
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(|e| AgentError::Internal(format!("Cannot build an HTTP client: {e}")))?;
+        .map_err(unreachable)?;
     let resp = client
         .post(format!("http://{target}/v1/migrations/incoming"))
         .json(req)
         .send()
-        .map_err(|e| {
-            AgentError::BadGateway(format!("Cannot reach the target agent at {target}: {e}"))
-        })?;
+        .map_err(unreachable)?;
     let status = resp.status();
     if status.is_success() {
-        return resp.json().map_err(|e| {
-            AgentError::BadGateway(format!("The target agent answered nonsense: {e}"))
-        });
+        return resp.json().map_err(unreachable);
     }
-    let text = resp
+    let message = resp
         .json::<godwit_api::ErrorBody>()
         .map(|b| b.error)
         .unwrap_or_else(|_| status.to_string());
-    let message = format!("The target agent at {target} refused: {text}");
-    Err(match status.as_u16() {
-        409 => AgentError::Conflict(message),
-        507 => AgentError::InsufficientMemory(message),
-        400 => AgentError::BadRequest(message),
-        503 => AgentError::KvmUnavailable(message),
-        _ => AgentError::BadGateway(message),
+    Err(VmmError::TargetRefused {
+        target: target.to_owned(),
+        status: status.as_u16(),
+        message,
     })
 }
 
@@ -1017,5 +958,34 @@ mod tests {
             godwit_api::MigrationMode::default(),
             godwit_api::MigrationMode::Precopy
         );
+    }
+
+    #[test]
+    fn cancels_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let migrations = Migrations::new(dir.path().to_owned());
+        let progress = Arc::new(Progress::new(
+            "m1",
+            "vm",
+            "a",
+            "b",
+            godwit_api::MigrationMode::Precopy,
+            0,
+        ));
+        migrations.add("m1", progress.clone(), true);
+        let e = migrations.cancel("m1").unwrap_err();
+        assert!(matches!(
+            e,
+            VmmError::CannotCancel {
+                why: CancelRefusal::OnTarget,
+                ..
+            }
+        ));
+        assert!(matches!(
+            migrations.cancel("m2").unwrap_err(),
+            VmmError::NoSuchMigration { .. }
+        ));
+        migrations.persist(&progress.info());
+        assert!(dir.path().join("m1.json").exists());
     }
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::AgentError;
-use crate::manager::{Manager, ManagerConfig};
+use crate::error::VmmError;
+use crate::vmm::{HostConfig, Vmm};
 
 pub use godwit_daemon::run_dir::{EXIT_FILE, PID_FILE, SOCKET};
 
@@ -38,7 +38,7 @@ pub struct ExitRecord {
 /// What the VMM process runs with.
 #[derive(Debug, Clone)]
 pub struct VmmConfig {
-    pub manager: ManagerConfig,
+    pub host: HostConfig,
     /// The VM's run directory (socket, pid file, logs).
     pub run_dir: PathBuf,
     /// The agent's API URL as peers reach it.
@@ -63,36 +63,36 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub async fn run(
     config: VmmConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<String, AgentError> {
+) -> Result<String, VmmError> {
     let run_dir = config.run_dir.clone();
     std::fs::create_dir_all(&run_dir)
-        .map_err(|e| AgentError::Internal(format!("Cannot create {}: {e}", run_dir.display())))?;
+        .map_err(|e| VmmError::io(format!("create {}", run_dir.display()), e))?;
     let _ = std::fs::remove_file(run_dir.join(EXIT_FILE));
-    let manager_config = config.manager.clone();
-    let manager = Arc::new(
-        tokio::task::spawn_blocking(move || Manager::new(manager_config))
+    let host_config = config.host.clone();
+    let vmm = Arc::new(
+        tokio::task::spawn_blocking(move || Vmm::new(host_config))
             .await
-            .map_err(|e| AgentError::Internal(format!("VMM start failed: {e}")))??,
+            .map_err(VmmError::Worker)??,
     );
     if let Some(url) = config.agent_url.clone() {
-        manager.set_api_url(url);
+        vmm.set_api_url(url);
     }
     let socket = run_dir.join(SOCKET);
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| AgentError::Internal(format!("Cannot listen on {}: {e}", socket.display())))?;
+        .map_err(|e| VmmError::io(format!("listen on {}", socket.display()), e))?;
     write_atomic(
         &run_dir.join(PID_FILE),
         std::process::id().to_string().as_bytes(),
     )
-    .map_err(|e| AgentError::Internal(format!("Cannot write the pid file: {e}")))?;
+    .map_err(|e| VmmError::io("write the pid file", e))?;
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "VMM listening");
 
     let stop = Arc::new(tokio::sync::Notify::new());
-    let app = crate::api::router(manager.clone(), stop.clone());
+    let app = crate::api::router(vmm.clone(), stop.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let sampler_manager = manager.clone();
+    let sampler_vmm = vmm.clone();
     let mut tick = tokio::time::interval(crate::SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle_check = tokio::time::interval(Duration::from_millis(100));
@@ -101,11 +101,11 @@ pub async fn run(
     let reason = loop {
         tokio::select! {
             _ = tick.tick() => {
-                let m = sampler_manager.clone();
+                let m = sampler_vmm.clone();
                 let _ = tokio::task::spawn_blocking(move || m.sample()).await;
             }
             _ = idle_check.tick() => {
-                let m = manager.clone();
+                let m = vmm.clone();
                 let abandoned = started.elapsed() > ABANDONED_AFTER;
                 let done = tokio::task::spawn_blocking(move || {
                     let status = m.status();
@@ -135,7 +135,7 @@ pub async fn run(
     };
     tracing::info!(%reason, "VMM exiting");
     server.abort();
-    let m = manager.clone();
+    let m = vmm.clone();
     let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
     let record = ExitRecord {
         pid: std::process::id(),

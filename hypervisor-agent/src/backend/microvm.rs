@@ -22,7 +22,7 @@ use hyper::Method;
 use serde::Deserialize;
 
 use super::{Adopted, Backend, Capabilities, Exit, VmHandle};
-use crate::error::AgentError;
+use crate::error::Error;
 use crate::vmm_client::{VmmClient, DEFAULT_TIMEOUT};
 
 use godwit_daemon::run_dir::{
@@ -82,14 +82,12 @@ impl MicrovmBackend {
     }
 
     /// Starts a VMM process for VM `name` and waits until it answers.
-    async fn spawn(
-        &self,
-        name: &str,
-        disk_budget_bytes: u64,
-    ) -> Result<Arc<VmmProcess>, AgentError> {
+    async fn spawn(&self, name: &str, disk_budget_bytes: u64) -> Result<Arc<VmmProcess>, Error> {
         let run_dir = self.run_dir(name);
-        let internal = |what: &str, e: std::io::Error| {
-            AgentError::Internal(format!("Cannot start the VMM for {name:?}: {what}: {e}"))
+        let internal = |what: &str, source: std::io::Error| Error::Spawn {
+            vm: name.to_owned(),
+            what: what.to_owned(),
+            source,
         };
         std::fs::create_dir_all(&run_dir).map_err(|e| internal("run directory", e))?;
         for stale in [EXIT_FILE, PID_FILE, SOCKET, LAST_INFO_FILE] {
@@ -159,10 +157,10 @@ impl MicrovmBackend {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(exit) = process.exited() {
-                return Err(AgentError::Internal(format!(
-                    "The VMM for {name:?} ended as it started: {}",
-                    exit_text(&exit)
-                )));
+                return Err(Error::NotStarted {
+                    vm: name.to_owned(),
+                    why: format!("it ended as it started: {}", exit_text(&exit)),
+                });
             }
             if let Ok(status) = process.client.get::<VmmStatus>("/v1/vmm").await {
                 if status.pid == pid {
@@ -172,9 +170,10 @@ impl MicrovmBackend {
             }
             if Instant::now() > deadline {
                 process.kill();
-                return Err(AgentError::Internal(format!(
-                    "The VMM for {name:?} (pid {pid}) did not answer within {START_TIMEOUT:?}"
-                )));
+                return Err(Error::NotStarted {
+                    vm: name.to_owned(),
+                    why: format!("pid {pid} did not answer within {START_TIMEOUT:?}"),
+                });
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -212,15 +211,15 @@ impl Backend for MicrovmBackend {
         }
     }
 
-    fn validate(&self, req: &CreateVm) -> Result<(), AgentError> {
-        godwit_vmm::manager::validate_create(req).map(drop)
+    fn validate(&self, req: &CreateVm) -> Result<(), Error> {
+        Ok(godwit_vmm::validate_create(req).map(drop)?)
     }
 
     async fn create(
         &self,
         req: &CreateVm,
         disk_budget_bytes: u64,
-    ) -> Result<(Arc<dyn VmHandle>, VmInfo), AgentError> {
+    ) -> Result<(Arc<dyn VmHandle>, VmInfo), Error> {
         let process = self.spawn(&req.name, disk_budget_bytes).await?;
         match process
             .client
@@ -238,7 +237,7 @@ impl Backend for MicrovmBackend {
     async fn restore(
         &self,
         req: &RestoreRequest,
-    ) -> Result<(Arc<dyn VmHandle>, RestoreInfo), AgentError> {
+    ) -> Result<(Arc<dyn VmHandle>, RestoreInfo), Error> {
         let process = self.spawn(&req.name, 0).await?;
         match process
             .client
@@ -258,7 +257,7 @@ impl Backend for MicrovmBackend {
         req: &IncomingMigration,
         existing: Option<Arc<dyn VmHandle>>,
         disk_budget_bytes: u64,
-    ) -> Result<(Arc<dyn VmHandle>, IncomingAccepted), AgentError> {
+    ) -> Result<(Arc<dyn VmHandle>, IncomingAccepted), Error> {
         let (handle, fresh): (Arc<dyn VmHandle>, Option<Arc<VmmProcess>>) = match existing {
             Some(h) => (h, None),
             None => {
@@ -405,7 +404,7 @@ impl VmmProcess {
         rest: &str,
         body: Option<&(impl serde::Serialize + Sync)>,
         timeout: Duration,
-    ) -> Result<T, AgentError> {
+    ) -> Result<T, Error> {
         self.client
             .call(method, &self.vm_path(rest), body, timeout)
             .await
@@ -433,57 +432,57 @@ fn describe(status: ExitStatus) -> String {
 
 #[async_trait]
 impl VmHandle for VmmProcess {
-    async fn status(&self) -> Result<VmmStatus, AgentError> {
+    async fn status(&self) -> Result<VmmStatus, Error> {
         self.client.get("/v1/vmm").await
     }
 
-    async fn info(&self) -> Result<VmInfo, AgentError> {
+    async fn info(&self) -> Result<VmInfo, Error> {
         self.client.get(&self.vm_path("")).await
     }
 
-    async fn pause(&self) -> Result<VmInfo, AgentError> {
+    async fn pause(&self) -> Result<VmInfo, Error> {
         self.vm_call(Method::POST, "/pause", None::<&()>, DEFAULT_TIMEOUT)
             .await
     }
 
-    async fn resume(&self) -> Result<VmInfo, AgentError> {
+    async fn resume(&self) -> Result<VmInfo, Error> {
         self.vm_call(Method::POST, "/resume", None::<&()>, DEFAULT_TIMEOUT)
             .await
     }
 
-    async fn console(&self, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
+    async fn console(&self, max_bytes: u64) -> Result<Vec<u8>, Error> {
         let path = self.run_dir.join(CONSOLE_FILE);
         tokio::task::spawn_blocking(move || read_tail(&path, max_bytes))
             .await
-            .map_err(|e| AgentError::Internal(format!("Console reader failed: {e}")))?
-            .map_err(|e| AgentError::Internal(format!("Cannot read console log: {e}")))
+            .map_err(Error::Worker)?
+            .map_err(|e| Error::io("read the console log", e))
     }
 
-    async fn digest(&self) -> Result<DigestInfo, AgentError> {
+    async fn digest(&self) -> Result<DigestInfo, Error> {
         self.vm_call(Method::GET, "/digest", None::<&()>, SNAPSHOT_TIMEOUT)
             .await
     }
 
-    async fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, AgentError> {
+    async fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, Error> {
         self.vm_call(Method::POST, "/snapshot", Some(req), SNAPSHOT_TIMEOUT)
             .await
     }
 
-    async fn migrate(&self, req: &MigrateRequest) -> Result<MigrationStarted, AgentError> {
+    async fn migrate(&self, req: &MigrateRequest) -> Result<MigrationStarted, Error> {
         // The VMM asks the target agent, which starts a VMM there: allow for both.
         self.vm_call(Method::POST, "/migrate", Some(req), Duration::from_secs(90))
             .await
     }
 
-    async fn migrations(&self) -> Result<Vec<MigrationInfo>, AgentError> {
+    async fn migrations(&self) -> Result<Vec<MigrationInfo>, Error> {
         self.client.get("/v1/migrations").await
     }
 
-    async fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError> {
+    async fn migration(&self, id: &str) -> Result<MigrationInfo, Error> {
         self.client.get(&format!("/v1/migrations/{id}")).await
     }
 
-    async fn cancel(&self, id: &str) -> Result<MigrationInfo, AgentError> {
+    async fn cancel(&self, id: &str) -> Result<MigrationInfo, Error> {
         self.client
             .call(
                 Method::POST,
@@ -494,7 +493,7 @@ impl VmHandle for VmmProcess {
             .await
     }
 
-    async fn delete(&self) -> Result<(), AgentError> {
+    async fn delete(&self) -> Result<(), Error> {
         self.vm_call::<()>(Method::DELETE, "", None::<&()>, DEFAULT_TIMEOUT)
             .await?;
         // With its VM gone the VMM exits by itself; the run directory is free once it has.
@@ -505,7 +504,7 @@ impl VmHandle for VmmProcess {
         Ok(())
     }
 
-    async fn release_moved(&self) -> Result<Vec<String>, AgentError> {
+    async fn release_moved(&self) -> Result<Vec<String>, Error> {
         #[derive(Deserialize)]
         struct Released {
             released: Vec<String>,
@@ -526,7 +525,7 @@ impl VmHandle for VmmProcess {
         Ok(r.released)
     }
 
-    async fn stop(&self) -> Result<(), AgentError> {
+    async fn stop(&self) -> Result<(), Error> {
         if self.exited().is_some() {
             return Ok(());
         }

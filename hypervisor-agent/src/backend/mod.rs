@@ -18,7 +18,7 @@ use godwit_api::{
     VmInfo, VmmStatus,
 };
 
-use crate::error::AgentError;
+use crate::error::Error;
 
 /// What a backend can do, reported in `GET /v1/host` and checked before a request reaches it.
 pub type Capabilities = godwit_api::BackendCapabilities;
@@ -26,19 +26,18 @@ pub type Capabilities = godwit_api::BackendCapabilities;
 /// The checks the agent makes with a backend's capabilities.
 pub trait CapabilityChecks {
     /// Refuses a migration mode the backend does not carry out.
-    fn check_mode(&self, mode: MigrationMode) -> Result<(), AgentError>;
+    fn check_mode(&self, mode: MigrationMode) -> Result<(), Error>;
 }
 
 impl CapabilityChecks for Capabilities {
-    fn check_mode(&self, mode: MigrationMode) -> Result<(), AgentError> {
+    fn check_mode(&self, mode: MigrationMode) -> Result<(), Error> {
         if self.modes.contains(&mode) {
             Ok(())
         } else {
-            Err(AgentError::BadRequest(format!(
-                "The {} backend cannot migrate in mode {}",
-                self.backend,
-                mode.as_str()
-            )))
+            Err(Error::Unsupported {
+                backend: self.backend.clone(),
+                what: format!("migrate in mode {}", mode.as_str()),
+            })
         }
     }
 }
@@ -67,18 +66,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn capabilities(&self) -> Capabilities;
     /// Checks a creation request the way the backend will (before memory or a process is
     /// spent on it).
-    fn validate(&self, req: &CreateVm) -> Result<(), AgentError>;
+    fn validate(&self, req: &CreateVm) -> Result<(), Error>;
     /// Starts a VM from `req`. `disk_budget_bytes` is the resource space it may use.
     async fn create(
         &self,
         req: &CreateVm,
         disk_budget_bytes: u64,
-    ) -> Result<(Arc<dyn VmHandle>, VmInfo), AgentError>;
+    ) -> Result<(Arc<dyn VmHandle>, VmInfo), Error>;
     /// Starts a VM from a snapshot.
     async fn restore(
         &self,
         req: &RestoreRequest,
-    ) -> Result<(Arc<dyn VmHandle>, RestoreInfo), AgentError>;
+    ) -> Result<(Arc<dyn VmHandle>, RestoreInfo), Error>;
     /// Gets ready to receive a migrating VM: in `existing` (a handle that keeps things for a
     /// VM of that name that moved away earlier and is coming back) or in a new one.
     async fn incoming(
@@ -86,7 +85,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         req: &IncomingMigration,
         existing: Option<Arc<dyn VmHandle>>,
         disk_budget_bytes: u64,
-    ) -> Result<(Arc<dyn VmHandle>, IncomingAccepted), AgentError>;
+    ) -> Result<(Arc<dyn VmHandle>, IncomingAccepted), Error>;
     /// The VMs this backend runs (or ran) on this host, found after an agent (re)start.
     async fn adopt(&self) -> Vec<Adopted>;
 }
@@ -95,24 +94,24 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 #[async_trait]
 pub trait VmHandle: Send + Sync + std::fmt::Debug {
     /// What the VM's process holds (its VM, reserved memory, kept resources).
-    async fn status(&self) -> Result<VmmStatus, AgentError>;
-    async fn info(&self) -> Result<VmInfo, AgentError>;
-    async fn pause(&self) -> Result<VmInfo, AgentError>;
-    async fn resume(&self) -> Result<VmInfo, AgentError>;
+    async fn status(&self) -> Result<VmmStatus, Error>;
+    async fn info(&self) -> Result<VmInfo, Error>;
+    async fn pause(&self) -> Result<VmInfo, Error>;
+    async fn resume(&self) -> Result<VmInfo, Error>;
     /// The last `max_bytes` of the serial console (readable after a crash too).
-    async fn console(&self, max_bytes: u64) -> Result<Vec<u8>, AgentError>;
-    async fn digest(&self) -> Result<DigestInfo, AgentError>;
-    async fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, AgentError>;
-    async fn migrate(&self, req: &MigrateRequest) -> Result<MigrationStarted, AgentError>;
-    async fn migrations(&self) -> Result<Vec<MigrationInfo>, AgentError>;
-    async fn migration(&self, id: &str) -> Result<MigrationInfo, AgentError>;
-    async fn cancel(&self, id: &str) -> Result<MigrationInfo, AgentError>;
+    async fn console(&self, max_bytes: u64) -> Result<Vec<u8>, Error>;
+    async fn digest(&self) -> Result<DigestInfo, Error>;
+    async fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, Error>;
+    async fn migrate(&self, req: &MigrateRequest) -> Result<MigrationStarted, Error>;
+    async fn migrations(&self) -> Result<Vec<MigrationInfo>, Error>;
+    async fn migration(&self, id: &str) -> Result<MigrationInfo, Error>;
+    async fn cancel(&self, id: &str) -> Result<MigrationInfo, Error>;
     /// Deletes the VM and everything bound to it here.
-    async fn delete(&self) -> Result<(), AgentError>;
+    async fn delete(&self) -> Result<(), Error>;
     /// Releases what is kept here for the VM that moved away and was deleted elsewhere.
-    async fn release_moved(&self) -> Result<Vec<String>, AgentError>;
+    async fn release_moved(&self) -> Result<Vec<String>, Error>;
     /// Stops the VM and its process on purpose.
-    async fn stop(&self) -> Result<(), AgentError>;
+    async fn stop(&self) -> Result<(), Error>;
     /// Waits up to `timeout` for the process to end; true if it has.
     async fn wait_exit(&self, timeout: std::time::Duration) -> bool;
     /// How the process ended, once it has.

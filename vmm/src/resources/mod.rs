@@ -25,7 +25,7 @@ use std::thread;
 
 use godwit_api::{IncomingMigration, ResourceKind, ResourceSpec};
 
-use crate::error::AgentError;
+use crate::error::VmmError;
 use crate::microvm::block::{FileDisk, NbdDisk};
 use crate::microvm::entropy::{EntropySource, LocalEntropy, RemoteEntropy};
 use crate::microvm::stream::Stream;
@@ -71,22 +71,22 @@ impl HostResources {
         capacity_bytes: u64,
         device_classes: BTreeSet<String>,
         ip: IpAddr,
-    ) -> Result<Arc<Self>, AgentError> {
+    ) -> Result<Arc<Self>, VmmError> {
         let root = data_dir.join("resources");
         std::fs::create_dir_all(&root)
-            .map_err(|e| AgentError::Internal(format!("Cannot create {}: {e}", root.display())))?;
+            .map_err(|e| VmmError::io(format!("create {}", root.display()), e))?;
         let entropy = if device_classes.contains("entropy") {
-            Some(Arc::new(LocalEntropy::open(host).map_err(|e| {
-                AgentError::Internal(format!("Cannot open the entropy device: {e}"))
-            })?))
+            Some(Arc::new(
+                LocalEntropy::open(host).map_err(|e| VmmError::io("open the entropy device", e))?,
+            ))
         } else {
             None
         };
-        let listener = TcpListener::bind((ip, 0))
-            .map_err(|e| AgentError::Internal(format!("Cannot listen for resource links: {e}")))?;
+        let listener =
+            TcpListener::bind((ip, 0)).map_err(|e| VmmError::io("listen for resource links", e))?;
         let listener_addr = listener
             .local_addr()
-            .map_err(|e| AgentError::Internal(format!("resource listener: {e}")))?;
+            .map_err(|e| VmmError::io("read the resource listener's address", e))?;
         let me = Arc::new(HostResources {
             host: host.to_owned(),
             root,
@@ -114,7 +114,7 @@ impl HostResources {
                     }
                 }
             })
-            .map_err(|e| AgentError::Internal(format!("resource listener thread: {e}")))?;
+            .map_err(|e| VmmError::io("start the resource listener thread", e))?;
         Ok(me)
     }
 
@@ -190,40 +190,39 @@ impl HostResources {
     }
 
     /// Checks a VM's resource specs against what this agent can carry out.
-    pub fn validate(&self, specs: &[ResourceSpec]) -> Result<(), AgentError> {
+    pub fn validate(&self, specs: &[ResourceSpec]) -> Result<(), VmmError> {
         spec::validate(specs)
     }
 
     /// Binds fresh resources for a VM created here.
-    pub fn create(&self, vm: &str, specs: &[ResourceSpec]) -> Result<VmResources, AgentError> {
+    pub fn create(&self, vm: &str, specs: &[ResourceSpec]) -> Result<VmResources, VmmError> {
         self.validate(specs)?;
         let needed: u64 = specs.iter().map(|s| s.size_bytes()).sum();
         if needed > self.disk_free_bytes() {
-            return Err(AgentError::InsufficientMemory(format!(
-                "The VM's disks and scratch data need {} MiB, this host has {} MiB free for them",
-                needed / MIB,
-                self.disk_free_bytes() / MIB
-            )));
+            return Err(VmmError::OutOfDisk {
+                what: "disks and scratch data",
+                need_mib: needed / MIB,
+                free_mib: self.disk_free_bytes() / MIB,
+            });
         }
         for s in specs {
             if let Some(class) = &s.class {
                 if !self.device_classes.contains(class) {
-                    return Err(AgentError::Conflict(format!(
-                        "This host has no {class:?} device (it offers: {})",
-                        if self.device_classes.is_empty() {
+                    return Err(VmmError::NoDevice {
+                        class: class.clone(),
+                        offers: if self.device_classes.is_empty() {
                             "none".to_owned()
                         } else {
                             self.device_classes().join(", ")
-                        }
-                    )));
+                        },
+                    });
                 }
             }
         }
         if self.serves_moved(vm) {
-            return Err(AgentError::Conflict(format!(
-                "This host still serves resources of a VM named {vm:?} that moved away (an \
-                 export or a forwarded endpoint); use another name"
-            )));
+            return Err(VmmError::ServesMoved {
+                name: vm.to_owned(),
+            });
         }
         let dir = self.vm_dir(vm);
         if dir.exists() {
@@ -248,9 +247,9 @@ impl HostResources {
         }
     }
 
-    fn bind_new(&self, vm: &str, s: &ResourceSpec) -> Result<Bound, AgentError> {
+    fn bind_new(&self, vm: &str, s: &ResourceSpec) -> Result<Bound, VmmError> {
         let internal = |what: &str, e: std::io::Error| {
-            AgentError::Internal(format!("Cannot create {what} for resource {}: {e}", s.name))
+            VmmError::io(format!("create {what} for resource {}", s.name), e)
         };
         let dir = self.vm_dir(vm).join(&s.name);
         let state = match s.kind {
@@ -276,15 +275,13 @@ impl HostResources {
                 }
             }
             ResourceKind::Endpoint => {
-                let listener =
-                    TcpListener::bind((self.endpoint_ip, s.port.unwrap_or(0))).map_err(|e| {
-                        AgentError::Conflict(format!(
-                            "Cannot publish endpoint {} on {}:{}: {e}",
-                            s.name,
-                            self.endpoint_ip,
-                            s.port.unwrap_or(0)
-                        ))
-                    })?;
+                let listener = TcpListener::bind((self.endpoint_ip, s.port.unwrap_or(0))).map_err(
+                    |source| VmmError::Publish {
+                        resource: s.name.clone(),
+                        addr: format!("{}:{}", self.endpoint_ip, s.port.unwrap_or(0)),
+                        source,
+                    },
+                )?;
                 let stream = Arc::new(Stream::new());
                 let endpoint = Endpoint::start(vm, &s.name, stream.clone(), Some(listener))
                     .map_err(|e| internal("the endpoint", e))?;
@@ -364,7 +361,7 @@ impl HostResources {
         resource: &str,
         path: &Path,
         advertise: &str,
-    ) -> Result<String, AgentError> {
+    ) -> Result<String, VmmError> {
         let key = (vm.to_owned(), resource.to_owned());
         let mut exports = lock(&self.exports);
         if let Some(x) = exports.get_mut(&key) {
@@ -377,12 +374,14 @@ impl HostResources {
             }
         }
         let name = format!("{vm}-{resource}");
-        let export = godwit_nbd::Export::start(path, self.endpoint_ip, &name).map_err(|e| {
-            AgentError::Internal(format!(
-                "Cannot export disk {resource} of {vm}: {}",
-                crate::error::chain(&e)
-            ))
-        })?;
+        let export =
+            godwit_nbd::Export::start(path, self.endpoint_ip, &name).map_err(|source| {
+                VmmError::Export {
+                    vm: vm.to_owned(),
+                    resource: resource.to_owned(),
+                    source,
+                }
+            })?;
         let remote = format!(
             "{advertise}:{}/{}",
             export.addr().port(),
@@ -532,10 +531,7 @@ impl HostResources {
 
 impl HostResources {
     /// Refuses an incoming VM whose resources cannot be bound here as the source planned.
-    pub(crate) fn check_incoming_resources(
-        &self,
-        req: &IncomingMigration,
-    ) -> Result<(), AgentError> {
+    pub(crate) fn check_incoming_resources(&self, req: &IncomingMigration) -> Result<(), VmmError> {
         use godwit_api::{ResourceAction, ResourceKind};
         let specs: Vec<_> = req.resources.iter().map(|r| r.spec.clone()).collect();
         self.validate(&specs)?;
@@ -545,10 +541,18 @@ impl HostResources {
                 (ResourceKind::Device, ResourceAction::Rebind) => {
                     let class = r.spec.class.as_deref().unwrap_or_default();
                     if !self.device_classes().iter().any(|c| c == class) {
-                        return Err(AgentError::Conflict(format!(
-                            "This host has no {class:?} device to rebind {} to",
-                            r.spec.name
-                        )));
+                        return Err(VmmError::NoDevice {
+                            class: class.to_owned(),
+                            offers: format!(
+                                "{}; resource {} needs one",
+                                if self.device_classes.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    self.device_classes().join(", ")
+                                },
+                                r.spec.name
+                            ),
+                        });
                     }
                 }
                 (kind, ResourceAction::Move | ResourceAction::Copy)
@@ -559,7 +563,7 @@ impl HostResources {
                 (ResourceKind::Disk | ResourceKind::Device, ResourceAction::GlobalRef)
                     if r.remote.is_none() =>
                 {
-                    return Err(AgentError::BadRequest(format!(
+                    return Err(VmmError::Invalid(format!(
                         "resource {} is kept on the source but no address to reach it was sent",
                         r.spec.name
                     )));
@@ -569,11 +573,11 @@ impl HostResources {
         }
         let free = self.disk_free_bytes();
         if needed > free {
-            return Err(AgentError::InsufficientMemory(format!(
-                "The VM's moved and copied resources need {} MiB, this host has {} MiB free",
-                needed / MIB,
-                free / MIB
-            )));
+            return Err(VmmError::OutOfDisk {
+                what: "moved and copied resources",
+                need_mib: needed / MIB,
+                free_mib: free / MIB,
+            });
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use policies::rebinding::{self, Choice, TargetCapabilities};
 
 use super::transfer::Planned;
 use super::{BoundState, HostResources, VmResources};
-use crate::error::AgentError;
+use crate::error::VmmError;
 
 /// What the source decided for a migrating VM's resources.
 #[derive(Debug, Default)]
@@ -26,21 +26,21 @@ pub struct MigrationPlan {
 }
 
 /// Asks the target agent at `target` (HOST:PORT) what it offers VM resources.
-pub fn target_info(target: &str) -> Result<HostInfo, AgentError> {
+pub fn target_info(target: &str) -> Result<HostInfo, VmmError> {
+    let unreachable = |source| VmmError::TargetUnreachable {
+        target: target.to_owned(),
+        source,
+    };
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
-        .map_err(|e| AgentError::Internal(format!("Cannot build an HTTP client: {e}")))?;
+        .map_err(unreachable)?;
     client
         .get(format!("http://{target}/v1/host"))
         .send()
         .and_then(|r| r.error_for_status())
         .and_then(|r| r.json::<HostInfo>())
-        .map_err(|e| {
-            AgentError::BadGateway(format!(
-                "Cannot ask the target agent at {target} what it offers: {e}"
-            ))
-        })
+        .map_err(unreachable)
 }
 
 fn remote_of(state: &BoundState) -> Option<String> {
@@ -60,7 +60,7 @@ pub fn plan(
     target: &HostInfo,
     advertise: &str,
     api_url: &str,
-) -> Result<MigrationPlan, AgentError> {
+) -> Result<MigrationPlan, VmmError> {
     let caps = TargetCapabilities {
         disk_free_bytes: target.disk_free_bytes,
         device_classes: target
@@ -84,11 +84,10 @@ pub fn plan(
             r
         })
         .collect();
-    let choices = rebinding::choose_all(&policy, &caps).map_err(|u| {
-        AgentError::Conflict(format!(
-            "Host {} cannot take VM {vm:?}: {}",
-            target.name, u.reason
-        ))
+    let choices = rebinding::choose_all(&policy, &caps).map_err(|u| VmmError::Unplaceable {
+        host: target.name.clone(),
+        vm: vm.to_owned(),
+        reason: u.reason.to_string(),
     })?;
     let mut out = MigrationPlan::default();
     for (i, (b, choice)) in resources.items.iter().zip(choices).enumerate() {
@@ -287,16 +286,11 @@ pub fn target_records(resources: &[IncomingResource]) -> Vec<ResourceMigration> 
 
 /// The target's records once the incoming migration ended: where each resource is bound now.
 pub fn finish_target_records(
-    manager: &crate::manager::Manager,
-    vm: &str,
+    bound: Option<&[godwit_api::ResourceInfo]>,
     progress: &page_transfer::progress::Progress,
     ok: bool,
     received: u64,
 ) {
-    let bound = manager
-        .entry(vm)
-        .ok()
-        .map(|e| e.resources.lock().unwrap_or_else(|p| p.into_inner()).info());
     progress.update(|i| {
         for r in &mut i.resources {
             r.status = if ok {
@@ -304,7 +298,11 @@ pub fn finish_target_records(
             } else {
                 ResourceStatus::Failed
             };
-            if let Some(b) = bound.iter().flatten().find(|b| b.spec.name == r.name) {
+            if let Some(b) = bound
+                .unwrap_or_default()
+                .iter()
+                .find(|b| b.spec.name == r.name)
+            {
                 r.detail = format!("bound here as {} (on {})", b.location, b.host);
             }
         }

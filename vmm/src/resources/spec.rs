@@ -5,12 +5,12 @@ use std::collections::{BTreeSet, HashMap};
 use godwit_api::{Attachment, Binding, ResourceKind, ResourceSpec};
 
 use super::{MAX_RESOURCES, MAX_SIZE_MIB};
-use crate::error::AgentError;
+use crate::error::VmmError;
 
 /// Checks a VM's resource specs: names, sizes, and only combinations of kind, binding and
 /// attachment whose every action the agent can carry out (docs/resources.md).
-pub fn validate(specs: &[ResourceSpec]) -> Result<(), AgentError> {
-    let bad = |m: String| Err(AgentError::BadRequest(m));
+pub fn validate(specs: &[ResourceSpec]) -> Result<(), VmmError> {
+    let bad = |m: String| Err(VmmError::Invalid(m));
     if specs.len() > MAX_RESOURCES {
         return bad(format!(
             "a VM may declare at most {MAX_RESOURCES} resources, not {}",
