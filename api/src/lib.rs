@@ -780,6 +780,18 @@ pub struct VmmStatus {
     /// Why it has nothing left to run (moved away, deleted, never arrived), if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<String>,
+    /// Its agent's API URL as it knows it (`PUT /v1/vmm/agent` updates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
+}
+
+/// `PUT /v1/vmm/agent` on a VMM process's local socket: where its agent's API is now (an agent
+/// that restarted on another address tells the VMMs it adopted).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmmAgent {
+    /// The agent's API URL as peers reach it (`http://HOST:PORT`).
+    pub url: String,
 }
 
 /// `POST /v1/migrations/incoming` (agent to agent): the source asks the target to get ready.

@@ -124,6 +124,18 @@ impl Agent {
         n
     }
 
+    /// Tells every running VM process where this agent's API is (it may have moved since the
+    /// process was started by an earlier agent).
+    pub async fn announce_url(&self, url: &str) {
+        let slots = self.registry.slots();
+        join_all(slots.iter().filter(|s| s.handle.exited().is_none()).map(|slot| async move {
+            if let Err(e) = slot.handle.set_agent_url(url).await {
+                tracing::warn!(vm = %slot.name, error = %chain(&e), "cannot tell a VMM the agent's URL");
+            }
+        }))
+        .await;
+    }
+
     /// Asks a slot's process what it holds now (and notes a death).
     /// Returns whether it answered.
     pub(crate) async fn refresh(&self, slot: &Arc<Slot>) -> bool {

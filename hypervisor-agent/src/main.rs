@@ -172,11 +172,12 @@ async fn main() -> anyhow::Result<()> {
         agent.config().name
     );
     tracing::info!(%addr, name = %agent.config().name, "agent started");
-    backend.set_agent_url(
-        args.advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}")),
-    );
+    let url = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    backend.set_agent_url(url.clone());
+    agent.announce_url(&url).await;
     let report = args
         .orchestrator
         .map(|orchestrator| hypervisor_agent::Report {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -324,6 +324,39 @@ impl Agent {
         assert_eq!(url, self.url, "the agent came back on another address");
         self.child = Some(child);
         self.wait_healthy()
+    }
+
+    /// Starts the agent again on the same data directory but a new address (as an agent moved
+    /// to another port would).
+    pub fn restart_elsewhere(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "the agent still runs");
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let (child, url) = Self::spawn(&self.name, self.data_dir.path(), "127.0.0.1:0", &extra)?;
+        self.child = Some(child);
+        self.api = Api::new(url, Duration::from_secs(120))?;
+        self.wait_healthy()
+    }
+
+    /// `GET /v1/vmm` straight from VM `vm`'s VMM process, over its unix socket.
+    pub fn vmm_status(&self, vm: &str) -> Result<godwit_api::VmmStatus> {
+        use std::io::{Read, Write};
+        let socket = self
+            .data_dir
+            .path()
+            .join("vms")
+            .join(vm)
+            .join(godwit_daemon::run_dir::SOCKET);
+        let mut s = std::os::unix::net::UnixStream::connect(&socket)
+            .with_context(|| format!("connect to {}", socket.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /v1/vmm HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no HTTP answer: {answer:?}"))?;
+        ensure!(head.starts_with("HTTP/1.1 200"), "VMM answered {head:?}");
+        Ok(serde_json::from_str(body)?)
     }
 
     /// The pids of the VMM processes running this agent's VMs, by VM name.

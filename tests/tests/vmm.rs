@@ -236,6 +236,18 @@ fn sigterm_leaves_vms_running_for_the_next_agent() {
     assert_eq!(agent.vmm_pids(), pids, "SIGTERM on the agent stopped VMs");
     agent.restart().unwrap();
     assert_eq!(vms(&agent).len(), 2);
+    let d = goes_on(&agent, &d, 500);
+    // An agent that comes back on another address tells the VMMs it adopts where it is now.
+    let old_url = agent.url.clone();
+    agent.terminate(Duration::from_secs(20)).unwrap();
+    // Held so the new agent cannot get the old port back.
+    let _old_port = std::net::TcpListener::bind(agent.address()).ok();
+    agent.restart_elsewhere().unwrap();
+    assert_ne!(agent.url, old_url);
+    assert_eq!(
+        agent.vmm_status("d").unwrap().agent_url.as_deref(),
+        Some(agent.url.as_str())
+    );
     goes_on(&agent, &d, 500);
     // An adopted VMM is the agent's like any other: it can be stopped for good.
     let (status, _) = agent

@@ -34,6 +34,7 @@ pub fn router(vmm: Shared, stop: Arc<tokio::sync::Notify>) -> Router {
                 StatusCode::ACCEPTED
             }),
         )
+        .route("/v1/vmm/agent", axum::routing::put(set_agent))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/restore", post(restore_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
@@ -122,6 +123,19 @@ async fn release_moved(
 ) -> Result<impl IntoResponse, AgentError> {
     let released = blocking(&m, move |m| m.release_moved(&vm)).await?;
     Ok(Json(serde_json::json!({ "released": released })))
+}
+
+/// The agent's API moved (it restarted elsewhere): devices and records name the new URL.
+async fn set_agent(State(m): State<Shared>, body: Bytes) -> Result<impl IntoResponse, AgentError> {
+    let req: godwit_api::VmmAgent = parse(&body)?;
+    if !req.url.starts_with("http://") && !req.url.starts_with("https://") {
+        return Err(AgentError::BadRequest(format!(
+            "url must be http://HOST:PORT, not {:?}",
+            req.url
+        )));
+    }
+    m.set_api_url(req.url);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn status(State(m): State<Shared>) -> Result<impl IntoResponse, AgentError> {

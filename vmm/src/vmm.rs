@@ -418,6 +418,7 @@ impl Vmm {
             disk_used_bytes: disk_used,
             migrations_running: self.migrations.running(),
             ended: lock(&self.ended).clone(),
+            agent_url: lock(&self.resources.api_url).clone(),
         }
     }
 

@@ -525,6 +525,15 @@ impl VmHandle for VmmProcess {
         Ok(r.released)
     }
 
+    async fn set_agent_url(&self, url: &str) -> Result<(), Error> {
+        let body = godwit_api::VmmAgent {
+            url: url.to_owned(),
+        };
+        self.client
+            .call::<()>(Method::PUT, "/v1/vmm/agent", Some(&body), DEFAULT_TIMEOUT)
+            .await
+    }
+
     async fn stop(&self) -> Result<(), Error> {
         if self.exited().is_some() {
             return Ok(());

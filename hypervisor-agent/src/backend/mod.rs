@@ -110,6 +110,8 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
     async fn delete(&self) -> Result<(), Error>;
     /// Releases what is kept here for the VM that moved away and was deleted elsewhere.
     async fn release_moved(&self) -> Result<Vec<String>, Error>;
+    /// Tells the VM's process where the agent's API is now (after a restart elsewhere).
+    async fn set_agent_url(&self, url: &str) -> Result<(), Error>;
     /// Stops the VM and its process on purpose.
     async fn stop(&self) -> Result<(), Error>;
     /// Waits up to `timeout` for the process to end; true if it has.
