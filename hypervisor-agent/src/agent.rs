@@ -390,6 +390,9 @@ impl Agent {
     }
 
     pub async fn snapshot(&self, name: &str, req: &SnapshotRequest) -> Result<SnapshotInfo, Error> {
+        if !self.capabilities().snapshot {
+            return Err(self.unsupported("write snapshots"));
+        }
         let result = self.live(name).await?.handle.snapshot(req).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics

@@ -95,6 +95,9 @@ pub fn view(state: &State) -> Result<ClusterView, OrchError> {
             migrations_in_flight: in_flight,
             disk_free_bytes: agent.host.disk_free_bytes.saturating_sub(disk_pending),
             device_classes: agent.host.device_classes.iter().cloned().collect(),
+            // An agent that reports no backends (an older one) is not second-guessed.
+            binds_resources: agent.host.backends.is_empty()
+                || agent.host.backends.iter().any(|b| b.resources),
         });
         for info in &agent.vms {
             if info.migrating || info.state != VmState::Running {
@@ -507,6 +510,10 @@ mod tests {
         );
         assert!(check_mode(&s, "h1", "h2", MigrationMode::StopAndCopy).is_err());
         assert!(check_mode(&s, "h2", "h2", MigrationMode::Postcopy).is_ok());
+        // Its backend binds no resources: the policies' view says so.
+        let v = view(&s).unwrap();
+        assert!(!v.host("h1").unwrap().binds_resources);
+        assert!(v.host("h2").unwrap().binds_resources);
     }
 
     #[test]

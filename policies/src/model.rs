@@ -64,6 +64,14 @@ pub struct Host {
     /// Device classes the host offers VMs (`entropy`, `gpu`), matched exactly.
     #[serde(default)]
     pub device_classes: BTreeSet<String>,
+    /// Whether the host's backend binds VM resources at all (its capabilities say); default
+    /// true. A host whose backend cannot takes no VM with resources, new or migrating.
+    #[serde(default = "yes")]
+    pub binds_resources: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Host {
@@ -85,6 +93,7 @@ impl Host {
             migrations_in_flight: 0,
             disk_free_bytes: 0,
             device_classes: BTreeSet::new(),
+            binds_resources: true,
         }
     }
 
@@ -94,6 +103,7 @@ impl Host {
     pub fn capabilities(&self) -> TargetCapabilities {
         TargetCapabilities {
             device_classes: self.device_classes.clone(),
+            binds_resources: self.binds_resources,
             ..TargetCapabilities::new(self.disk_free_bytes)
         }
     }

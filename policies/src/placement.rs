@@ -118,6 +118,8 @@ pub enum Rejection {
         /// The classes the host offers.
         offered: Vec<String>,
     },
+    /// The host's backend binds no VM resources, and the VM has some.
+    NoResourceBinding,
     /// The host's free disk cannot hold the VM's disk and scratch data.
     NotEnoughDisk {
         /// Bytes of all the VM's disk and scratch data.
@@ -151,6 +153,7 @@ impl Rejection {
             Rejection::TooFewCores { .. } => "too few cores",
             Rejection::NotEnoughMemory { .. } => "not enough memory",
             Rejection::MissingDevice { .. } => "missing a device",
+            Rejection::NoResourceBinding => "binds no resources",
             Rejection::NotEnoughDisk { .. } => "not enough disk",
             Rejection::AntiAffinity { .. } => "anti-affinity",
             Rejection::OverLoadCeiling { .. } => "over the load ceiling",
@@ -197,6 +200,9 @@ impl fmt::Display for Rejection {
                     offered.join(", ")
                 }
             ),
+            Rejection::NoResourceBinding => {
+                write!(f, "has a backend that cannot bind the VM's resources")
+            }
             Rejection::NotEnoughDisk { need, available } => write!(
                 f,
                 "has {} of disk free for resources, the VM's disk and scratch data need {}",
@@ -489,6 +495,9 @@ fn judge(
 /// Whether `host` can hold `resources` created there: every device class offered, and the
 /// disk and scratch data fitting its free disk together.
 fn can_hold(host: &Host, resources: &[Resource]) -> Result<(), Rejection> {
+    if !resources.is_empty() && !host.binds_resources {
+        return Err(Rejection::NoResourceBinding);
+    }
     for r in resources {
         let Some(class) = r
             .device_class

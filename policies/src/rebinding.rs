@@ -341,6 +341,10 @@ pub struct TargetCapabilities {
     /// Whether the source can export its resources (block export, forwarder; default true).
     #[serde(default = "yes")]
     pub source_can_export: bool,
+    /// Whether the target's backend binds VM resources at all (default true); a backend
+    /// that cannot takes no VM that has any.
+    #[serde(default = "yes")]
+    pub binds_resources: bool,
 }
 
 impl TargetCapabilities {
@@ -351,6 +355,7 @@ impl TargetCapabilities {
             device_classes: BTreeSet::new(),
             can_reach_source: true,
             source_can_export: true,
+            binds_resources: true,
         }
     }
 }
@@ -429,6 +434,9 @@ fn check(
             "{action} is not in the table for {}, {}",
             r.binding, r.attachment
         ));
+    }
+    if !target.binds_resources {
+        return Err("the target's backend cannot bind VM resources".into());
     }
     match action {
         Action::Move | Action::Copy if r.kind == ResourceKind::Device => {

@@ -272,6 +272,37 @@ fn disk_and_scratch_data_must_fit_the_free_disk_together() {
 }
 
 #[test]
+fn a_backend_that_binds_no_resources_takes_no_vm_with_resources() {
+    // h1 would win on disk; its backend cannot bind resources.
+    let mut plain = with_devices(host("h1"), 64, &["entropy"]);
+    plain.binds_resources = false;
+    let view = ClusterView::new(vec![plain, with_devices(host("h2"), 8, &[])], vec![], 0).unwrap();
+    let mut r = req("web");
+    r.resources = vec![Resource::new("ep", ResourceKind::Endpoint)];
+    let p = place(&view, &r, &Params::default()).unwrap();
+    assert_eq!(p.host, "h2");
+    assert_eq!(
+        p.rejected[0].to_string(),
+        "h1 has a backend that cannot bind the VM's resources"
+    );
+    // Nor is it a migration target for such a VM; a VM without resources may go there.
+    let caps = view.host("h1").unwrap().capabilities();
+    let e = crate::rebinding::eligible(&r.resources, &caps).unwrap_err();
+    assert!(
+        e.reason
+            .contains("the target's backend cannot bind VM resources"),
+        "{}",
+        e.reason
+    );
+    assert_eq!(
+        place(&view, &req("plain"), &Params::default())
+            .unwrap()
+            .host,
+        "h1"
+    );
+}
+
+#[test]
 fn many_rejections_are_summarised() {
     let mut hosts: Vec<_> = (0..20).map(|i| host(&format!("h{i:02}"))).collect();
     for h in &mut hosts {

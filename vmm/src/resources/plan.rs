@@ -70,6 +70,8 @@ pub fn plan(
             .collect::<BTreeSet<_>>(),
         can_reach_source: true,
         source_can_export: godwit_nbd::qemu_nbd_available(),
+        // An agent that reports no backends (an older one) is not second-guessed.
+        binds_resources: target.backends.is_empty() || target.backends.iter().any(|b| b.resources),
     };
     // Data already elsewhere (a disk or scratch kept on another host) stays there: the target
     // reaches it where it is, so it takes no disk on the target and needs no export here.
