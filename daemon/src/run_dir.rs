@@ -15,6 +15,13 @@ pub const LOG_FILE: &str = "vmm.log";
 /// The guest's serial console.
 pub const CONSOLE_FILE: &str = "console.log";
 
+/// Makes `data_dir` and its `vms/` directory if need be; returns its absolute path (paths the
+/// APIs report are absolute, whatever the daemon was started with).
+pub fn open_data_dir(data_dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(data_dir.join("vms"))?;
+    data_dir.canonicalize()
+}
+
 /// The last `max_bytes` of a file (empty if it does not exist): console and VMM log tails.
 pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};

@@ -59,16 +59,9 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
 
 impl Agent {
     pub fn new(mut config: AgentConfig, backend: Arc<dyn Backend>) -> Result<Self, Error> {
-        std::fs::create_dir_all(config.data_dir.join("vms")).map_err(|e| {
+        config.data_dir = godwit_daemon::run_dir::open_data_dir(&config.data_dir).map_err(|e| {
             Error::io(
-                format!("create data directory {}", config.data_dir.display()),
-                e,
-            )
-        })?;
-        // Paths the API reports are absolute, whatever the agent was started with.
-        config.data_dir = config.data_dir.canonicalize().map_err(|e| {
-            Error::io(
-                format!("resolve data directory {}", config.data_dir.display()),
+                format!("open data directory {}", config.data_dir.display()),
                 e,
             )
         })?;

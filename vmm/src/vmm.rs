@@ -80,16 +80,9 @@ impl Drop for Arrival<'_> {
 
 impl Vmm {
     pub fn new(mut config: HostConfig) -> Result<Self, VmmError> {
-        std::fs::create_dir_all(config.data_dir.join("vms")).map_err(|e| {
+        config.data_dir = godwit_daemon::run_dir::open_data_dir(&config.data_dir).map_err(|e| {
             VmmError::io(
-                format!("create data directory {}", config.data_dir.display()),
-                e,
-            )
-        })?;
-        // Paths the API reports are absolute, whatever the VMM was started with.
-        config.data_dir = config.data_dir.canonicalize().map_err(|e| {
-            VmmError::io(
-                format!("resolve data directory {}", config.data_dir.display()),
+                format!("open data directory {}", config.data_dir.display()),
                 e,
             )
         })?;
