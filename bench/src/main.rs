@@ -200,11 +200,12 @@ fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             row.fill.push(ms(t));
-            let path = dir.path().join(format!("{name}.snap"));
+            // Snapshot paths are confined to the agent's data directory.
+            let path = format!("snaps/{name}.snap");
             let snap = a.snapshot(
                 &name,
                 &SnapshotRequest {
-                    path: path.display().to_string(),
+                    path: path.clone(),
                     leave_paused: true,
                 },
             )?;
@@ -214,7 +215,7 @@ fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
             a.delete_vm(&name)?;
             let t = Instant::now();
             let restored = a.restore(&RestoreRequest {
-                path: path.display().to_string(),
+                path: path.clone(),
                 name: name.clone(),
                 paused: false,
             })?;
@@ -226,7 +227,7 @@ fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
             }
             row.restored_progress.push(ms(t));
             a.delete_vm(&name)?;
-            std::fs::remove_file(&path)?;
+            std::fs::remove_file(dir.path().join("agent").join(&path))?;
         }
         rows.push((mib, row));
     }

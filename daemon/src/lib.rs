@@ -6,6 +6,7 @@
 
 mod api_error;
 pub mod host;
+pub mod paths;
 pub mod run_dir;
 
 pub use api_error::{parse_body, AgentError};

@@ -190,6 +190,8 @@ impl Agent {
     }
 
     async fn restore_checked(&self, req: &RestoreRequest) -> Result<RestoreInfo, Error> {
+        // Checked before a VMM is started for it (which checks it again).
+        godwit_daemon::paths::confine(&self.config.data_dir, &req.path)?;
         // The snapshot says how much memory it needs; the VMM reads it, and the memory is
         // checked against what is free once it has.
         let reservation = self.registry.reserve(&req.name, 0, 0, false)?;
@@ -386,6 +388,8 @@ impl Agent {
         if !self.capabilities().snapshot {
             return Err(self.unsupported("write snapshots"));
         }
+        // The VMM checks it too; a bad path is refused before it reaches one.
+        godwit_daemon::paths::confine(&self.config.data_dir, &req.path)?;
         let result = self.live(name).await?.handle.snapshot(req).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics

@@ -45,6 +45,9 @@ pub enum Error {
     /// The VMM process came up wrong: it ended at once or never answered.
     #[error("The VMM for {vm:?} did not start: {why}")]
     NotStarted { vm: String, why: String },
+    /// A snapshot path that is empty or leaves the data directory.
+    #[error(transparent)]
+    Path(#[from] godwit_daemon::paths::PathError),
     #[error("No VM named {name:?} on this host")]
     NoSuchVm { name: String },
     #[error("No migration {id:?} on this host")]
@@ -110,7 +113,9 @@ impl Error {
     /// The HTTP status the API answers this error with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::Invalid(_) | Error::Unsupported { .. } => StatusCode::BAD_REQUEST,
+            Error::Invalid(_) | Error::Path(_) | Error::Unsupported { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Error::Rules(e) => e.status(),
             Error::Vmm { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)

@@ -341,7 +341,7 @@ fn bad_requests_get_clear_errors_and_running_vms_are_unaffected() {
         (garbage.to_str().unwrap(), "g"),
         (truncated.to_str().unwrap(), "tr"),
         (flipped.to_str().unwrap(), "fl"),
-        ("/nonexistent/x.snap", "nx"),
+        ("missing/x.snap", "nx"),
     ] {
         let (status, resp) = agent
             .request(
@@ -360,6 +360,42 @@ fn bad_requests_get_clear_errors_and_running_vms_are_unaffected() {
             .unwrap();
         assert_eq!(status, 404, "failed restore left VM {name} behind");
     }
+
+    // Snapshot and restore paths stay in the data directory: `..`, an absolute path outside
+    // it, and a symbolic link inside it that leads out are refused before anything is written.
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), agent.data_dir.path().join("out")).unwrap();
+    let escape = outside.path().join("x.snap");
+    for (path, needle) in [
+        ("../x.snap", "`..`"),
+        ("snaps/../../x.snap", "`..`"),
+        (escape.to_str().unwrap(), "outside the data directory"),
+        ("/etc/passwd", "outside the data directory"),
+        ("out/x.snap", "symbolic link"),
+    ] {
+        let (status, resp) = agent
+            .request(
+                Method::POST,
+                "/v1/vms/ok/snapshot",
+                Some(&json!({ "path": path })),
+            )
+            .unwrap();
+        assert_eq!(status, 400, "snapshot to {path} -> {resp}");
+        let msg = resp["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{path} -> {msg:?} lacks {needle:?}");
+        let (status, resp) = agent
+            .request(
+                Method::POST,
+                "/v1/vms/restore",
+                Some(&json!({"path": path, "name": "esc"})),
+            )
+            .unwrap();
+        assert_eq!(status, 400, "restore from {path} -> {resp}");
+    }
+    assert!(!escape.exists(), "a snapshot escaped the data directory");
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    let (status, _) = agent.request(Method::GET, "/v1/vms/esc", None).unwrap();
+    assert_eq!(status, 404);
 
     let ok = advances(&agent, "ok", 100);
     assert_eq!(ok.state, VmState::Running);

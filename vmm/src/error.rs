@@ -43,6 +43,9 @@ pub enum VmmError {
     /// A request field is malformed or out of range; the sentence says which and why.
     #[error("{0}")]
     Invalid(String),
+    /// A snapshot path that is empty or leaves the data directory.
+    #[error(transparent)]
+    Path(#[from] godwit_daemon::paths::PathError),
     #[error("No VM named {name:?} on this host")]
     NoSuchVm { name: String },
     #[error("No migration {id:?} on this host")]
@@ -210,7 +213,7 @@ impl VmmError {
     pub fn status(&self) -> StatusCode {
         use VmmError as E;
         match self {
-            E::Invalid(_) | E::RestoreFrom { .. } | E::RestoreState { .. } => {
+            E::Invalid(_) | E::Path(_) | E::RestoreFrom { .. } | E::RestoreState { .. } => {
                 StatusCode::BAD_REQUEST
             }
             E::SnapshotDir { .. } => StatusCode::BAD_REQUEST,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -309,17 +309,9 @@ impl Vmm {
         Ok(released)
     }
 
-    /// Resolves an API path: relative paths live under the data directory.
+    /// Resolves an API path, confined to the data directory (relative paths live under it).
     pub fn resolve(&self, path: &str) -> Result<PathBuf, VmmError> {
-        if path.is_empty() {
-            return Err(VmmError::Invalid("path must not be empty".into()));
-        }
-        let p = Path::new(path);
-        Ok(if p.is_absolute() {
-            p.to_owned()
-        } else {
-            self.config.data_dir.join(p)
-        })
+        Ok(godwit_daemon::paths::confine(&self.config.data_dir, path)?)
     }
 
     pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreInfo, VmmError> {
