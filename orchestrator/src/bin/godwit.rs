@@ -3,6 +3,8 @@
 //! Tables for people, `--json` for scripts; an error is one line and a non-zero exit.
 
 // Beside this file, not in src/bin/, where Cargo would take it for a binary of its own.
+#[path = "godwit/ca.rs"]
+mod ca;
 #[path = "godwit/hosts.rs"]
 mod hosts;
 #[path = "godwit/resources.rs"]
@@ -49,6 +51,9 @@ enum Command {
     /// Cordon, uncordon, drain or forget a host.
     #[command(subcommand)]
     Host(hosts::HostCommand),
+    /// Make the cluster's certificate authority and issue host and operator certificates.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Create, list, show and remove VMs.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -202,8 +207,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => return demo(args),
         _ => {}
     }
+    if let Command::Ca(cmd) = cli.command {
+        return ca::run(cmd, json);
+    }
     let c = Client::new(&cli.server)?;
     match cli.command {
+        Command::Ca(_) => unreachable!("handled above"),
         Command::Hosts => hosts(&c, json),
         Command::Host(cmd) => hosts::run(&c, cmd, json),
         Command::Vm(VmCommand::Create(args)) => {
