@@ -10,6 +10,7 @@
 
 mod migration;
 mod resources;
+mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,19 @@ enum Bench {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// What mutual TLS costs migrations: a plain and a TLS pair of agents side by side,
+    /// the same guests, every mode on both.
+    Tls {
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+        /// Repetitions (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Bulk channels per migration (default: the agent's choice).
+        #[arg(long)]
+        channels: Option<u32>,
+    },
     /// VM start, snapshot and restore times.
     Agent {
         /// Guest sizes to measure, MiB.
@@ -99,6 +113,11 @@ fn main() {
             channels,
             only,
         } => migration::run(memory_mib, no_huge_pages, no_prefault, channels, &only),
+        Bench::Tls {
+            memory_mib,
+            runs,
+            channels,
+        } => tls::run(memory_mib, runs, channels),
         Bench::Resources {
             memory_mib,
             disk_mib,

@@ -56,27 +56,58 @@ pub(crate) struct Pair {
 
 impl Pair {
     pub(crate) fn start(no_huge_pages: bool, no_prefault: bool) -> Result<Pair> {
+        Self::start_secured(no_huge_pages, no_prefault, false)
+    }
+
+    /// Two agents; with `tls`, a cluster CA made for them and their migrations mutual TLS.
+    pub(crate) fn start_secured(no_huge_pages: bool, no_prefault: bool, tls: bool) -> Result<Pair> {
         let dir = tempfile::Builder::new()
             .prefix("godwit-bench-mig-")
             .tempdir()?;
-        let mut extra: Vec<&str> = vec![];
+        let mut extra: Vec<String> = vec![];
         if no_huge_pages {
-            extra.push("--no-huge-pages");
+            extra.push("--no-huge-pages".into());
         }
         if no_prefault {
-            extra.push("--no-prefault");
+            extra.push("--no-prefault".into());
         }
+        let args = |name: &str| -> Result<Vec<String>> {
+            let mut a = extra.clone();
+            if tls {
+                let ca_dir = dir.path().join("ca");
+                if !ca_dir.exists() {
+                    godwit_tls::ca::init(&ca_dir, "bench")?;
+                }
+                let who = godwit_tls::Identity {
+                    name: name.into(),
+                    role: godwit_tls::Role::Host,
+                };
+                let i = godwit_tls::ca::issue(
+                    &ca_dir,
+                    &who,
+                    &[],
+                    godwit_tls::ca::Validity::days(1),
+                    &dir.path().join(format!("{name}-tls")),
+                )?;
+                for (flag, p) in [("--ca", i.ca), ("--cert", i.cert), ("--key", i.key)] {
+                    a.push(flag.into());
+                    a.push(p.display().to_string());
+                }
+            }
+            Ok(a)
+        };
+        let (a_args, b_args) = (args("bench-a")?, args("bench-b")?);
         let a = LocalAgent::start_with(
             "bench-a",
             &dir.path().join("a"),
             &dir.path().join("a.log"),
-            &extra,
+            &strs(&a_args),
         )?;
         let b = LocalAgent::start_with(
             "bench-b",
             &dir.path().join("b"),
             &dir.path().join("b.log"),
-            &extra,
+            &strs(&b_args),
         )?;
         Ok(Pair {
             a: AgentClient::new(&a.url)?,
@@ -320,4 +351,8 @@ pub fn run(
         );
     }
     Ok(())
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }

@@ -79,6 +79,17 @@ struct Args {
     /// The `godwit-vmm` executable. Default: next to this agent's executable.
     #[arg(long, env = "GODWIT_VMM_BINARY")]
     vmm_binary: Option<PathBuf>,
+    /// The cluster CA certificate (`godwit ca init`). With --cert and --key, migrations
+    /// between VMMs are mutual TLS: both ends present a certificate of this CA, and a target
+    /// takes channels only from the host the migration was announced from.
+    #[arg(long, env = "GODWIT_CA", requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// This host's certificate (`godwit ca issue --host NAME`, NAME being --name).
+    #[arg(long, env = "GODWIT_CERT", requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, env = "GODWIT_KEY", requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -126,6 +137,23 @@ async fn main() -> anyhow::Result<()> {
             vmm_binary.display()
         );
     }
+    let tls = match (&args.ca, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let files = godwit_tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }
+            .absolute()
+            .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
+            // Checked here so a wrong certificate stops the agent, not its first migration.
+            files
+                .load_host(&name)
+                .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
+            Some(files)
+        }
+        _ => None,
+    };
     let data_dir = args.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("Cannot create data directory {}", data_dir.display()))?;
@@ -142,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         prefault: !args.no_prefault,
         dirty_probe_interval_s: args.dirty_probe_interval_s,
         devices: args.devices.clone(),
+        tls,
     }));
     let config = AgentConfig {
         labels: args.labels.into_iter().collect(),

@@ -97,8 +97,9 @@ pub enum Outcome {
 impl Outcome {
     /// How a record says it ended (`MigrationInfo::outcome`); unknown classes count as `other`.
     pub fn of(info: &MigrationInfo) -> Outcome {
-        const CLASSES: [&str; 10] = [
+        const CLASSES: [&str; 11] = [
             "connect",
+            "tls",
             "channel",
             "protocol",
             "vm",
@@ -385,8 +386,8 @@ impl Metrics {
             migration_failures: counter_vec(
                 r,
                 "godwit_migration_failures_total",
-                "Failed migrations by mode, role and reason class (connect, channel, protocol, \
-                 vm, peer, not_converged, timeout, digest_mismatch, resources, other).",
+                "Failed migrations by mode, role and reason class (connect, tls, channel, \
+                 protocol, vm, peer, not_converged, timeout, digest_mismatch, resources, other).",
                 &["mode", "role", "reason"],
             ),
             migrations_in_progress: int_gauge_vec(

@@ -21,6 +21,14 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS handshake on a channel failed: the target's certificate is not of the cluster
+    /// CA or not for the address dialled, or the target refused this host's certificate.
+    #[error("The TLS handshake on migration channel {channel} failed")]
+    Tls {
+        channel: u16,
+        #[source]
+        source: std::io::Error,
+    },
     /// The target's address resolved, but to nothing.
     #[error("{addr} resolves to no address")]
     NoAddress { addr: String },
@@ -192,6 +200,7 @@ impl MigrationError {
         }
         match self {
             E::Connect { .. } | E::NoAddress { .. } => "connect",
+            E::Tls { .. } => "tls",
             E::Channel { .. } | E::ControlBroke { .. } | E::Send { .. } => "channel",
             E::Protocol(_)
             | E::BadPage { .. }

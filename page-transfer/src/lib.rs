@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bitmap;
+pub mod channel;
 pub mod codec;
 pub mod digest;
 pub mod error;

@@ -5,7 +5,7 @@
 //! frees its copy), or with an error. Before switchover an error leaves the VM running here;
 //! after switchover the VM belongs to the target and is never resumed here.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use godwit_api::{MigrationMode, MigrationPhase};
 
 use crate::bitmap::{AtomicPageBitmap, PageBitmap, PageMap};
+use crate::channel::{Channel, ClientSecurity};
 use crate::codec::{Compression, PageEncoder};
 use crate::digest::PageDigests;
 use crate::error::{Awaited, MigrationError};
@@ -58,6 +59,8 @@ pub struct SourceConfig {
     pub verify: bool,
     pub migration_id: [u8; 16],
     pub connect_timeout: Duration,
+    /// How the channels are secured (mutual TLS, or plain TCP).
+    pub security: ClientSecurity,
 }
 
 /// Control messages the reader thread passes on.
@@ -86,9 +89,9 @@ struct Source<'a> {
     cancel: &'a AtomicBool,
     map: PageMap,
     limiter: Limiter,
-    control: Mutex<TcpStream>,
-    urgent: TcpStream,
-    bulk: Vec<TcpStream>,
+    control: Mutex<Channel>,
+    urgent: Channel,
+    bulk: Vec<Channel>,
     events: Mutex<Receiver<Event>>,
     requests: Mutex<Receiver<(u64, u32)>>,
     /// The last phase the target has wholly applied (it acknowledges each).
@@ -112,8 +115,13 @@ pub fn migrate(
     progress.update(|i| i.memory_bytes = map.total_pages() * PAGE);
     progress.set_remaining_pages(map.total_pages());
 
-    let mut streams =
-        transport::connect(addr, cfg.migration_id, cfg.channels, cfg.connect_timeout)?;
+    let mut streams = transport::connect(
+        addr,
+        cfg.migration_id,
+        cfg.channels,
+        cfg.connect_timeout,
+        &cfg.security,
+    )?;
     let bulk = streams.split_off(FIRST_BULK as usize);
     let urgent = streams.pop().ok_or(MigrationError::NoChannel("urgent"))?;
     let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
@@ -146,9 +154,7 @@ pub fn migrate(
 
     let (event_tx, events) = mpsc::channel();
     let (request_tx, requests) = mpsc::channel();
-    let reader = control
-        .try_clone()
-        .map_err(MigrationError::io("clone the control socket"))?;
+    let reader = control.clone();
     let applied = Arc::new((Mutex::new(0u32), Condvar::new()));
     let reader_applied = applied.clone();
     let reader_thread = std::thread::Builder::new()
@@ -195,7 +201,7 @@ fn mode_code(mode: MigrationMode) -> u8 {
 }
 
 fn read_control(
-    mut s: TcpStream,
+    mut s: Channel,
     events: Sender<Event>,
     requests: Sender<(u64, u32)>,
     applied: Arc<(Mutex<u32>, Condvar)>,
@@ -719,7 +725,7 @@ impl Source<'_> {
 
     fn bulk_sender(
         &self,
-        mut stream: &TcpStream,
+        mut stream: &Channel,
         channel: u16,
         work: &[(usize, u64, u64)],
         phase: u32,
@@ -731,7 +737,7 @@ impl Source<'_> {
         let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
         let mut count = 0u64;
         let flush =
-            |writer: &mut PagesWriter, stream: &mut &TcpStream| -> Result<(), MigrationError> {
+            |writer: &mut PagesWriter, stream: &mut &Channel| -> Result<(), MigrationError> {
                 if writer.is_empty() {
                     return Ok(());
                 }

@@ -4,7 +4,7 @@
 //! page is present.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use godwit_api::{FaultStats, MigrationPhase};
 
 use crate::bitmap::{AtomicPageBitmap, PageMap};
+use crate::channel::{Channel, ServerSecurity};
 use crate::codec::PageDecoder;
 use crate::digest::{zero_page_hash, PageDigests};
 use crate::error::MigrationError;
@@ -46,9 +47,9 @@ struct Shared {
     /// The failure is the source's cancel (its abort carried `CANCEL_REASON`).
     cancelled: AtomicBool,
     /// For waking the control loop out of its read.
-    control: TcpStream,
+    control: Channel,
     /// Every message to the source goes through here, so frames never interleave.
-    control_tx: Mutex<TcpStream>,
+    control_tx: Mutex<Channel>,
     pending: Mutex<HashMap<u64, Instant>>,
     pending_count: AtomicUsize,
     latency: LatencyRecorder,
@@ -211,7 +212,7 @@ impl Run {
 }
 
 /// Receives pages on one data channel until it closes or the migration ends.
-fn receive_pages(shared: &Shared, mut stream: TcpStream, slot: usize) {
+fn receive_pages(shared: &Shared, mut stream: Channel, slot: usize) {
     let mut payload = Vec::new();
     let mut decoder = match PageDecoder::new() {
         Ok(d) => d,
@@ -392,8 +393,9 @@ pub fn receive(
     factory: &dyn TargetFactory,
     progress: Arc<Progress>,
     accept_timeout: Duration,
+    security: &ServerSecurity,
 ) -> Result<Arc<dyn TargetVm>, MigrationError> {
-    let mut streams = transport::accept(listener, migration_id, accept_timeout)?;
+    let mut streams = transport::accept(listener, migration_id, accept_timeout, security)?;
     let data = streams.split_off(1);
     let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
     // The control channel may stay quiet for a whole pre-copy.
@@ -458,14 +460,8 @@ pub fn receive(
         markers_changed: Condvar::new(),
         failure: Mutex::new(None),
         cancelled: AtomicBool::new(false),
-        control: control
-            .try_clone()
-            .map_err(MigrationError::io("clone the control socket"))?,
-        control_tx: Mutex::new(
-            control
-                .try_clone()
-                .map_err(MigrationError::io("clone the control socket"))?,
-        ),
+        control: control.clone(),
+        control_tx: Mutex::new(control.clone()),
         pending: Mutex::new(HashMap::new()),
         pending_count: AtomicUsize::new(0),
         latency: LatencyRecorder::default(),
@@ -528,7 +524,7 @@ pub fn receive(
 
 fn control_loop<'s>(
     shared: &'s Shared,
-    control: &mut TcpStream,
+    control: &mut Channel,
     started: &mut bool,
     spawn_fault_thread: &mut dyn FnMut(&'s Shared),
 ) -> Result<(), MigrationError> {

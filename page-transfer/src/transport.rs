@@ -1,11 +1,16 @@
-//! The TCP connections of one migration: channel 0 carries control messages both ways,
-//! channel 1 carries pages that a post-copy fault waits for (so they never queue behind bulk
-//! pages), channels 2.. carry bulk pages. Each is opened by the source and starts with a
+//! The connections of one migration: channel 0 carries control messages both ways, channel
+//! 1 carries pages that a post-copy fault waits for (so they never queue behind bulk pages),
+//! channels 2.. carry bulk pages. Each is opened by the source, secured as the two ends were
+//! told ([`ClientSecurity`], [`ServerSecurity`]: mutual TLS, or plain TCP), and starts with a
 //! version handshake.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+use godwit_tls::{Role, TlsStream};
+
+use crate::channel::{Channel, ClientSecurity, ServerSecurity};
 
 use crate::error::{Awaited, MigrationError};
 use crate::protocol::{
@@ -17,13 +22,14 @@ pub const CONTROL: u16 = 0;
 pub const URGENT: u16 = 1;
 pub const FIRST_BULK: u16 = 2;
 
-/// Connects `bulk + 2` channels to `addr` and handshakes on each. Returns them by index.
+/// Connects `bulk + 2` channels to `addr`, secures and handshakes each. Returns them by index.
 pub fn connect(
     addr: &str,
     migration_id: [u8; 16],
     bulk: u16,
     timeout: Duration,
-) -> Result<Vec<TcpStream>, MigrationError> {
+    security: &ClientSecurity,
+) -> Result<Vec<Channel>, MigrationError> {
     let channels = bulk.saturating_add(FIRST_BULK);
     if bulk == 0 || channels > MAX_CHANNELS {
         return Err(MigrationError::ChannelCount {
@@ -43,16 +49,26 @@ pub fn connect(
         })?;
     let mut streams = Vec::with_capacity(channels as usize);
     for channel in 0..channels {
-        let mut s = TcpStream::connect_timeout(&sockaddr, timeout).map_err(|source| {
+        let tcp = TcpStream::connect_timeout(&sockaddr, timeout).map_err(|source| {
             MigrationError::Connect {
                 addr: addr.to_owned(),
                 source,
             }
         })?;
-        s.set_nodelay(channel < FIRST_BULK)
-            .and_then(|()| s.set_read_timeout(Some(timeout)))
-            .and_then(|()| s.set_write_timeout(Some(crate::vm::PEER_TIMEOUT)))
+        tcp.set_nodelay(channel < FIRST_BULK)
+            .and_then(|()| tcp.set_read_timeout(Some(timeout)))
+            .and_then(|()| tcp.set_write_timeout(Some(crate::vm::PEER_TIMEOUT)))
             .map_err(MigrationError::io("configure a migration channel"))?;
+        let mut s = match security {
+            ClientSecurity::Plain => Channel::plain(tcp),
+            ClientSecurity::Tls {
+                config,
+                server_name,
+            } => Channel::tls(
+                TlsStream::client(tcp, config.clone(), server_name.clone(), timeout)
+                    .map_err(|source| MigrationError::Tls { channel, source })?,
+            ),
+        };
         write_message(
             &mut s,
             &Message::Hello {
@@ -82,19 +98,21 @@ pub fn connect(
     Ok(streams)
 }
 
-/// Accepts the source's channels for migration `migration_id` on `listener`, handshaking each;
-/// returns them ordered by channel index. A connection with the wrong id or a bad hello is
-/// answered with an error and dropped; it does not end the wait.
+/// Accepts the source's channels for migration `migration_id` on `listener`, securing and
+/// handshaking each; returns them ordered by channel index. A connection that fails the TLS
+/// handshake, comes from another host than the announced source, or has the wrong id or a bad
+/// hello is dropped (answered with an error where it can be); it does not end the wait.
 pub fn accept(
     listener: &TcpListener,
     migration_id: [u8; 16],
     timeout: Duration,
-) -> Result<Vec<TcpStream>, MigrationError> {
+    security: &ServerSecurity,
+) -> Result<Vec<Channel>, MigrationError> {
     let deadline = Instant::now() + timeout;
     listener
         .set_nonblocking(true)
         .map_err(MigrationError::io("poll the migration listener"))?;
-    let mut slots: Vec<Option<TcpStream>> = Vec::new();
+    let mut slots: Vec<Option<Channel>> = Vec::new();
     let mut expected: Option<u16> = None;
     loop {
         if let Some(n) = expected {
@@ -108,7 +126,7 @@ pub fn accept(
                 after: timeout,
             });
         }
-        let mut s = match listener.accept() {
+        let tcp = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -116,9 +134,30 @@ pub fn accept(
             }
             Err(e) => return Err(MigrationError::io("accept a migration channel")(e)),
         };
-        let _ = s.set_nonblocking(false);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        match handshake(&mut s, migration_id, expected) {
+        let _ = tcp.set_nonblocking(false);
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = tcp.set_write_timeout(Some(Duration::from_secs(10)));
+        let (mut s, refusal) = match security {
+            ServerSecurity::Plain => (Channel::plain(tcp), None),
+            ServerSecurity::Tls { config, source } => {
+                // A stranger (no certificate, another CA, expired) fails the handshake.
+                let Ok(tls) = TlsStream::server(tcp, config.clone(), Duration::from_secs(10))
+                else {
+                    continue;
+                };
+                let s = Channel::tls(tls);
+                let from = s.peer().cloned();
+                let refusal = (!from
+                    .as_ref()
+                    .is_some_and(|p| p.role == Role::Host && p.name == *source))
+                .then(|| {
+                    let who = from.map_or("an unnamed peer".to_owned(), |p| p.to_string());
+                    format!("this migration was announced from host {source}, not from {who}")
+                });
+                (s, refusal)
+            }
+        };
+        match handshake(&mut s, migration_id, expected, refusal) {
             Ok((channel, channels)) => {
                 expected = Some(channels);
                 slots.resize_with(channels as usize, || None);
@@ -148,12 +187,18 @@ fn tracing_free_log(message: &str) {
     let _ = message;
 }
 
+/// Reads the source's hello and answers it; `refusal` (the peer is not the announced source)
+/// is the answer once the hello is read, so the peer gets it rather than a reset connection.
 fn handshake(
-    s: &mut TcpStream,
+    s: &mut Channel,
     migration_id: [u8; 16],
     expected: Option<u16>,
+    refusal: Option<String>,
 ) -> Result<(u16, u16), String> {
     let msg = read_message(s).map_err(|e| format!("bad hello: {e}"))?;
+    if let Some(refusal) = refusal {
+        return Err(refusal);
+    }
     let Message::Hello {
         version,
         min_version,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use godwit_api::MigrationMode;
 use page_transfer::bitmap::PageBitmap;
+use page_transfer::channel::{ClientSecurity, ServerSecurity};
 use page_transfer::codec::Compression;
 use page_transfer::progress::Progress;
 use page_transfer::source::{migrate, SourceConfig};
@@ -42,6 +43,15 @@ impl MemSource {
                 for b in &mut memory[p * PAGE + 8..(p + 1) * PAGE] {
                     *b = (v >> 7) as u8 ^ 0x5a;
                 }
+            }
+        }
+        if NOISE.with(|n| n.get()) {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            for w in memory.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
             }
         }
         Arc::new(MemSource {
@@ -291,6 +301,7 @@ fn config(mode: MigrationMode) -> SourceConfig {
         verify: true,
         migration_id: *b"0123456789abcdef",
         connect_timeout: Duration::from_secs(5),
+        security: ClientSecurity::Plain,
     }
 }
 
@@ -300,6 +311,24 @@ fn run(
     cfg: SourceConfig,
     refuse: Option<&str>,
     cancel_after: Option<Duration>,
+) -> Run {
+    run_secured(
+        pages,
+        guest_per_ms,
+        cfg,
+        refuse,
+        cancel_after,
+        ServerSecurity::Plain,
+    )
+}
+
+fn run_secured(
+    pages: usize,
+    guest_per_ms: usize,
+    cfg: SourceConfig,
+    refuse: Option<&str>,
+    cancel_after: Option<Duration>,
+    server: ServerSecurity,
 ) -> Run {
     let source = MemSource::new(pages);
     let source_guest = (guest_per_ms > 0).then(|| source.run_guest(guest_per_ms));
@@ -313,7 +342,14 @@ fn run(
     let f = factory.clone();
     let id = cfg.migration_id;
     let target_thread = std::thread::spawn(move || {
-        let result = receive(&listener, id, &*f, target_progress, Duration::from_secs(10));
+        let result = receive(
+            &listener,
+            id,
+            &*f,
+            target_progress,
+            Duration::from_secs(10),
+            &server,
+        );
         result.map(|_| ())
     });
     // A guest on the target that touches pages once it runs.
@@ -490,4 +526,142 @@ fn a_refusing_target_reports_why() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Credentials of hosts `names`, issued by a CA made in `dir` (`dir` keeps the files).
+fn hosts(dir: &std::path::Path, names: &[&str]) -> Vec<godwit_tls::Credentials> {
+    use godwit_tls::ca::{self, Validity};
+    ca::init(&dir.join("ca"), "test").unwrap();
+    names
+        .iter()
+        .map(|n| {
+            let who = godwit_tls::Identity {
+                name: (*n).into(),
+                role: godwit_tls::Role::Host,
+            };
+            let i = ca::issue(&dir.join("ca"), &who, &[], Validity::days(1), &dir.join(n)).unwrap();
+            godwit_tls::Credentials::load(&i.ca, &i.cert, &i.key).unwrap()
+        })
+        .collect()
+}
+
+fn tls_client(c: &godwit_tls::Credentials) -> ClientSecurity {
+    ClientSecurity::Tls {
+        config: c.client_config().unwrap(),
+        server_name: godwit_tls::server_name("127.0.0.1").unwrap(),
+    }
+}
+
+#[test]
+fn every_mode_migrates_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = hosts(dir.path(), &["src", "dst"]);
+    let server = ServerSecurity::Tls {
+        config: creds[1].server_config().unwrap(),
+        source: "src".into(),
+    };
+    for mode in [
+        MigrationMode::StopAndCopy,
+        MigrationMode::Precopy,
+        MigrationMode::Postcopy,
+    ] {
+        let mut cfg = config(mode);
+        cfg.security = tls_client(&creds[0]);
+        let r = run_secured(8192, 20, cfg, None, None, server.clone());
+        assert_identical(&r);
+    }
+}
+
+#[test]
+fn a_source_the_migration_was_not_announced_from_or_a_stranger_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = hosts(dir.path(), &["src", "dst", "mallory"]);
+    let server = || ServerSecurity::Tls {
+        config: creds[1].server_config().unwrap(),
+        source: "src".into(),
+    };
+    // A host of the cluster, but not the one the target was told to expect.
+    let mut cfg = config(MigrationMode::StopAndCopy);
+    cfg.security = tls_client(&creds[2]);
+    let r = run_secured(256, 0, cfg, None, None, server());
+    let e = r.source_result.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("announced from host src, not from host mallory"),
+        "{e}"
+    );
+    assert!(
+        r.target_result.is_err(),
+        "the target took a VM from mallory"
+    );
+    assert!(r.target.is_none());
+
+    // A certificate of another CA: the handshake fails on both sides.
+    let other = hosts(&dir.path().join("other"), &["src"]);
+    let mut cfg = config(MigrationMode::StopAndCopy);
+    cfg.security = tls_client(&other[0]);
+    let r = run_secured(256, 0, cfg, None, None, server());
+    let e = r.source_result.unwrap_err();
+    assert_eq!(e.class(), "tls", "{e}");
+    assert!(r.target.is_none());
+
+    // Plain TCP to a TLS target.
+    let r = run_secured(
+        256,
+        0,
+        config(MigrationMode::StopAndCopy),
+        None,
+        None,
+        server(),
+    );
+    assert!(r.source_result.is_err());
+    assert!(r.target.is_none());
+}
+
+/// Stop-and-copy of 256 MiB of incompressible memory over plain TCP and over mutual TLS,
+/// alternating (a measurement, not a check: `cargo test --release -p page-transfer --test
+/// engine -- --ignored --nocapture tls_cost`).
+#[test]
+#[ignore = "measurement"]
+fn tls_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = hosts(dir.path(), &["src", "dst"]);
+    let pages = 65536;
+    for round in 0..6 {
+        for tls in [round % 2 != 0, round % 2 == 0] {
+            let mut cfg = config(MigrationMode::StopAndCopy);
+            cfg.compression = Compression::None;
+            cfg.verify = false;
+            let server = if tls {
+                cfg.security = tls_client(&creds[0]);
+                ServerSecurity::Tls {
+                    config: creds[1].server_config().unwrap(),
+                    source: "src".into(),
+                }
+            } else {
+                ServerSecurity::Plain
+            };
+            let r = run_noise(pages, cfg, server);
+            let secs = r.info.downtime.final_pages_ms / 1000.0;
+            println!(
+                "{}: {:.0} MiB in {:.0} ms = {:.0} MiB/s",
+                if tls { "TLS  " } else { "plain" },
+                r.info.pages.wire_bytes as f64 / (1 << 20) as f64,
+                secs * 1000.0,
+                r.info.pages.wire_bytes as f64 / (1 << 20) as f64 / secs
+            );
+        }
+    }
+}
+
+/// `run_secured` on memory full of incompressible bytes.
+fn run_noise(pages: usize, cfg: SourceConfig, server: ServerSecurity) -> Run {
+    NOISE.with(|n| n.set(true));
+    let r = run_secured(pages, 0, cfg, None, None, server);
+    NOISE.with(|n| n.set(false));
+    r
+}
+
+thread_local! {
+    static NOISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

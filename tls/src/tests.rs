@@ -200,3 +200,50 @@ fn users_have_roles_and_nothing_is_overwritten() {
         );
     }
 }
+
+/// Loopback throughput through one TLS connection next to plain TCP (a measurement, not a
+/// check: `cargo test --release -p godwit-tls -- --ignored --nocapture throughput`).
+#[test]
+#[ignore = "measurement"]
+fn throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = cluster(dir.path(), &["a", "b"]);
+    const TOTAL: usize = 1 << 30;
+    let chunk = vec![0x5au8; 256 << 10];
+    type Reader = Box<dyn FnMut(&mut [u8]) -> usize + Send>;
+    let measure = |w: &mut dyn Write, r: Reader| {
+        let mut r = r;
+        let t = std::time::Instant::now();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 << 10];
+            let mut got = 0;
+            while got < TOTAL {
+                let n = r(&mut buf);
+                assert!(n > 0);
+                got += n;
+            }
+        });
+        let mut sent = 0;
+        while sent < TOTAL {
+            w.write_all(&chunk).unwrap();
+            sent += chunk.len();
+        }
+        w.flush().unwrap();
+        reader.join().unwrap();
+        TOTAL as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut s, _) = listener.accept().unwrap();
+    let plain = measure(&mut c, Box::new(move |b| s.read(b).unwrap()));
+    let (addr, server) = serve(creds[1].server_config().unwrap());
+    let client = connect(addr, creds[0].client_config().unwrap()).unwrap();
+    let server = Arc::new(server.join().unwrap().unwrap());
+    let srv = server.clone();
+    let mut w = &client;
+    let tls = measure(&mut w, Box::new(move |b| (&*srv).read(b).unwrap()));
+    println!(
+        "plain TCP {plain:.0} MiB/s, TLS {tls:.0} MiB/s ({:.2})",
+        tls / plain
+    );
+}

@@ -188,6 +188,8 @@ pub enum VmmError {
     },
     #[error("The request's worker failed")]
     Worker(#[source] tokio::task::JoinError),
+    #[error("Cannot set up TLS")]
+    Tls(#[from] godwit_tls::TlsError),
 }
 
 impl VmmError {
@@ -252,7 +254,8 @@ impl VmmError {
             | E::SnapshotWrite { .. }
             | E::Io { .. }
             | E::Export { .. }
-            | E::Worker(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | E::Worker(_)
+            | E::Tls(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

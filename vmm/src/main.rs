@@ -47,6 +47,15 @@ struct Args {
     /// A device class this host offers VMs (repeatable).
     #[arg(long = "device")]
     devices: Vec<String>,
+    /// The cluster CA certificate (with --cert and --key: migrations are mutual TLS).
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// This host's certificate, issued by the cluster CA for the agent's --name.
+    #[arg(long, requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -60,6 +69,13 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let args = Args::parse();
+    let tls = match (&args.ca, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => Some(
+            godwit_tls::Credentials::load(ca, cert, key)
+                .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?,
+        ),
+        _ => None,
+    };
     let config = VmmConfig {
         run_dir: args.run_dir,
         host: HostConfig {
@@ -73,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
                 .then(|| Duration::from_secs(args.dirty_probe_interval_s)),
             resource_capacity_bytes: args.resource_capacity_mib.saturating_mul(1 << 20),
             device_classes: args.devices.into_iter().collect(),
+            tls,
         },
         agent_url: args.agent_url,
     };

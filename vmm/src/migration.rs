@@ -20,6 +20,7 @@ use godwit_api::{
     MigrationPhase, MigrationStarted, MigrationStatus,
 };
 use page_transfer::bitmap::PageBitmap;
+use page_transfer::channel::{ClientSecurity, ServerSecurity};
 use page_transfer::codec::Compression;
 use page_transfer::progress::Progress;
 use page_transfer::source::SourceConfig;
@@ -36,7 +37,7 @@ use crate::microvm::{KvmHost, MicroVm, PreparedVm};
 use crate::resources::plan::{self as resource_plan, MigrationPlan};
 use crate::resources::transfer::{Incoming, SourceTransfer};
 use crate::vm::{now_unix_ms, Vm};
-use crate::vmm::Vmm;
+use crate::vmm::{HostConfig, Vmm};
 
 /// How long the target waits for the source's channels after accepting.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -475,6 +476,31 @@ fn compression(mode: CompressMode) -> Compression {
     }
 }
 
+/// How the source secures the channels to the target at `target_host`: mutual TLS with this
+/// host's certificate when it has one (the target must present a cluster certificate for
+/// that address), else plain TCP.
+fn client_security(config: &HostConfig, target_host: &str) -> Result<ClientSecurity, VmmError> {
+    Ok(match &config.tls {
+        None => ClientSecurity::Plain,
+        Some(creds) => ClientSecurity::Tls {
+            config: creds.client_config()?,
+            server_name: godwit_tls::server_name(target_host)?,
+        },
+    })
+}
+
+/// How the target secures the channels it accepts: with a certificate, only channels from
+/// the host the migration was announced from (`source`, the source agent's name).
+fn server_security(config: &HostConfig, source: &str) -> Result<ServerSecurity, VmmError> {
+    Ok(match &config.tls {
+        None => ServerSecurity::Plain,
+        Some(creds) => ServerSecurity::Tls {
+            config: creds.server_config()?,
+            source: source.to_owned(),
+        },
+    })
+}
+
 /// Splits `HOST:PORT` and checks it.
 fn target_host(target: &str) -> Result<&str, VmmError> {
     let bad = || VmmError::Invalid(format!("target must be HOST:PORT, not {target:?}"));
@@ -587,6 +613,16 @@ fn start_migration(
         now_unix_ms(),
     ));
     let record = vmm.migrations.add(&id, progress.clone(), false);
+    let target_ip = accepted.host.as_deref().unwrap_or(host).to_owned();
+    let security = match client_security(vmm.config(), &target_ip) {
+        Ok(s) => s,
+        Err(e) => {
+            resource_plan::undo_exports(&vmm.resources, name, &plan.planned);
+            progress.finish_as(MigrationStatus::Failed, Some(chain(&e)), "tls");
+            vmm.migrations.persist(&progress.info());
+            return Err(e);
+        }
+    };
     let cfg = SourceConfig {
         mode: req.mode,
         downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
@@ -601,8 +637,8 @@ fn start_migration(
         verify: req.verify.unwrap_or(true),
         migration_id: id_bytes,
         connect_timeout: Duration::from_secs(10),
+        security,
     };
-    let target_ip = accepted.host.as_deref().unwrap_or(host).to_owned();
     let resource_addr: Option<std::net::SocketAddr> =
         format!("{target_ip}:{}", accepted.resource_port)
             .parse()
@@ -730,6 +766,7 @@ pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccep
         .filter(|&b| b > 0)
         .ok_or_else(|| VmmError::Invalid("memory_mib is out of range".into()))?;
     let host = vmm.kvm()?;
+    let security = server_security(vmm.config(), &req.source)?;
     vmm.resources.check_incoming_resources(req)?;
     vmm.claim(&req.vm, memory_bytes)?;
     let listener = match TcpListener::bind((vmm.config().migration_ip, 0)) {
@@ -784,6 +821,7 @@ pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccep
                 &factory,
                 progress.clone(),
                 ACCEPT_TIMEOUT,
+                &security,
             );
             vmm.release(&name);
             vmm.resources

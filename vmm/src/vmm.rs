@@ -38,6 +38,8 @@ pub struct HostConfig {
     pub resource_capacity_bytes: u64,
     /// Device classes this host offers VMs (`entropy` is a real device here).
     pub device_classes: BTreeSet<String>,
+    /// This host's cluster certificate: migrations are mutual TLS with it; None = plain TCP.
+    pub tls: Option<godwit_tls::Credentials>,
 }
 
 /// What the VMM holds.

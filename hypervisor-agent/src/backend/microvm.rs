@@ -52,6 +52,8 @@ pub struct MicrovmConfig {
     pub prefault: bool,
     pub dirty_probe_interval_s: u64,
     pub devices: Vec<String>,
+    /// The host's certificate, passed to every VMM: migrations are mutual TLS.
+    pub tls: Option<godwit_tls::TlsFiles>,
 }
 
 #[derive(Debug)]
@@ -126,6 +128,14 @@ impl MicrovmBackend {
         }
         for d in &self.cfg.devices {
             cmd.args(["--device", d]);
+        }
+        if let Some(tls) = &self.cfg.tls {
+            cmd.arg("--ca")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key);
         }
         let stdout = log.try_clone().map_err(|e| internal("log file", e))?;
         cmd.stdin(Stdio::null())
