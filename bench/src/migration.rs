@@ -119,6 +119,29 @@ impl Pair {
         })
     }
 
+    /// Pauses every running VM of both agents; returns them by agent (for `resume_all`).
+    pub(crate) fn pause_all(&self) -> Result<[Vec<String>; 2]> {
+        let mut paused: [Vec<String>; 2] = Default::default();
+        for (i, agent) in [&self.a, &self.b].into_iter().enumerate() {
+            for vm in agent.vms()? {
+                if vm.state == godwit_api::VmState::Running {
+                    agent.pause(&vm.name)?;
+                    paused[i].push(vm.name);
+                }
+            }
+        }
+        Ok(paused)
+    }
+
+    pub(crate) fn resume_all(&self, paused: &[Vec<String>; 2]) -> Result<()> {
+        for (agent, names) in [&self.a, &self.b].into_iter().zip(paused) {
+            for name in names {
+                agent.resume(name)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Where `name` runs now: (its agent, the other agent, the other's address).
     pub(crate) fn locate(&self, name: &str) -> Result<(&AgentClient, &AgentClient, &str)> {
         if self.a.vm(name).is_ok() {
