@@ -154,10 +154,12 @@ fn snapshot_and_restore_continue_the_guest_with_identical_memory() {
     assert!(source_digest.paused);
     assert_eq!(source_digest.digest, snap.digest);
 
+    // Snapshot paths stay in an agent's data directory: the operator moves the file over.
+    std::fs::copy(&path, target.data_dir.path().join("w.snap")).unwrap();
     let restored: RestoreInfo = target
         .post(
             "/v1/vms/restore",
-            &json!({"path": path.to_str().unwrap(), "name": "w2", "paused": true}),
+            &json!({"path": "w.snap", "name": "w2", "paused": true}),
         )
         .unwrap();
     assert_eq!(restored.vm.state, VmState::Paused);
@@ -178,14 +180,20 @@ fn snapshot_and_restore_continue_the_guest_with_identical_memory() {
         .unwrap();
     assert_eq!(after.guest.verify_errors, 0, "{after:?}");
     assert_eq!(after.state, VmState::Running);
-    assert_eq!(after.restored_from.as_deref(), path.to_str());
+    let copied = target
+        .data_dir
+        .path()
+        .canonicalize()
+        .unwrap()
+        .join("w.snap");
+    assert_eq!(after.restored_from.as_deref(), copied.to_str());
 
     // Restoring the same file twice under one name is a clash, not a second VM.
     let (status, body) = target
         .request(
             Method::POST,
             "/v1/vms/restore",
-            Some(&json!({"path": path.to_str().unwrap(), "name": "w2"})),
+            Some(&json!({"path": "w.snap", "name": "w2"})),
         )
         .unwrap();
     assert_eq!(status, 409, "{body}");
