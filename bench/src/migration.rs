@@ -181,7 +181,7 @@ impl Pair {
     }
 }
 
-fn dirty_guest(
+pub(crate) fn dirty_guest(
     ws: u64,
     rate: f64,
     pattern: DirtyPattern,

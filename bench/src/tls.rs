@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use godwit_api::{CreateVm, DirtyPattern, GuestSpec, MigrationInfo, PageContent};
 use serde_json::json;
 
-use crate::migration::Pair;
+use crate::migration::{dirty_guest as dirty, Pair};
 
 const MIB: f64 = (1 << 20) as f64;
 
@@ -47,24 +47,6 @@ fn create(pair: &Pair, name: &str, memory_mib: u64, guest: GuestSpec) -> Result<
         resources: Vec::new(),
     })?;
     Ok(())
-}
-
-fn dirty(
-    ws: u64,
-    rate: f64,
-    pattern: DirtyPattern,
-    hot: Option<u64>,
-    content: PageContent,
-) -> GuestSpec {
-    GuestSpec::Dirty {
-        working_set_mib: ws,
-        rate_mib_s: rate,
-        pattern,
-        hot_mib: hot,
-        hot_percent: hot.map(|_| 95),
-        content,
-        disk_ops_s: None,
-    }
 }
 
 pub fn run(memory_mib: u64, runs: usize, channels: Option<u32>) -> Result<()> {
