@@ -752,11 +752,15 @@ pub struct MigrationInfo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<ResourceMigration>,
     /// How it ended, as the metrics count it: `completed`, `cancelled`, or a failure's bounded
-    /// class (`connect`, `channel`, `protocol`, `vm`, `peer`, `not_converged`, `timeout`,
+    /// class (`connect`, `tls`, `channel`, `protocol`, `vm`, `peer`, `not_converged`, `timeout`,
     /// `digest_mismatch`, `resources`, `other`). Absent while running. A target's record
     /// of a cancelled migration reads `failed` with outcome `cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
+    /// The migration's channels are mutual TLS (both agents have cluster certificates; see
+    /// docs/security.md); false for plain TCP. Set once the channels are open.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// `GET /v1/vmm` on a VMM process's local socket: what the process holds, for its agent.

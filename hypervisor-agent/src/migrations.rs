@@ -238,6 +238,7 @@ fn placeholder(id: &str, vm: &str) -> MigrationInfo {
         source_digest: None,
         target_digest: None,
         resources: Vec::new(),
+        encrypted: false,
         outcome: None,
     }
 }

@@ -83,6 +83,7 @@ impl Progress {
                 source_digest: None,
                 target_digest: None,
                 resources: Vec::new(),
+                encrypted: false,
                 outcome: None,
             }),
         }

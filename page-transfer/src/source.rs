@@ -122,6 +122,7 @@ pub fn migrate(
         cfg.connect_timeout,
         &cfg.security,
     )?;
+    progress.update(|i| i.encrypted = streams.iter().all(Channel::is_tls));
     let bulk = streams.split_off(FIRST_BULK as usize);
     let urgent = streams.pop().ok_or(MigrationError::NoChannel("urgent"))?;
     let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;

@@ -396,6 +396,7 @@ pub fn receive(
     security: &ServerSecurity,
 ) -> Result<Arc<dyn TargetVm>, MigrationError> {
     let mut streams = transport::accept(listener, migration_id, accept_timeout, security)?;
+    progress.update(|i| i.encrypted = streams.iter().all(Channel::is_tls));
     let data = streams.split_off(1);
     let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
     // The control channel may stay quiet for a whole pre-copy.

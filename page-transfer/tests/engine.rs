@@ -420,6 +420,7 @@ fn stop_and_copy_moves_memory_exactly() {
     assert_identical(&r);
     assert!(r.info.pages.zero_pages > 1000, "{:?}", r.info.pages);
     assert!(r.info.pages.compressed_pages > 0, "{:?}", r.info.pages);
+    assert!(!r.info.encrypted, "plain TCP reads as encrypted");
 }
 
 #[test]
@@ -569,6 +570,7 @@ fn every_mode_migrates_over_mutual_tls() {
         cfg.security = tls_client(&creds[0]);
         let r = run_secured(8192, 20, cfg, None, None, server.clone());
         assert_identical(&r);
+        assert!(r.info.encrypted, "{:?}", r.info);
     }
 }
 

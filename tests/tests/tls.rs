@@ -88,6 +88,9 @@ fn migrations_between_hosts_of_one_ca_are_mutual_tls_and_strangers_are_refused()
         let info = migrate(src, dst, "web", mode);
         assert_eq!(info.status, MigrationStatus::Completed, "{info:?}");
         assert_eq!(info.source_digest, info.target_digest);
+        assert!(info.encrypted, "{info:?}");
+        let theirs: MigrationInfo = dst.get(&format!("/v1/migrations/{}", info.id)).unwrap();
+        assert!(theirs.encrypted, "the target's record: {theirs:?}");
         runs_on(dst, "web");
     }
 

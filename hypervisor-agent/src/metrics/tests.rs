@@ -42,6 +42,7 @@ fn info(vm: &str, mode: MigrationMode, phase: MigrationPhase) -> MigrationInfo {
         source_digest: None,
         target_digest: None,
         resources: Vec::new(),
+        encrypted: false,
     }
 }
 

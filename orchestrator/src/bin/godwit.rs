@@ -664,6 +664,33 @@ struct LocalCluster {
     _temp: Option<tempfile::TempDir>,
 }
 
+/// The local cluster is secure by default: a CA in `DIR/ca` (made once) and a host certificate
+/// per agent in `DIR/tls/NAME` (issued once), so migrations between its agents are mutual TLS.
+fn cluster_certificate(dir: &std::path::Path, name: &str) -> Result<godwit_tls::TlsFiles> {
+    use godwit_tls::ca;
+    let ca_dir = dir.join("ca");
+    if !ca_dir.join(ca::CA_CERT).exists() {
+        ca::init(&ca_dir, "local").map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
+    }
+    let out = dir.join("tls").join(name);
+    let files = godwit_tls::TlsFiles {
+        ca: out.join(ca::CA_CERT),
+        cert: out.join(format!("{name}.crt")),
+        key: out.join(format!("{name}.key")),
+    };
+    if !files.cert.exists() {
+        let who = godwit_tls::Identity {
+            name: name.to_owned(),
+            role: godwit_tls::Role::Host,
+        };
+        ca::issue(&ca_dir, &who, &[], ca::Validity::days(365), &out)
+            .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
+    }
+    files
+        .absolute()
+        .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))
+}
+
 fn start_cluster(
     n: usize,
     capacity: f64,
@@ -691,11 +718,21 @@ fn start_cluster(
     for i in 1..=n {
         let name = format!("host-{i}");
         let cap = format!("cpu_capacity={capacity}");
+        let tls = cluster_certificate(&dir, &name)?;
+        let mut args = vec!["--orchestrator", &orchestrator.url, "--label", &cap];
+        for (flag, path) in [
+            ("--ca", &tls.ca),
+            ("--cert", &tls.cert),
+            ("--key", &tls.key),
+        ] {
+            args.push(flag);
+            args.push(path.to_str().context("a certificate path is not UTF-8")?);
+        }
         agents.push(LocalAgent::start_with(
             &name,
             &dir.join(&name),
             &dir.join(format!("{name}.log")),
-            &["--orchestrator", &orchestrator.url, "--label", &cap],
+            &args,
         )?);
     }
     // Wait until every agent has reported.
@@ -848,12 +885,17 @@ fn demo(args: DemoArgs) -> Result<()> {
                         m.reason
                     ),
                     status => println!(
-                        "[{:>5.1}s] {} {}: downtime {:.1} ms, total {:.0} ms{}",
+                        "[{:>5.1}s] {} {}: downtime {:.1} ms, total {:.0} ms, {}{}",
                         started.elapsed().as_secs_f64(),
                         m.vm,
                         api_name(&status),
                         m.stats.as_ref().and_then(|s| s.downtime_ms).unwrap_or(0.0),
                         m.stats.as_ref().map(|s| s.total_ms).unwrap_or(0.0),
+                        if m.stats.as_ref().is_some_and(|s| s.encrypted) {
+                            "mutual TLS"
+                        } else {
+                            "plain TCP"
+                        },
                         m.error.map(|e| format!(": {e}")).unwrap_or_default()
                     ),
                 }
