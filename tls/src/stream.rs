@@ -238,15 +238,13 @@ impl Write for &TlsStream {
             return Ok(0);
         }
         let deadline = TlsStream::deadline(&self.write_timeout);
-        loop {
-            let n = lock(&self.conn).writer().write(buf)?;
-            // Encrypted records go out before the next plaintext is taken: a writer never
-            // races ahead of the socket by more than the send buffer.
-            self.flush_tls(deadline)?;
-            if n > 0 {
-                return Ok(n);
-            }
-        }
+        // rustls' send buffer is empty here (every write flushes it), so it takes something
+        // unless the connection is closed for sending; then 0 makes `write_all` fail.
+        let n = lock(&self.conn).writer().write(buf)?;
+        // Encrypted records go out before the next plaintext is taken: a writer never races
+        // ahead of the socket by more than the send buffer.
+        self.flush_tls(deadline)?;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -247,3 +247,14 @@ fn throughput() {
         tls / plain
     );
 }
+
+#[test]
+fn writing_after_shutdown_fails_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = cluster(dir.path(), &["a", "b"]);
+    let (addr, server) = serve(creds[1].server_config().unwrap());
+    let client = connect(addr, creds[0].client_config().unwrap()).unwrap();
+    let _server = server.join().unwrap().unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!((&client).write_all(b"late").is_err());
+}
