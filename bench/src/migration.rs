@@ -119,6 +119,19 @@ impl Pair {
         })
     }
 
+    /// Creates a 2-vCPU VM with no resources on agent a.
+    pub(crate) fn create(&self, name: &str, memory_mib: u64, guest: GuestSpec) -> Result<()> {
+        self.a.create_vm(&CreateVm {
+            name: name.into(),
+            vcpus: 2,
+            memory_mib,
+            guest,
+            paused: false,
+            resources: Vec::new(),
+        })?;
+        Ok(())
+    }
+
     /// Pauses every running VM of both agents; returns them by agent (for `resume_all`).
     pub(crate) fn pause_all(&self) -> Result<[Vec<String>; 2]> {
         let mut paused: [Vec<String>; 2] = Default::default();
@@ -229,17 +242,7 @@ pub fn run(
         b
     };
     let want = |s: &str| only.iter().any(|o| o == s);
-    let create = |name: &str, guest: GuestSpec| -> Result<()> {
-        pair.a.create_vm(&CreateVm {
-            name: name.into(),
-            vcpus: 2,
-            memory_mib,
-            guest,
-            paused: false,
-            resources: Vec::new(),
-        })?;
-        Ok(())
-    };
+    let create = |name: &str, guest: GuestSpec| pair.create(name, memory_mib, guest);
 
     if want("idle") {
         create("idle", GuestSpec::Idle)?;

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use godwit_api::{CreateVm, DirtyPattern, GuestSpec, MigrationInfo, PageContent};
+use godwit_api::{DirtyPattern, MigrationInfo, PageContent};
 use serde_json::json;
 
 use crate::migration::{dirty_guest as dirty, Pair};
@@ -37,18 +37,6 @@ impl Samples {
     }
 }
 
-fn create(pair: &Pair, name: &str, memory_mib: u64, guest: GuestSpec) -> Result<()> {
-    pair.a.create_vm(&CreateVm {
-        name: name.into(),
-        vcpus: 2,
-        memory_mib,
-        guest,
-        paused: false,
-        resources: Vec::new(),
-    })?;
-    Ok(())
-}
-
 pub fn run(memory_mib: u64, runs: usize, channels: Option<u32>) -> Result<()> {
     let plain = Pair::start_secured(false, false, false)?;
     let tls = Pair::start_secured(false, false, true)?;
@@ -57,14 +45,12 @@ pub fn run(memory_mib: u64, runs: usize, channels: Option<u32>) -> Result<()> {
     for p in pairs {
         // Incompressible memory the guest keeps rewriting at 64 MiB/s: the pages are what is
         // measured.
-        create(
-            p,
+        p.create(
             "random",
             memory_mib,
             dirty(ws, 64.0, DirtyPattern::Uniform, None, PageContent::Random),
         )?;
-        create(
-            p,
+        p.create(
             "hot",
             memory_mib,
             dirty(
