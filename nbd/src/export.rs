@@ -56,23 +56,24 @@ fn on_path(program: &OsStr) -> bool {
     std::env::split_paths(&paths).any(|dir| executable(&dir.join(program)))
 }
 
-type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+/// Work for the process thread.
+type Job = Box<dyn FnOnce() + Send>;
 
-/// Spawns `command` so that it cannot outlive this process: from one thread that lives as long
-/// as the process, through `setpriv --pdeathsig KILL` (util-linux) when it is installed. The
-/// kernel sends the parent-death signal when the *thread* that forked the child ends, so a
-/// short-lived request thread must not be the one that spawns; this one never ends. Without
-/// setpriv the export is stopped by `Export::stop`/drop and the agent's shutdown only, and
-/// survives an agent killed with SIGKILL.
-fn spawn_tied(command: Command) -> io::Result<Child> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+/// The thread that spawns and kills this crate's child processes. It lives as long as the
+/// process: the kernel sends the parent-death signal (`setpriv --pdeathsig KILL`, below) when
+/// the *thread* that forked the child ends, so a short-lived request thread must not be the one
+/// that spawns. A process that confines itself with seccomp starts it first
+/// ([`start_process_thread`]) and confines only its other threads: qemu-nbd then runs without
+/// the parent's filter, and the parent needs neither fork/exec nor `kill`.
+fn process_thread() -> &'static Mutex<mpsc::Sender<Job>> {
+    static THREAD: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    THREAD.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
         let started = thread::Builder::new()
             .name("nbd-spawner".into())
             .spawn(move || {
-                for (mut command, reply) in rx {
-                    let _ = reply.send(command.spawn());
+                for job in rx {
+                    job();
                 }
             });
         if let Err(e) = started {
@@ -80,16 +81,37 @@ fn spawn_tied(command: Command) -> io::Result<Child> {
             eprintln!("godwit-nbd: cannot start the spawner thread: {e}");
         }
         Mutex::new(tx)
-    });
+    })
+}
+
+/// Starts the process thread now (it starts on first use otherwise): call it before
+/// installing a per-thread seccomp filter that should not apply to qemu-nbd.
+pub fn start_process_thread() {
+    process_thread();
+}
+
+/// Runs `job` on the process thread and returns its result.
+fn on_process_thread<T: Send + 'static>(
+    job: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let gone = || io::Error::other("the qemu-nbd spawner thread is gone");
     let (reply, answer) = mpsc::channel();
-    spawner
+    process_thread()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .send((command, reply))
-        .map_err(|_| io::Error::other("the qemu-nbd spawner thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| io::Error::other("the qemu-nbd spawner thread is gone"))?
+        .send(Box::new(move || {
+            let _ = reply.send(job());
+        }))
+        .map_err(|_| gone())?;
+    answer.recv().map_err(|_| gone())?
+}
+
+/// Spawns `command` so that it cannot outlive this process: from the process thread, through
+/// `setpriv --pdeathsig KILL` (util-linux) when it is installed. Without setpriv the export is
+/// stopped by `Export::stop`/drop and the agent's shutdown only, and survives an agent killed
+/// with SIGKILL.
+fn spawn_tied(mut command: Command) -> io::Result<Child> {
+    on_process_thread(move || command.spawn())
 }
 
 /// A running qemu-nbd serving one file as one named export.
@@ -153,8 +175,16 @@ impl Export {
             return;
         }
         self.stopped = true;
-        // Both fail only if the child is already reaped, which is what we want anyway.
-        let _ = self.child.kill();
+        // Not reaped yet, so the pid is still this child's (running or a zombie) until the
+        // wait below. Killed from the process thread, like it was spawned (see there).
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+                let _ = on_process_thread(move || {
+                    rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                        .map_err(io::Error::from)
+                });
+            }
+        }
         let _ = self.child.wait();
         // The drain thread ends when the pipe closes; not joined, so a stray holder of the
         // pipe cannot hang us here.

@@ -40,7 +40,7 @@ mod proto;
 
 pub use client::NbdClient;
 pub use error::NbdError;
-pub use export::{qemu_nbd_available, Export};
+pub use export::{qemu_nbd_available, start_process_thread, Export};
 
 #[cfg(test)]
 mod testutil;
