@@ -15,6 +15,7 @@ pub mod migration;
 pub mod process;
 pub mod resources;
 pub mod sealed;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vm;
 pub mod vmm;

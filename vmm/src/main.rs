@@ -56,10 +56,43 @@ struct Args {
     /// The private key of --cert.
     #[arg(long, requires_all = ["ca", "cert"])]
     key: Option<PathBuf>,
+    /// Run without the seccomp filter (for debugging only: by default any system call outside
+    /// the VMM's allowlist kills it; see docs/security.md).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test hook: takes SYSCALL out of the seccomp allowlist (repeatable), so a test can make
+    /// this VMM break its filter on purpose.
+    #[arg(long = "seccomp-deny", value_name = "SYSCALL", hide = true)]
+    seccomp_deny: Vec<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Installs the seccomp filter unless `--no-seccomp`, on this thread before any other but
+/// qemu-nbd's process thread exists: every thread started afterwards inherits it.
+fn confine(args: &Args) -> anyhow::Result<()> {
+    // Outside the filter, so qemu-nbd exports are not under it (see `godwit_vmm::seccomp`).
+    godwit_nbd::start_process_thread();
+    if args.no_seccomp {
+        tracing::warn!("seccomp filter off (--no-seccomp): this VMM may make any system call");
+        return Ok(());
+    }
+    let allowed = godwit_vmm::seccomp::install(&args.seccomp_deny)
+        .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
+    if args.seccomp_deny.is_empty() {
+        tracing::info!(
+            syscalls = allowed,
+            "seccomp filter on: any other system call kills the VMM"
+        );
+    } else {
+        tracing::warn!(
+            syscalls = allowed,
+            denied = ?args.seccomp_deny,
+            "seccomp filter on, with system calls taken out for a test"
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -76,6 +109,16 @@ async fn main() -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    confine(&args)?;
+    // Built by hand (not `#[tokio::main]`) so its threads start after the filter is on.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("Cannot start the VMM's runtime")?;
+    runtime.block_on(serve(args, tls))
+}
+
+async fn serve(args: Args, tls: Option<godwit_tls::Credentials>) -> anyhow::Result<()> {
     let config = VmmConfig {
         run_dir: args.run_dir,
         host: HostConfig {
