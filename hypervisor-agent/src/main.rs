@@ -90,6 +90,19 @@ struct Args {
     /// The private key of --cert.
     #[arg(long, env = "GODWIT_KEY", requires_all = ["ca", "cert"])]
     key: Option<PathBuf>,
+    /// Start VMMs without their seccomp filter (for debugging only: by default a VMM that
+    /// makes a system call outside its allowlist is killed and its VM reported crashed).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test hook: system calls (comma-separated) taken out of every VMM's seccomp filter, so
+    /// a test can make a VMM break it.
+    #[arg(
+        long,
+        env = "GODWIT_VMM_SECCOMP_DENY",
+        value_delimiter = ',',
+        hide = true
+    )]
+    vmm_seccomp_deny: Vec<String>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -171,6 +184,8 @@ async fn main() -> anyhow::Result<()> {
         dirty_probe_interval_s: args.dirty_probe_interval_s,
         devices: args.devices.clone(),
         tls,
+        seccomp: !args.no_seccomp,
+        seccomp_deny: args.vmm_seccomp_deny.clone(),
     }));
     let config = AgentConfig {
         labels: args.labels.into_iter().collect(),

@@ -54,6 +54,12 @@ pub struct MicrovmConfig {
     pub devices: Vec<String>,
     /// The host's certificate, passed to every VMM: migrations are mutual TLS.
     pub tls: Option<godwit_tls::TlsFiles>,
+    /// Whether VMMs run under their seccomp filter (`--no-seccomp` turns it off, for
+    /// debugging).
+    pub seccomp: bool,
+    /// Test hook: system calls taken out of every VMM's filter (`GODWIT_VMM_SECCOMP_DENY`), so
+    /// a test can make a VMM break it.
+    pub seccomp_deny: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -128,6 +134,12 @@ impl MicrovmBackend {
         }
         for d in &self.cfg.devices {
             cmd.args(["--device", d]);
+        }
+        if !self.cfg.seccomp {
+            cmd.arg("--no-seccomp");
+        }
+        for call in &self.cfg.seccomp_deny {
+            cmd.args(["--seccomp-deny", call]);
         }
         if let Some(tls) = &self.cfg.tls {
             cmd.arg("--ca")
@@ -429,9 +441,16 @@ fn describe(status: ExitStatus) -> String {
             9 => " (SIGKILL)",
             11 => " (SIGSEGV)",
             15 => " (SIGTERM)",
+            31 => " (SIGSYS)",
             _ => "",
         };
-        format!("the VMM process was killed by signal {sig}{name}")
+        // SIGSYS is the seccomp filter's: the VMM made a system call it does not allow.
+        let why = if sig == 31 {
+            ", a system call its seccomp filter does not allow"
+        } else {
+            ""
+        };
+        format!("the VMM process was killed by signal {sig}{name}{why}")
     } else {
         format!(
             "the VMM process exited with status {}",
@@ -605,5 +624,6 @@ mod tests {
     fn exit_statuses_read_well() {
         assert!(describe(ExitStatus::from_raw(9)).contains("signal 9 (SIGKILL)"));
         assert!(describe(ExitStatus::from_raw(3 << 8)).contains("status 3"));
+        assert!(describe(ExitStatus::from_raw(31)).contains("signal 31 (SIGSYS), a system call"));
     }
 }
