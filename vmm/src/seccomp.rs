@@ -17,10 +17,11 @@
 //! snapshot/restore, migrations in every mode with post-copy over userfaultfd, TLS, resource
 //! links and disks, console, dirty probes, adoption by a restarted agent) with `strace -f`, and
 //! then completed, by reading rather than tracing, with the calls of rare paths (a panic, an
-//! interrupted sleep, DNS for a host name). Like Firecracker's, it also restricts the arguments of a few calls that can do
-//! much more than the VMM needs: `ioctl` only on KVM, userfaultfd and three file-descriptor
-//! requests, `socket` only for unix, IPv4 and IPv6 sockets, `clone` only for threads, `prctl`
-//! only for thread names. Nothing here lets the VMM start a program (`execve` is not allowed).
+//! interrupted sleep, DNS for a host name). Like Firecracker's, it also restricts the
+//! arguments of a few calls that can do much more than the VMM needs: `ioctl` only on KVM,
+//! userfaultfd and three file-descriptor requests, `socket` only for unix, IPv4 and IPv6
+//! sockets, `clone` only for threads, `prctl` only for thread names. No confined thread can
+//! start a program (`execve` is not allowed).
 //!
 //! x86_64 only: the syscall numbers are that architecture's; elsewhere [`install`] answers
 //! [`SeccompError::Unsupported`] (start the VMM with `--no-seccomp` there).
