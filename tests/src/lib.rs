@@ -452,6 +452,24 @@ impl Agent {
         }
     }
 
+    /// Waits until VM `since.name`'s guest has made `by` more progress than in `since`, then
+    /// checks it runs and verifies (panics otherwise, as a test assertion).
+    pub fn goes_on(
+        &self,
+        since: &godwit_api::VmInfo,
+        by: u64,
+        timeout: Duration,
+    ) -> godwit_api::VmInfo {
+        let vm = self
+            .wait_vm(&since.name, timeout, "guest progress", |vm| {
+                vm.guest.progress >= since.guest.progress + by
+            })
+            .unwrap();
+        assert_eq!(vm.state, godwit_api::VmState::Running, "{vm:?}");
+        assert_eq!(vm.guest.verify_errors, 0, "{vm:?}");
+        vm
+    }
+
     /// Kills the agent process outright (its VMs run on in their VMM processes).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -12,16 +12,8 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The VM's guest made `by` more progress than `since`, runs and verifies.
 fn goes_on(agent: &Agent, since: &VmInfo, by: u64) -> VmInfo {
-    let vm = agent
-        .wait_vm(&since.name, WAIT, "guest progress", |vm| {
-            vm.guest.progress >= since.guest.progress + by
-        })
-        .unwrap();
-    assert_eq!(vm.state, VmState::Running, "{vm:?}");
-    assert_eq!(vm.guest.verify_errors, 0, "{vm:?}");
-    vm
+    agent.goes_on(since, by, WAIT)
 }
 
 #[test]

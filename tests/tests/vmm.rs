@@ -32,16 +32,8 @@ fn has(agent: &Agent, name: &str) -> bool {
     vms(agent).iter().any(|v| v.name == name)
 }
 
-/// The VM's guest made `by` more progress than `since` and verifies.
 fn goes_on(agent: &Agent, since: &VmInfo, by: u64) -> VmInfo {
-    let vm = agent
-        .wait_vm(&since.name, WAIT, "guest progress", |vm| {
-            vm.guest.progress >= since.guest.progress + by
-        })
-        .unwrap();
-    assert_eq!(vm.state, VmState::Running, "{vm:?}");
-    assert_eq!(vm.guest.verify_errors, 0, "{vm:?}");
-    vm
+    agent.goes_on(since, by, WAIT)
 }
 
 fn kill_9(pid: u32) {
