@@ -157,7 +157,7 @@ struct Row {
 
 fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
     let dir = tempfile::Builder::new().prefix("godwit-bench-").tempdir()?;
-    let mut extra = vec![];
+    let mut extra = vec!["--insecure"];
     if no_huge_pages {
         extra.push("--no-huge-pages");
     }
@@ -167,7 +167,7 @@ fn agent_bench(sizes: &[u64], runs: usize, no_huge_pages: bool) -> Result<()> {
         &dir.path().join("agent.log"),
         &extra,
     )?;
-    let a = AgentClient::new(&agent.url)?;
+    let a = AgentClient::new(&agent.url, &godwit_daemon::client::ClientAuth::insecure())?;
     let mut rows = vec![];
     for &mib in sizes {
         let mut row = Row::default();

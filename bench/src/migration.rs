@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use godwit_api::{CreateVm, DirtyPattern, GuestSpec, MigrationInfo, MigrationStatus, PageContent};
+use godwit_daemon::client::ClientAuth;
 use orchestrator::agent_client::AgentClient;
-use orchestrator::local::LocalAgent;
+use orchestrator::local::{LocalAgent, LocalCa};
 use serde_json::json;
 
 const MIB: f64 = (1 << 20) as f64;
@@ -54,12 +55,20 @@ pub(crate) struct Pair {
     pub(crate) dir: tempfile::TempDir,
 }
 
+/// `HOST:PORT` of an API URL (a migration's `target`).
+pub(crate) fn address(url: &str) -> String {
+    url.trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .to_owned()
+}
+
 impl Pair {
     pub(crate) fn start(no_huge_pages: bool, no_prefault: bool) -> Result<Pair> {
         Self::start_secured(no_huge_pages, no_prefault, false)
     }
 
-    /// Two agents; with `tls`, a cluster CA made for them and their migrations mutual TLS.
+    /// Two agents; with `tls`, a cluster CA made for them and their API and migrations mutual
+    /// TLS, else plain (`--insecure`, on loopback).
     pub(crate) fn start_secured(no_huge_pages: bool, no_prefault: bool, tls: bool) -> Result<Pair> {
         let dir = tempfile::Builder::new()
             .prefix("godwit-bench-mig-")
@@ -71,30 +80,20 @@ impl Pair {
         if no_prefault {
             extra.push("--no-prefault".into());
         }
+        let ca = LocalCa::open(dir.path())?;
         let args = |name: &str| -> Result<Vec<String>> {
             let mut a = extra.clone();
             if tls {
-                let ca_dir = dir.path().join("ca");
-                if !ca_dir.exists() {
-                    godwit_tls::ca::init(&ca_dir, "bench")?;
-                }
-                let who = godwit_tls::Identity {
-                    name: name.into(),
-                    role: godwit_tls::Role::Host,
-                };
-                let i = godwit_tls::ca::issue(
-                    &ca_dir,
-                    &who,
-                    &[],
-                    godwit_tls::ca::Validity::days(1),
-                    &dir.path().join(format!("{name}-tls")),
-                )?;
-                for (flag, p) in [("--ca", i.ca), ("--cert", i.cert), ("--key", i.key)] {
-                    a.push(flag.into());
-                    a.push(p.display().to_string());
-                }
+                a.extend(ca.host_args(name)?);
+            } else {
+                a.push("--insecure".into());
             }
             Ok(a)
+        };
+        let auth = if tls {
+            ca.admin()?
+        } else {
+            ClientAuth::insecure()
         };
         let (a_args, b_args) = (args("bench-a")?, args("bench-b")?);
         let a = LocalAgent::start_with(
@@ -110,10 +109,10 @@ impl Pair {
             &strs(&b_args),
         )?;
         Ok(Pair {
-            a: AgentClient::new(&a.url)?,
-            b: AgentClient::new(&b.url)?,
-            a_addr: a.url.trim_start_matches("http://").to_owned(),
-            b_addr: b.url.trim_start_matches("http://").to_owned(),
+            a: AgentClient::new(&a.url, &auth)?,
+            b: AgentClient::new(&b.url, &auth)?,
+            a_addr: address(&a.url),
+            b_addr: address(&b.url),
             _agents: (a, b),
             dir,
         })

@@ -11,6 +11,9 @@ pub enum AgentError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     MethodNotAllowed(String),
     /// The request clashes with current state (duplicate name, crashed VM).
@@ -34,6 +37,7 @@ impl AgentError {
         match self {
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AgentError::Conflict(_) => StatusCode::CONFLICT,
             AgentError::InsufficientMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
@@ -49,6 +53,7 @@ impl AgentError {
     pub fn from_status(status: u16, message: String) -> Self {
         match status {
             400 => AgentError::BadRequest(message),
+            403 => AgentError::Forbidden(message),
             404 => AgentError::NotFound(message),
             405 => AgentError::MethodNotAllowed(message),
             409 => AgentError::Conflict(message),

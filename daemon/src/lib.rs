@@ -1,11 +1,15 @@
 //! What Godwit's daemons (the agent and the orchestrator) share at their edges: an error and
-//! its sources as one line, the JSON error response every API answers with, and the signals
-//! that stop them.
+//! its sources as one line, the JSON error response every API answers with, the signals
+//! that stop them, the HTTPS listener of their APIs ([`https`]), who may do what there
+//! ([`auth`]) and how clients reach them ([`client`]).
 
 #![forbid(unsafe_code)]
 
 mod api_error;
+pub mod auth;
+pub mod client;
 pub mod host;
+pub mod https;
 pub mod paths;
 pub mod run_dir;
 

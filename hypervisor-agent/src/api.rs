@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::agent::Agent;
 use crate::error::AgentError;
+use godwit_daemon::auth::Caller;
 
 type Shared = Arc<Agent>;
 
@@ -94,9 +95,20 @@ async fn migrate_vm(
 
 async fn incoming_migration(
     State(a): State<Shared>,
+    caller: Option<axum::Extension<Caller>>,
     body: Bytes,
 ) -> Result<impl IntoResponse, AgentError> {
     let req: IncomingMigration = parse(&body)?;
+    // The access layer let only hosts of the cluster through; the announcement must also come
+    // from the host it names as the source, the only one whose channels the VMM will take.
+    let caller = caller.map(|c| c.0).unwrap_or(Caller::Anonymous);
+    if !caller.is_host(&req.source) {
+        tracing::warn!(%caller, source = %req.source, vm = %req.vm, "incoming migration refused: announced by another host");
+        return Err(AgentError::Forbidden(format!(
+            "{caller} cannot announce a migration from host {}",
+            req.source
+        )));
+    }
     Ok(Json(a.incoming(&req).await?))
 }
 

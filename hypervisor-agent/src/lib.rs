@@ -31,16 +31,21 @@ pub struct Report {
     pub orchestrator: String,
     /// This agent's API URL as the orchestrator should use it.
     pub url: String,
+    /// How heartbeats reach the orchestrator (this host's certificate, or plain HTTP).
+    pub auth: godwit_daemon::client::ClientAuth,
 }
 
 /// How often the agent sends a heartbeat to its orchestrator.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
 async fn heartbeats(agent: Arc<Agent>, report: Report) {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_default();
+    let client = match report.auth.client(Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the heartbeat client; no heartbeats");
+            return;
+        }
+    };
     let url = format!("{}/v1/agents/heartbeat", report.orchestrator);
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     let mut failing = false;
@@ -81,13 +86,15 @@ pub enum OnExit {
     StopVms,
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` behind `access` until `shutdown` completes.
 ///
 /// In-flight requests get `drain` to finish after the shutdown signal. With `report`, the
 /// agent sends heartbeats to an orchestrator. VMs keep running unless `on_exit` says to stop
 /// them.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
-    listener: tokio::net::TcpListener,
+    listener: godwit_daemon::https::ApiListener,
+    access: Arc<godwit_daemon::auth::Access>,
     agent: Arc<Agent>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
@@ -105,11 +112,14 @@ pub async fn run(
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        axum::serve(listener, api::router(agent.clone())).with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(());
-        });
+    let server = axum::serve(
+        listener,
+        godwit_daemon::auth::serve(api::router(agent.clone()), access),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    });
     let server = tokio::spawn(async move { server.await });
     let mut server = std::pin::pin!(server);
     tokio::select! {

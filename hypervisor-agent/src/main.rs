@@ -54,10 +54,11 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     dirty_probe_interval_s: u64,
     /// Orchestrator to report to (heartbeats with host and VM state every 2 s), e.g.
-    /// http://10.0.0.1:7000.
+    /// https://10.0.0.1:7000 (http:// for an --insecure orchestrator).
     #[arg(long, env = "GODWIT_ORCHESTRATOR")]
     orchestrator: Option<String>,
-    /// URL the orchestrator reaches this agent at. Default: http://<the address it listens on>.
+    /// URL the orchestrator reaches this agent at. Default: https://<the address it listens on>
+    /// (http:// with --insecure).
     #[arg(long)]
     advertise_url: Option<String>,
     /// A device class this host offers VMs (repeatable). `entropy` is served from
@@ -79,9 +80,11 @@ struct Args {
     /// The `godwit-vmm` executable. Default: next to this agent's executable.
     #[arg(long, env = "GODWIT_VMM_BINARY")]
     vmm_binary: Option<PathBuf>,
-    /// The cluster CA certificate (`godwit ca init`). With --cert and --key, migrations
-    /// between VMMs are mutual TLS: both ends present a certificate of this CA, and a target
-    /// takes channels only from the host the migration was announced from.
+    /// The cluster CA certificate (`godwit ca init`). With --cert and --key: the API is HTTPS
+    /// and takes client certificates of this CA (or tokens, --tokens), heartbeats and calls
+    /// to other agents present this host's certificate, and migrations between VMMs are
+    /// mutual TLS, a target taking channels only from the host the migration was announced
+    /// from. Required unless --insecure.
     #[arg(long, env = "GODWIT_CA", requires_all = ["cert", "key"])]
     ca: Option<PathBuf>,
     /// This host's certificate (`godwit ca issue --host NAME`, NAME being --name).
@@ -90,6 +93,16 @@ struct Args {
     /// The private key of --cert.
     #[arg(long, env = "GODWIT_KEY", requires_all = ["ca", "cert"])]
     key: Option<PathBuf>,
+    /// Serve the API as plain HTTP without authentication and migrate over plain TCP: for
+    /// trying Godwit on one machine only, refused unless --listen (and --migration-ip) is a
+    /// loopback address. Without it the agent needs --ca, --cert and --key.
+    #[arg(long, conflicts_with_all = ["ca", "cert", "key", "tokens"])]
+    insecure: bool,
+    /// A TOML file of bearer tokens operators may present instead of a client certificate:
+    /// `[[tokens]]` entries with `name`, `role` (admin or viewer) and `sha256` (the token's
+    /// SHA-256; `godwit token new` makes one). Read at start.
+    #[arg(long, env = "GODWIT_AGENT_TOKENS")]
+    tokens: Option<PathBuf>,
     /// Start VMMs without their seccomp filter (for debugging only: by default a VMM that
     /// makes a system call outside its allowlist is killed and its VM reported crashed).
     #[arg(long)]
@@ -160,12 +173,49 @@ async fn main() -> anyhow::Result<()> {
             .absolute()
             .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
             // Checked here so a wrong certificate stops the agent, not its first migration.
-            files
+            let creds = files
                 .load_host(&name)
                 .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
-            Some(files)
+            Some((files, creds))
         }
         _ => None,
+    };
+    let migration_ip = args.migration_ip.unwrap_or(listen.ip());
+    if tls.is_none() {
+        if !args.insecure {
+            anyhow::bail!(
+                "The agent needs this host's certificate: give --ca, --cert and --key (made with \
+                 `godwit ca init` and `godwit ca issue --host {name}`), or --insecure to serve \
+                 plain HTTP on a loopback address"
+            );
+        }
+        godwit_daemon::auth::check_insecure(&listen).map_err(anyhow::Error::msg)?;
+        godwit_daemon::auth::check_insecure(&std::net::SocketAddr::new(migration_ip, 0))
+            .map_err(|_| anyhow::anyhow!("--insecure migrates over plain TCP and is refused with --migration-ip {migration_ip}: only a loopback address may be insecure"))?;
+        tracing::warn!(
+            "--insecure: the API is plain HTTP without authentication and migrations are plain TCP"
+        );
+    }
+    let (access, server_tls, client_auth) = match &tls {
+        Some((_, creds)) => {
+            let tokens = match &args.tokens {
+                Some(path) => {
+                    godwit_daemon::auth::Tokens::load(path).map_err(anyhow::Error::msg)?
+                }
+                None => godwit_daemon::auth::Tokens::default(),
+            };
+            let err = |e: godwit_tls::TlsError| anyhow::anyhow!(godwit_daemon::chain(&e));
+            (
+                godwit_daemon::auth::Access::tls(godwit_daemon::auth::Rules::Agent, tokens),
+                Some(creds.api_server_config().map_err(err)?),
+                godwit_daemon::client::ClientAuth::certificate(creds).map_err(err)?,
+            )
+        }
+        None => (
+            godwit_daemon::auth::Access::insecure(godwit_daemon::auth::Rules::Agent),
+            None,
+            godwit_daemon::client::ClientAuth::insecure(),
+        ),
     };
     let data_dir = args.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
@@ -179,11 +229,11 @@ async fn main() -> anyhow::Result<()> {
         host: name.clone(),
         kvm_device: args.kvm_device.clone(),
         huge_pages: !args.no_huge_pages,
-        migration_ip: args.migration_ip.unwrap_or(listen.ip()),
+        migration_ip,
         prefault: !args.no_prefault,
         dirty_probe_interval_s: args.dirty_probe_interval_s,
         devices: args.devices.clone(),
-        tls,
+        tls: tls.map(|(files, _)| files),
         seccomp: !args.no_seccomp,
         seccomp_deny: args.vmm_seccomp_deny.clone(),
     }));
@@ -210,25 +260,26 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("Cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let listener = godwit_daemon::https::ApiListener::new(listener, server_tls)?;
+    let scheme = listener.scheme();
     // Tests and scripts read this line to find the port.
     println!(
-        "hypervisor-agent {} listening on http://{addr}",
+        "hypervisor-agent {} listening on {scheme}://{addr}",
         agent.config().name
     );
     tracing::info!(%addr, name = %agent.config().name, "agent started");
     let url = args
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{addr}"));
     backend.set_agent_url(url.clone());
     agent.announce_url(&url).await;
     let report = args
         .orchestrator
         .map(|orchestrator| hypervisor_agent::Report {
             orchestrator: orchestrator.trim_end_matches('/').to_owned(),
-            url: args
-                .advertise_url
-                .unwrap_or_else(|| format!("http://{addr}")),
+            url: url.clone(),
+            auth: client_auth,
         });
     let on_exit = if args.stop_vms_on_exit {
         hypervisor_agent::OnExit::StopVms
@@ -237,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
     };
     hypervisor_agent::run(
         listener,
+        access,
         agent,
         godwit_daemon::shutdown_signal(),
         Duration::from_secs(args.drain_seconds),

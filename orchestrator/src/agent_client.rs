@@ -7,6 +7,7 @@ use godwit_api::{
     CreateVm, DigestInfo, HostInfo, MigrationInfo, MigrationStarted, RestoreInfo, RestoreRequest,
     SnapshotInfo, SnapshotRequest, VmInfo,
 };
+use godwit_daemon::client::ClientAuth;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -18,9 +19,9 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    pub fn new(base: &str) -> Result<Self> {
+    pub fn new(base: &str, auth: &ClientAuth) -> Result<Self> {
         Ok(AgentClient {
-            http: JsonClient::new(base, "the agent", Duration::from_secs(300))?,
+            http: JsonClient::new(base, "the agent", Duration::from_secs(300), auth)?,
         })
     }
 

@@ -15,6 +15,8 @@ use godwit_api::{
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use godwit_daemon::auth::Caller;
+
 use crate::balancer;
 use crate::driver;
 use crate::error::OrchError;
@@ -64,12 +66,26 @@ async fn metrics(AxState(s): AxState<Shared>) -> impl IntoResponse {
     )
 }
 
-async fn heartbeat(AxState(s): AxState<Shared>, body: Bytes) -> Result<StatusCode, OrchError> {
+async fn heartbeat(
+    AxState(s): AxState<Shared>,
+    caller: Option<axum::Extension<Caller>>,
+    body: Bytes,
+) -> Result<StatusCode, OrchError> {
     let beat: AgentHeartbeat = parse(&body)?;
     if beat.host.name.is_empty() || !beat.url.starts_with("http") {
         return Err(OrchError::BadRequest(
             "A heartbeat needs the agent's name and an http URL".into(),
         ));
+    }
+    // Only the host itself may report for it: else a host could claim another's name and
+    // be sent its VMs.
+    let caller = caller.map(|c| c.0).unwrap_or(Caller::Anonymous);
+    if !caller.is_host(&beat.host.name) {
+        tracing::warn!(%caller, claimed = %beat.host.name, "heartbeat refused: it claims another host");
+        return Err(OrchError::Forbidden(format!(
+            "{caller} cannot send heartbeats for host {}",
+            beat.host.name
+        )));
     }
     s.observe(&beat.url, beat.host, beat.vms);
     Ok(StatusCode::NO_CONTENT)

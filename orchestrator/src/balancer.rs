@@ -435,7 +435,12 @@ mod tests {
 
     fn state(dir: &tempfile::TempDir) -> State {
         let store = Store::open(&dir.path().join("o.redb")).unwrap();
-        State::new(Config::default(), store).unwrap()
+        State::new(
+            Config::default(),
+            store,
+            &godwit_daemon::client::ClientAuth::insecure(),
+        )
+        .unwrap()
     }
 
     fn host(name: &str, disk_free_mib: u64, classes: &[&str]) -> HostInfo {

@@ -7,6 +7,7 @@ use godwit_api::{
     BalancerState, ClusterCreateVm, ClusterHost, ClusterMigrate, ClusterMigration, ClusterVm,
     ClusterVmCreated, Decision, PlanView,
 };
+use godwit_daemon::client::ClientAuth;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -18,9 +19,9 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Result<Self> {
+    pub fn new(base: &str, auth: &ClientAuth) -> Result<Self> {
         Ok(Client {
-            http: JsonClient::new(base, "the orchestrator", Duration::from_secs(120))?,
+            http: JsonClient::new(base, "the orchestrator", Duration::from_secs(120), auth)?,
         })
     }
 

@@ -24,6 +24,10 @@ pub struct Config {
     /// How often a running migration's status is polled from its source agent, ms.
     pub migration_poll_ms: u64,
     pub policy: policies::Params,
+    /// Bearer tokens operators may present instead of a client certificate (`[[tokens]]`
+    /// with `name`, `role` = admin or viewer, and `sha256`, the token's SHA-256 in hex).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<godwit_daemon::auth::TokenEntry>,
 }
 
 impl Default for Config {
@@ -37,6 +41,7 @@ impl Default for Config {
             host_capacity_cores: 0.0,
             migration_poll_ms: 250,
             policy: policies::Params::default(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -73,7 +78,13 @@ impl Config {
         Ok(config)
     }
 
+    /// The bearer tokens of `tokens`, checked.
+    pub fn tokens(&self) -> Result<godwit_daemon::auth::Tokens, ConfigError> {
+        godwit_daemon::auth::Tokens::new(&self.tokens).map_err(ConfigError::Invalid)
+    }
+
     pub fn check(&self) -> Result<(), ConfigError> {
+        self.tokens()?;
         if self.poll_interval_ms == 0 || self.balance_interval_ms == 0 {
             return Err(ConfigError::Invalid(
                 "poll_interval_ms and balance_interval_ms must be above 0".into(),

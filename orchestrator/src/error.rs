@@ -11,6 +11,9 @@ pub enum OrchError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     /// No host can take it (placement failed).
     #[error("{0}")]
     NoCapacity(String),
@@ -36,6 +39,7 @@ impl OrchError {
             OrchError::BadRequest(_) => StatusCode::BAD_REQUEST,
             OrchError::NotFound(_) => StatusCode::NOT_FOUND,
             OrchError::Conflict(_) => StatusCode::CONFLICT,
+            OrchError::Forbidden(_) => StatusCode::FORBIDDEN,
             OrchError::NoCapacity(_) => StatusCode::INSUFFICIENT_STORAGE,
             OrchError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             OrchError::Agent(_) => StatusCode::BAD_GATEWAY,

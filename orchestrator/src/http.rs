@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use godwit_api::ErrorBody;
+use godwit_daemon::client::ClientAuth;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -17,13 +18,26 @@ pub struct JsonClient {
 }
 
 impl JsonClient {
-    pub fn new(base: &str, peer: &'static str, timeout: Duration) -> Result<Self> {
+    /// A client of the API at `base` (a URL), reached as `auth` says.
+    pub fn new(
+        base: &str,
+        peer: &'static str,
+        timeout: Duration,
+        auth: &ClientAuth,
+    ) -> Result<Self> {
+        if base.starts_with("https://") && !auth.is_tls() {
+            bail!(
+                "{base} is HTTPS: give the cluster CA (--ca, or `ca` in the config file) and a \
+                 certificate (--cert, --key) or a token (GODWIT_TOKEN)"
+            );
+        }
+        if base.starts_with("http://") && auth.is_tls() {
+            bail!("{base} is plain HTTP but TLS credentials were given: use https://");
+        }
         Ok(JsonClient {
             base: base.trim_end_matches('/').to_owned(),
             peer,
-            http: reqwest::blocking::Client::builder()
-                .timeout(timeout)
-                .build()?,
+            http: auth.blocking_client(timeout)?,
         })
     }
 

@@ -77,7 +77,8 @@ async fn balance_loop(state: Arc<State>) {
 /// Serves the API until `shutdown`; runs the poller and the balancer meanwhile. Migrations
 /// that were running when the orchestrator last stopped are followed again.
 pub async fn run(
-    listener: tokio::net::TcpListener,
+    listener: godwit_daemon::https::ApiListener,
+    access: Arc<godwit_daemon::auth::Access>,
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -87,9 +88,12 @@ pub async fn run(
     }
     let poller = tokio::spawn(poll_agents(state.clone()));
     let balancer = tokio::spawn(balance_loop(state.clone()));
-    let result = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = axum::serve(
+        listener,
+        godwit_daemon::auth::serve(api::router(state), access),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
     poller.abort();
     balancer.abort();
     result

@@ -44,7 +44,10 @@ impl Process {
         let mut line = String::new();
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         BufReader::new(stdout).read_line(&mut line)?;
-        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+        let Some(url) = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
+        else {
             let _ = child.kill();
             let _ = child.wait();
             bail!("{binary} did not start; see its log {}", log.display());
@@ -70,6 +73,84 @@ impl Drop for Process {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A local cluster's certificate authority (`DIR/ca`, made once) and the certificates it
+/// issued (`DIR/tls/NAME/`, each issued once): `godwit up`, `godwit demo` and the benchmarks
+/// run their clusters over mutual TLS with it.
+#[derive(Debug, Clone)]
+pub struct LocalCa {
+    dir: PathBuf,
+}
+
+/// The operator certificate a local cluster's CLI uses.
+pub const LOCAL_ADMIN: &str = "admin";
+
+impl LocalCa {
+    /// Opens the CA in `dir/ca`, making it first if there is none.
+    pub fn open(dir: &Path) -> Result<LocalCa> {
+        use godwit_tls::ca;
+        let ca_dir = dir.join("ca");
+        if !ca_dir.join(ca::CA_CERT).exists() {
+            ca::init(&ca_dir, "local").map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        }
+        Ok(LocalCa {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The certificate of `name` in `role` (issued on first use), with absolute paths.
+    pub fn files(&self, name: &str, role: godwit_tls::Role) -> Result<godwit_tls::TlsFiles> {
+        use godwit_tls::ca;
+        let out = self.dir.join("tls").join(name);
+        let files = godwit_tls::TlsFiles {
+            ca: out.join(ca::CA_CERT),
+            cert: out.join(format!("{name}.crt")),
+            key: out.join(format!("{name}.key")),
+        };
+        if !files.cert.exists() {
+            let who = godwit_tls::Identity {
+                name: name.to_owned(),
+                role,
+            };
+            ca::issue(
+                &self.dir.join("ca"),
+                &who,
+                &[],
+                ca::Validity::days(365),
+                &out,
+            )
+            .map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        }
+        files
+            .absolute()
+            .map_err(|e| anyhow!(godwit_daemon::chain(&e)))
+    }
+
+    /// `--ca`, `--cert` and `--key` with host `name`'s certificate, for a daemon's arguments.
+    pub fn host_args(&self, name: &str) -> Result<Vec<String>> {
+        let files = self.files(name, godwit_tls::Role::Host)?;
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--ca", &files.ca),
+            ("--cert", &files.cert),
+            ("--key", &files.key),
+        ] {
+            args.push(flag.to_owned());
+            args.push(path_arg(path)?.to_owned());
+        }
+        Ok(args)
+    }
+
+    /// A client holding the local admin's certificate.
+    pub fn admin(&self) -> Result<godwit_daemon::client::ClientAuth> {
+        let creds = self
+            .files(LOCAL_ADMIN, godwit_tls::Role::Admin)?
+            .load()
+            .map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        godwit_daemon::client::ClientAuth::certificate(&creds)
+            .map_err(|e| anyhow!(godwit_daemon::chain(&e)))
     }
 }
 

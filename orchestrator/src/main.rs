@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use godwit_daemon::auth::{Access, Rules};
+use godwit_daemon::client::ClientAuth;
 use orchestrator::config::Config;
 use orchestrator::state::State;
 use orchestrator::store::Store;
@@ -35,6 +37,22 @@ struct Args {
     /// through the API is remembered and wins over both).
     #[arg(long)]
     balancer: Option<String>,
+    /// The cluster CA certificate (`godwit ca init`). With --cert and --key the API is HTTPS
+    /// and takes client certificates of this CA (hosts, admins, viewers) or the config's
+    /// bearer tokens; the orchestrator calls agents with its certificate. Required unless
+    /// --insecure.
+    #[arg(long, env = "GODWIT_ORCHESTRATOR_CA", requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// The orchestrator's host certificate (`godwit ca issue --host NAME`).
+    #[arg(long, env = "GODWIT_ORCHESTRATOR_CERT", requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, env = "GODWIT_ORCHESTRATOR_KEY", requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
+    /// Serve plain HTTP without authentication and call agents over plain HTTP: for trying
+    /// Godwit on one machine only, refused unless --listen is a loopback address.
+    #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
+    insecure: bool,
 }
 
 #[tokio::main]
@@ -57,17 +75,56 @@ async fn main() -> anyhow::Result<()> {
                 format!("--balancer must be off, recommend or automatic, not {mode:?}")
             })?;
     }
+    let listen: std::net::SocketAddr = tokio::net::lookup_host(&args.listen)
+        .await
+        .with_context(|| format!("Cannot resolve --listen {}", args.listen))?
+        .next()
+        .with_context(|| format!("--listen {} resolves to no address", args.listen))?;
+    let tls_err = |e: godwit_tls::TlsError| anyhow::anyhow!(godwit_daemon::chain(&e));
+    let (access, server_tls, client) = match (&args.ca, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let creds = godwit_tls::Credentials::load(ca, cert, key).map_err(tls_err)?;
+            if creds.identity().role != godwit_tls::Role::Host {
+                anyhow::bail!(
+                    "{} is the certificate of {}; the orchestrator needs a host certificate \
+                     (godwit ca issue --host NAME)",
+                    cert.display(),
+                    creds.identity()
+                );
+            }
+            (
+                Access::tls(Rules::Orchestrator, config.tokens()?),
+                Some(creds.api_server_config().map_err(tls_err)?),
+                ClientAuth::certificate(&creds).map_err(tls_err)?,
+            )
+        }
+        _ if args.insecure => {
+            godwit_daemon::auth::check_insecure(&listen).map_err(anyhow::Error::msg)?;
+            tracing::warn!("--insecure: the API is plain HTTP without authentication");
+            (
+                Access::insecure(Rules::Orchestrator),
+                None,
+                ClientAuth::insecure(),
+            )
+        }
+        _ => anyhow::bail!(
+            "The orchestrator needs a certificate: give --ca, --cert and --key (made with \
+             `godwit ca init` and `godwit ca issue --host orchestrator`), or --insecure to serve \
+             plain HTTP on a loopback address"
+        ),
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("Cannot create {}", args.data_dir.display()))?;
     let store = Store::open(&args.data_dir.join("orchestrator.redb"))?;
-    let state = Arc::new(State::new(config, store)?);
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let state = Arc::new(State::new(config, store, &client)?);
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("Cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("orchestrator listening on http://{addr}");
+    let listener = godwit_daemon::https::ApiListener::new(listener, server_tls)?;
+    println!("orchestrator listening on {}://{addr}", listener.scheme());
     tracing::info!(%addr, "orchestrator started");
-    orchestrator::run(listener, state, godwit_daemon::shutdown_signal())
+    orchestrator::run(listener, access, state, godwit_daemon::shutdown_signal())
         .await
         .context("The API server failed")?;
     tracing::info!("orchestrator stopped");

@@ -78,7 +78,12 @@ pub struct State {
 
 impl State {
     /// Loads the records of an earlier run.
-    pub fn new(config: Config, store: Store) -> Result<Self, OrchError> {
+    /// `client` is how it calls agents (its host certificate, or plain HTTP).
+    pub fn new(
+        config: Config,
+        store: Store,
+        client: &godwit_daemon::client::ClientAuth,
+    ) -> Result<Self, OrchError> {
         let vms: Vec<VmRecord> = store.vms().map_err(OrchError::store)?;
         let migrations: Vec<ClusterMigration> = store.migrations().map_err(OrchError::store)?;
         let mode: BalancerMode = store
@@ -95,9 +100,8 @@ impl State {
             .meta("cordoned_hosts")
             .map_err(OrchError::store)?
             .unwrap_or_default();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
+        let http = client
+            .client(Duration::from_secs(30))
             .map_err(|e| OrchError::Internal(format!("Cannot build an HTTP client: {e}")))?;
         let state = State {
             metrics: Metrics::new(),

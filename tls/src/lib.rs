@@ -183,20 +183,7 @@ pub struct Credentials {
 impl Credentials {
     /// Loads the cluster CA certificate, this end's certificate and its private key (PEM).
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for der in CertificateDer::pem_slice_iter(&read(ca)?) {
-            let der = der.map_err(|_| TlsError::Pem {
-                path: ca.to_owned(),
-                what: "certificate",
-            })?;
-            roots.add(der)?;
-        }
-        if roots.is_empty() {
-            return Err(TlsError::Pem {
-                path: ca.to_owned(),
-                what: "certificate",
-            });
-        }
+        let roots = load_roots(ca)?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert)?)
             .collect::<Result<_, _>>()
             .map_err(|_| TlsError::Pem {
@@ -215,7 +202,7 @@ impl Credentials {
             what: "private key",
         })?;
         Ok(Credentials {
-            roots: Arc::new(roots),
+            roots,
             chain,
             key: Arc::new(key),
             identity,
@@ -253,6 +240,22 @@ impl Credentials {
         Ok(Arc::new(config))
     }
 
+    /// An HTTP API server: a client certificate of the cluster CA is checked when one is
+    /// presented, but not required, so an operator holding only a bearer token can connect
+    /// (the API's access layer then decides who may do what; see `godwit-daemon`'s `auth`).
+    pub fn api_server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+                .allow_unauthenticated()
+                .build()?;
+        let mut config = ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// A client that trusts only the cluster CA and presents this end's certificate.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         let config = ClientConfig::builder_with_provider(Self::provider())
@@ -261,6 +264,34 @@ impl Credentials {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         Ok(Arc::new(config))
     }
+}
+
+/// A client that trusts only the cluster CA in `ca` and presents no certificate (an operator
+/// who authenticates with a bearer token instead).
+pub fn ca_only_client_config(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let config = ClientConfig::builder_with_provider(Credentials::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(load_roots(ca)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn load_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(&read(ca)?) {
+        let der = der.map_err(|_| TlsError::Pem {
+            path: ca.to_owned(),
+            what: "certificate",
+        })?;
+        roots.add(der)?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Pem {
+            path: ca.to_owned(),
+            what: "certificate",
+        });
+    }
+    Ok(Arc::new(roots))
 }
 
 /// The server name a client checks the server's certificate against: an IP address or a DNS

@@ -568,7 +568,7 @@ fn start_migration(
     let plan = if vm_resources.items.is_empty() {
         MigrationPlan::default()
     } else {
-        let info = resource_plan::target_info(&req.target)?;
+        let info = resource_plan::target_info(&vmm.resources.client, &req.target)?;
         resource_plan::plan(
             &vmm.resources,
             name,
@@ -597,7 +597,7 @@ fn start_migration(
             hosts
         },
     };
-    let accepted = match ask_target(&req.target, &incoming) {
+    let accepted = match ask_target(&vmm.resources.client, &req.target, &incoming) {
         Ok(a) => a,
         Err(e) => {
             resource_plan::undo_exports(&vmm.resources, name, &plan.planned);
@@ -939,17 +939,20 @@ impl Migrations {
 }
 
 /// Asks the target agent to get ready; its refusal comes back with its status.
-fn ask_target(target: &str, req: &IncomingMigration) -> Result<IncomingAccepted, VmmError> {
+fn ask_target(
+    auth: &godwit_daemon::client::ClientAuth,
+    target: &str,
+    req: &IncomingMigration,
+) -> Result<IncomingAccepted, VmmError> {
     let unreachable = |source| VmmError::TargetUnreachable {
         target: target.to_owned(),
         source,
     };
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
+    let client = auth
+        .blocking_client(Duration::from_secs(30))
         .map_err(unreachable)?;
     let resp = client
-        .post(format!("http://{target}/v1/migrations/incoming"))
+        .post(format!("{}/v1/migrations/incoming", auth.url(target)))
         .json(req)
         .send()
         .map_err(unreachable)?;

@@ -94,6 +94,10 @@ impl Vmm {
             config.resource_capacity_bytes,
             config.device_classes.clone(),
             config.migration_ip,
+            match &config.tls {
+                Some(creds) => godwit_daemon::client::ClientAuth::certificate(creds)?,
+                None => godwit_daemon::client::ClientAuth::insecure(),
+            },
         )?;
         let vmm = Vmm {
             resources,

@@ -7,8 +7,12 @@
 mod ca;
 #[path = "godwit/hosts.rs"]
 mod hosts;
+#[path = "godwit/profile.rs"]
+mod profile;
 #[path = "godwit/resources.rs"]
 mod resources;
+#[path = "godwit/token.rs"]
+mod token;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,7 +25,7 @@ use godwit_api::{
     MigrationMode, MigrationPhase, MigrationStatus, PageContent, ResourceSpec,
 };
 use orchestrator::cli::Client;
-use orchestrator::local::{LocalAgent, LocalOrchestrator};
+use orchestrator::local::{LocalAgent, LocalCa, LocalOrchestrator, LOCAL_ADMIN};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,14 +33,26 @@ use orchestrator::local::{LocalAgent, LocalOrchestrator};
     about = "Godwit: live migration and load balancing of VMs across hosts"
 )]
 struct Cli {
-    /// The orchestrator's URL.
-    #[arg(
-        long,
-        global = true,
-        env = "GODWIT_SERVER",
-        default_value = "http://127.0.0.1:7000"
-    )]
-    server: String,
+    /// The orchestrator's URL [default: `server` in the config file, else
+    /// https://127.0.0.1:7000].
+    #[arg(long, global = true, env = "GODWIT_SERVER")]
+    server: Option<String>,
+    /// The CLI's config file (server, ca, cert, key, token) [default:
+    /// ~/.config/godwit/config.toml, if present].
+    #[arg(long, global = true, env = "GODWIT_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// The cluster CA certificate, to check the orchestrator with.
+    #[arg(long, global = true, env = "GODWIT_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// Your operator certificate (`godwit ca issue --user NAME --role ROLE`). Instead of a
+    /// certificate, a bearer token (`godwit token new`) may be given in GODWIT_TOKEN or as
+    /// `token` in the config file (never as a flag, to keep it out of shell history and ps).
+    #[arg(long, global = true, env = "GODWIT_CERT")]
+    cert: Option<std::path::PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, global = true, env = "GODWIT_KEY")]
+    key: Option<std::path::PathBuf>,
+
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -54,6 +70,9 @@ enum Command {
     /// Make the cluster's certificate authority and issue host and operator certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Make bearer tokens for operators without a certificate.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Create, list, show and remove VMs.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -207,12 +226,22 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => return demo(args),
         _ => {}
     }
-    if let Command::Ca(cmd) = cli.command {
-        return ca::run(cmd, json);
-    }
-    let c = Client::new(&cli.server)?;
-    match cli.command {
-        Command::Ca(_) => unreachable!("handled above"),
+    let command = match cli.command {
+        Command::Ca(cmd) => return ca::run(cmd, json),
+        Command::Token(cmd) => return token::run(cmd, json),
+        command => command,
+    };
+    let profile = profile::resolve(profile::Given {
+        server: cli.server,
+        config: cli.config,
+        ca: cli.ca,
+        cert: cli.cert,
+        key: cli.key,
+        token: std::env::var("GODWIT_TOKEN").ok(),
+    })?;
+    let c = Client::new(&profile.server, &profile.auth)?;
+    match command {
+        Command::Ca(_) | Command::Token(_) => unreachable!("handled above"),
         Command::Hosts => hosts(&c, json),
         Command::Host(cmd) => hosts::run(&c, cmd, json),
         Command::Vm(VmCommand::Create(args)) => {
@@ -656,39 +685,17 @@ fn plan(c: &Client, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A local cluster: an orchestrator and agents reporting to it.
+/// A local cluster: an orchestrator and agents reporting to it. It is secure by default: a
+/// CA in `DIR/ca` and a certificate for the orchestrator, each agent and the CLI's admin in
+/// `DIR/tls/NAME` (each made once), so every API call and migration is mutual TLS; the CLI's
+/// config file for it is `DIR/config.toml`.
 struct LocalCluster {
     orchestrator: LocalOrchestrator,
     agents: Vec<LocalAgent>,
     dir: std::path::PathBuf,
+    /// A client of the orchestrator as the local admin.
+    client: Client,
     _temp: Option<tempfile::TempDir>,
-}
-
-/// The local cluster is secure by default: a CA in `DIR/ca` (made once) and a host certificate
-/// per agent in `DIR/tls/NAME` (issued once), so migrations between its agents are mutual TLS.
-fn cluster_certificate(dir: &std::path::Path, name: &str) -> Result<godwit_tls::TlsFiles> {
-    use godwit_tls::ca;
-    let ca_dir = dir.join("ca");
-    if !ca_dir.join(ca::CA_CERT).exists() {
-        ca::init(&ca_dir, "local").map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
-    }
-    let out = dir.join("tls").join(name);
-    let files = godwit_tls::TlsFiles {
-        ca: out.join(ca::CA_CERT),
-        cert: out.join(format!("{name}.crt")),
-        key: out.join(format!("{name}.key")),
-    };
-    if !files.cert.exists() {
-        let who = godwit_tls::Identity {
-            name: name.to_owned(),
-            role: godwit_tls::Role::Host,
-        };
-        ca::issue(&ca_dir, &who, &[], ca::Validity::days(365), &out)
-            .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))?;
-    }
-    files
-        .absolute()
-        .map_err(|e| anyhow::anyhow!(godwit_daemon::chain(&e)))
 }
 
 fn start_cluster(
@@ -709,34 +716,42 @@ fn start_cluster(
             (t.path().to_owned(), Some(t))
         }
     };
+    let ca = LocalCa::open(&dir)?;
+    let mut args: Vec<String> = orch_args.iter().map(|s| s.to_string()).collect();
+    args.extend(ca.host_args("orchestrator")?);
     let orchestrator = LocalOrchestrator::start(
         &dir.join("orchestrator"),
         &dir.join("orchestrator.log"),
-        orch_args,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let mut agents = Vec::new();
     for i in 1..=n {
         let name = format!("host-{i}");
-        let cap = format!("cpu_capacity={capacity}");
-        let tls = cluster_certificate(&dir, &name)?;
-        let mut args = vec!["--orchestrator", &orchestrator.url, "--label", &cap];
-        for (flag, path) in [
-            ("--ca", &tls.ca),
-            ("--cert", &tls.cert),
-            ("--key", &tls.key),
-        ] {
-            args.push(flag);
-            args.push(path.to_str().context("a certificate path is not UTF-8")?);
-        }
+        let mut args = vec![
+            "--orchestrator".to_owned(),
+            orchestrator.url.clone(),
+            "--label".to_owned(),
+            format!("cpu_capacity={capacity}"),
+        ];
+        args.extend(ca.host_args(&name)?);
         agents.push(LocalAgent::start_with(
             &name,
             &dir.join(&name),
             &dir.join(format!("{name}.log")),
-            &args,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
         )?);
     }
+    // The CLI's config file for this cluster, as the local admin.
+    let admin = ca.files(LOCAL_ADMIN, godwit_tls::Role::Admin)?;
+    let config = toml::to_string(&serde_json::json!({
+        "server": orchestrator.url,
+        "ca": admin.ca,
+        "cert": admin.cert,
+        "key": admin.key,
+    }))?;
+    std::fs::write(dir.join("config.toml"), config)?;
     // Wait until every agent has reported.
-    let c = Client::new(&orchestrator.url)?;
+    let c = Client::new(&orchestrator.url, &ca.admin()?)?;
     let t = Instant::now();
     while c.hosts()?.iter().filter(|h| h.up).count() < n {
         if t.elapsed() > Duration::from_secs(30) {
@@ -751,6 +766,7 @@ fn start_cluster(
         orchestrator,
         agents,
         dir,
+        client: c,
         _temp: temp,
     })
 }
@@ -772,8 +788,12 @@ fn up(args: UpArgs) -> Result<()> {
     }
     println!("data and logs: {}", cluster.dir.display());
     println!(
-        "try: GODWIT_SERVER={} godwit hosts",
-        cluster.orchestrator.url
+        "the CLI's config (server, CA, admin certificate): {}",
+        cluster.dir.join("config.toml").display()
+    );
+    println!(
+        "try: export GODWIT_CONFIG={}; godwit hosts",
+        cluster.dir.join("config.toml").display()
     );
     println!("Ctrl-C stops the cluster.");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -812,7 +832,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         "Starting a local cluster: an orchestrator and 3 agents (each declares 1 CPU core)..."
     );
     let cluster = start_cluster(3, 1.0, None, &["--balancer", "recommend"])?;
-    let c = Client::new(&cluster.orchestrator.url)?;
+    let c = cluster.client.clone();
     println!(
         "  orchestrator {}; logs in {}",
         cluster.orchestrator.url,

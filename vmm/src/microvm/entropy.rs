@@ -80,10 +80,13 @@ pub struct RemoteEntropy {
 
 impl RemoteEntropy {
     /// `url` is the remote agent's base URL, `host` its name.
-    pub fn new(url: &str, host: &str) -> io::Result<Self> {
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
+    pub fn new(
+        url: &str,
+        host: &str,
+        auth: &godwit_daemon::client::ClientAuth,
+    ) -> io::Result<Self> {
+        let client = auth
+            .blocking_client(Duration::from_secs(5))
             .map_err(io::Error::other)?;
         Ok(RemoteEntropy {
             url: url.trim_end_matches('/').to_owned(),

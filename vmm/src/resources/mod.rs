@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
 use godwit_api::{IncomingMigration, ResourceKind, ResourceSpec};
+use godwit_daemon::client::ClientAuth;
 
 use crate::error::VmmError;
 use crate::microvm::block::{FileDisk, NbdDisk};
@@ -61,6 +62,8 @@ pub struct HostResources {
     /// Bytes of disk and scratch data on this host, by VM.
     used: Mutex<HashMap<String, u64>>,
     listener_addr: SocketAddr,
+    /// How this VMM calls other hosts' agents (their devices, release of moved resources).
+    pub(crate) client: ClientAuth,
 }
 
 impl HostResources {
@@ -71,6 +74,7 @@ impl HostResources {
         capacity_bytes: u64,
         device_classes: BTreeSet<String>,
         ip: IpAddr,
+        client: ClientAuth,
     ) -> Result<Arc<Self>, VmmError> {
         let root = data_dir.join("resources");
         std::fs::create_dir_all(&root)
@@ -100,6 +104,7 @@ impl HostResources {
             incoming: Mutex::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
             listener_addr,
+            client,
         });
         let weak = Arc::downgrade(&me);
         thread::Builder::new()
@@ -324,9 +329,9 @@ impl HostResources {
     }
 
     /// A device on another host, reached through its agent (GR).
-    pub(crate) fn remote_device(class: &str, url: &str, host: &str) -> BoundState {
+    pub(crate) fn remote_device(&self, class: &str, url: &str, host: &str) -> BoundState {
         if class == "entropy" {
-            match RemoteEntropy::new(url, host) {
+            match RemoteEntropy::new(url, host, &self.client) {
                 Ok(e) => {
                     let location = e.location();
                     return BoundState::Device {
@@ -460,10 +465,10 @@ impl HostResources {
     /// before are told to release what they keep for it.
     pub fn delete_vm(&self, vm: &str, res: &VmResources) {
         for url in &res.visited {
-            let (url, vm) = (url.clone(), vm.to_owned());
+            let (url, vm, client) = (url.clone(), vm.to_owned(), self.client.clone());
             let _ = thread::Builder::new()
                 .name("release-moved".into())
-                .spawn(move || notify_deleted(&url, &vm));
+                .spawn(move || notify_deleted(&client, &url, &vm));
         }
         self.release(vm);
     }
@@ -603,10 +608,9 @@ impl HostResources {
 }
 
 /// Tells the agent at `url` that `vm`, which once ran there, was deleted (best effort).
-fn notify_deleted(url: &str, vm: &str) {
-    let result = reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
+fn notify_deleted(client: &ClientAuth, url: &str, vm: &str) {
+    let result = client
+        .blocking_client(std::time::Duration::from_secs(10))
         .and_then(|c| c.delete(format!("{url}/v1/resources/{vm}")).send());
     match result {
         Ok(r) if r.status().is_success() || r.status().as_u16() == 409 => {}

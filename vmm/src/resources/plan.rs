@@ -11,6 +11,7 @@ use std::time::Duration;
 use godwit_api::{
     HostInfo, IncomingResource, ResourceAction, ResourceKind, ResourceMigration, ResourceStatus,
 };
+use godwit_daemon::client::ClientAuth;
 use policies::rebinding::{self, Choice, TargetCapabilities};
 
 use super::transfer::Planned;
@@ -26,17 +27,16 @@ pub struct MigrationPlan {
 }
 
 /// Asks the target agent at `target` (HOST:PORT) what it offers VM resources.
-pub fn target_info(target: &str) -> Result<HostInfo, VmmError> {
+pub fn target_info(auth: &ClientAuth, target: &str) -> Result<HostInfo, VmmError> {
     let unreachable = |source| VmmError::TargetUnreachable {
         target: target.to_owned(),
         source,
     };
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
+    let client = auth
+        .blocking_client(Duration::from_secs(10))
         .map_err(unreachable)?;
     client
-        .get(format!("http://{target}/v1/host"))
+        .get(format!("{}/v1/host", auth.url(target)))
         .send()
         .and_then(|r| r.error_for_status())
         .and_then(|r| r.json::<HostInfo>())

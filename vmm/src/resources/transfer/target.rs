@@ -340,7 +340,7 @@ impl Incoming {
                 (ResourceKind::Device, _) => {
                     let url = r.remote.as_deref().unwrap_or_default();
                     (
-                        HostResources::remote_device(
+                        host.remote_device(
                             r.spec.class.as_deref().unwrap_or_default(),
                             url,
                             &remote_host,
