@@ -15,7 +15,7 @@ cleanup() {
     rm -rf "$D"
 }
 trap cleanup EXIT
-start() { "$BIN/hypervisor-agent" --listen 127.0.0.1:$PORT --name rb --data-dir "$D" --dirty-probe-interval-s 0 >/dev/null 2>>"$D/agent.log" & echo $!; }
+start() { "$BIN/hypervisor-agent" --listen 127.0.0.1:$PORT --name rb --data-dir "$D" --dirty-probe-interval-s 0 --insecure >/dev/null 2>>"$D/agent.log" & echo $!; }
 wait_up() { until curl -sf localhost:$PORT/healthz >/dev/null; do sleep 0.005; done; }
 pid=$(start); wait_up
 for i in $(seq 1 $N); do

@@ -1,5 +1,10 @@
 //! Helpers for Godwit's end-to-end tests: build and start the real binaries on free ports,
-//! talk to them over HTTP, stop them with SIGTERM, and decide whether KVM tests run.
+//! talk to them over HTTPS, stop them with SIGTERM, and decide whether KVM tests run.
+//!
+//! As in production, every daemon runs with a certificate of a cluster CA: each test process
+//! has one ([`TestCa::shared`]) that issues a host certificate per agent name, one for the
+//! orchestrator, and the admin certificate the tests' clients hold. An agent started with
+//! its own `--ca` or with `--insecure` is left as it is asked.
 //!
 //! The tests in `tests/tests/` are thin `#[test]` wrappers over these helpers.
 
@@ -12,6 +17,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use godwit_daemon::client::ClientAuth;
+use godwit_tls::ca::{self, Validity};
+use godwit_tls::{Identity, Role, TlsFiles};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -70,16 +78,153 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
-/// Starts a Godwit daemon (stderr inherited, RUST_LOG defaulting to `warn`) and reads the
-/// address it prints as its first line on stdout.
-fn spawn_daemon(cmd: &mut Command, what: &str) -> Result<(Child, String)> {
+/// A cluster CA for tests, in a directory of its own, issuing each certificate once.
+#[derive(Debug)]
+pub struct TestCa {
+    dir: PathBuf,
+    issued: std::sync::Mutex<()>,
+}
+
+impl TestCa {
+    /// A new CA in `dir`.
+    pub fn new(dir: &Path) -> Result<TestCa> {
+        ca::init(&dir.join("ca"), "test").map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        Ok(TestCa {
+            dir: dir.to_owned(),
+            issued: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The test process's CA (in a temporary directory kept until the process ends).
+    pub fn shared() -> &'static TestCa {
+        static CA: OnceLock<(tempfile::TempDir, TestCa)> = OnceLock::new();
+        let (_, ca) = CA.get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("godwit-test-ca-")
+                .tempdir()
+                .expect("temporary directory");
+            let ca = TestCa::new(dir.path()).expect("test CA");
+            (dir, ca)
+        });
+        ca
+    }
+
+    /// The CA's certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca").join(ca::CA_CERT)
+    }
+
+    /// `who`'s certificate (issued on first use, valid for a day).
+    pub fn files(&self, who: &Identity) -> Result<TlsFiles> {
+        self.files_valid(who, Validity::days(1), "")
+    }
+
+    /// `who`'s certificate with the given validity, kept apart by `tag`.
+    pub fn files_valid(&self, who: &Identity, validity: Validity, tag: &str) -> Result<TlsFiles> {
+        let _one_at_a_time = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        let out = self
+            .dir
+            .join("issued")
+            .join(format!("{}-{}{tag}", who.role, who.name));
+        let files = TlsFiles {
+            ca: out.join(ca::CA_CERT),
+            cert: out.join(format!("{}.crt", who.name)),
+            key: out.join(format!("{}.key", who.name)),
+        };
+        if !files.cert.exists() {
+            ca::issue(&self.dir.join("ca"), who, &[], validity, &out)
+                .map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        }
+        Ok(files)
+    }
+
+    /// `--ca`, `--cert`, `--key` for host `name`.
+    pub fn host_args(&self, name: &str) -> Result<Vec<String>> {
+        let f = self.files(&Identity {
+            name: name.to_owned(),
+            role: Role::Host,
+        })?;
+        Ok([("--ca", f.ca), ("--cert", f.cert), ("--key", f.key)]
+            .into_iter()
+            .flat_map(|(flag, p)| [flag.to_owned(), p.display().to_string()])
+            .collect())
+    }
+
+    /// A client holding `who`'s certificate.
+    pub fn client(&self, who: &Identity) -> Result<ClientAuth> {
+        let creds = self
+            .files(who)?
+            .load()
+            .map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        ClientAuth::certificate(&creds).map_err(|e| anyhow!(godwit_daemon::chain(&e)))
+    }
+
+    /// A client holding the tests' admin certificate.
+    pub fn admin(&self) -> Result<ClientAuth> {
+        self.client(&Identity {
+            name: "test-admin".into(),
+            role: Role::Admin,
+        })
+    }
+}
+
+/// What the agent `extra` arguments start: the shared CA's host certificate and an admin
+/// client, unless they bring their own `--ca` or say `--insecure` (then no TLS from here;
+/// a test that brings its own CA talks to that agent with [`Api::with_auth`]).
+fn security(name: &str, extra: &[&str]) -> Result<(Vec<String>, ClientAuth)> {
+    if extra.contains(&"--insecure") {
+        return Ok((Vec::new(), ClientAuth::insecure()));
+    }
+    if extra.contains(&"--ca") {
+        let i = extra.iter().position(|a| *a == "--ca").expect("present");
+        let (cert, key) = (flag_value(extra, "--cert"), flag_value(extra, "--key"));
+        let creds = godwit_tls::Credentials::load(
+            Path::new(extra.get(i + 1).copied().unwrap_or_default()),
+            Path::new(cert.unwrap_or_default()),
+            Path::new(key.unwrap_or_default()),
+        )
+        .map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        // The agent's own certificate: a host may read and drive an agent.
+        let auth =
+            ClientAuth::certificate(&creds).map_err(|e| anyhow!(godwit_daemon::chain(&e)))?;
+        return Ok((Vec::new(), auth));
+    }
+    let ca = TestCa::shared();
+    Ok((ca.host_args(name)?, ca.admin()?))
+}
+
+fn flag_value<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| *a == flag)?;
+    args.get(i + 1).copied()
+}
+
+/// `HOST:PORT` of an API URL.
+pub fn host_port(url: &str) -> &str {
+    url.trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+}
+
+/// Starts a Godwit daemon (stderr inherited, or appended to `log`; RUST_LOG defaulting to
+/// `warn`) and reads the address it prints as its first line on stdout.
+fn spawn_daemon(cmd: &mut Command, what: &str, log: Option<&Path>) -> Result<(Child, String)> {
+    let stderr = match log {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("Cannot open {}", path.display()))?,
+        ),
+        None => Stdio::inherit(),
+    };
     let mut child = cmd
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("Cannot start {what}"))?;
     let stdout = child.stdout.take().expect("piped stdout");
@@ -87,7 +232,7 @@ fn spawn_daemon(cmd: &mut Command, what: &str) -> Result<(Child, String)> {
     BufReader::new(stdout).read_line(&mut line)?;
     let url = line
         .split_whitespace()
-        .find(|w| w.starts_with("http://"))
+        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
         .ok_or_else(|| anyhow!("{what} did not print its address, said {line:?}"))?
         .to_owned();
     Ok((child, url))
@@ -101,13 +246,17 @@ pub struct Api {
 }
 
 impl Api {
-    fn new(url: String, timeout: Duration) -> Result<Api> {
+    /// A client of the API at `url` with `auth`'s identity.
+    pub fn new(url: String, timeout: Duration, auth: &ClientAuth) -> Result<Api> {
         Ok(Api {
             url,
-            http: reqwest::blocking::Client::builder()
-                .timeout(timeout)
-                .build()?,
+            http: auth.blocking_client(timeout)?,
         })
+    }
+
+    /// The same API as someone else (another certificate, a token, none).
+    pub fn with_auth(&self, auth: &ClientAuth) -> Result<Api> {
+        Api::new(self.url.clone(), Duration::from_secs(30), auth)
     }
 
     /// Sends a request; returns the status and the body parsed as JSON (Null when empty).
@@ -206,21 +355,34 @@ impl Orchestrator {
 
     /// As `start`, on a given address (a restart keeps the address its agents report to).
     pub fn start_at(data_dir: &Path, config_toml: &str, listen: &str) -> Result<Orchestrator> {
+        Self::start_logged(data_dir, config_toml, listen, None)
+    }
+
+    /// As `start_at`, its log (stderr) appended to `log`.
+    pub fn start_logged(
+        data_dir: &Path,
+        config_toml: &str,
+        listen: &str,
+        log: Option<&Path>,
+    ) -> Result<Orchestrator> {
         std::fs::create_dir_all(data_dir)?;
         let config = data_dir.join("config.toml");
         std::fs::write(&config, config_toml)?;
+        let ca = TestCa::shared();
         let (child, url) = spawn_daemon(
             Command::new(bin_dir().join("orchestrator"))
                 .args(["--listen", listen, "--data-dir"])
                 .arg(data_dir)
                 .arg("--config")
-                .arg(&config),
+                .arg(&config)
+                .args(ca.host_args("orchestrator")?),
             "orchestrator",
+            log,
         )?;
         Ok(Orchestrator {
             child: Some(child),
             data_dir: data_dir.to_owned(),
-            api: Api::new(url, Duration::from_secs(60))?,
+            api: Api::new(url, Duration::from_secs(60), &ca.admin()?)?,
         })
     }
 
@@ -273,7 +435,10 @@ pub struct Agent {
     pub name: String,
     pub data_dir: tempfile::TempDir,
     api: Api,
+    /// Its arguments (with the certificate the harness gave it, if it did).
     extra: Vec<String>,
+    /// Where its log goes (None: the test's stderr).
+    log: Option<PathBuf>,
 }
 
 impl std::ops::Deref for Agent {
@@ -290,28 +455,45 @@ impl Agent {
 
     /// Starts an agent with extra command-line arguments.
     pub fn start_with(name: &str, extra: &[&str]) -> Result<Agent> {
+        Self::start_logged(name, extra, None)
+    }
+
+    /// As `start_with`, its log (stderr) appended to `log`.
+    pub fn start_logged(name: &str, extra: &[&str], log: Option<&Path>) -> Result<Agent> {
         let data_dir = tempfile::Builder::new()
             .prefix(&format!("godwit-{name}-"))
             .tempdir()?;
-        let (child, url) = Self::spawn(name, data_dir.path(), "127.0.0.1:0", extra)?;
+        let (tls, auth) = security(name, extra)?;
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(tls);
+        let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, url) = Self::spawn(name, data_dir.path(), "127.0.0.1:0", &strs, log)?;
         let agent = Agent {
             child: Some(child),
             name: name.to_owned(),
             data_dir,
-            api: Api::new(url, Duration::from_secs(120))?,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            api: Api::new(url, Duration::from_secs(120), &auth)?,
+            extra: args,
+            log: log.map(Path::to_owned),
         };
         agent.wait_healthy()?;
         Ok(agent)
     }
 
-    fn spawn(name: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> Result<(Child, String)> {
+    fn spawn(
+        name: &str,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> Result<(Child, String)> {
         spawn_daemon(
             Command::new(bin_dir().join("hypervisor-agent"))
                 .args(["--listen", listen, "--name", name, "--data-dir"])
                 .arg(data_dir)
                 .args(extra),
             "hypervisor-agent",
+            log,
         )
     }
 
@@ -320,7 +502,13 @@ impl Agent {
     pub fn restart(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "the agent still runs");
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let (child, url) = Self::spawn(&self.name, self.data_dir.path(), self.address(), &extra)?;
+        let (child, url) = Self::spawn(
+            &self.name,
+            self.data_dir.path(),
+            self.address(),
+            &extra,
+            self.log.as_deref(),
+        )?;
         assert_eq!(url, self.url, "the agent came back on another address");
         self.child = Some(child);
         self.wait_healthy()
@@ -331,9 +519,18 @@ impl Agent {
     pub fn restart_elsewhere(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "the agent still runs");
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let (child, url) = Self::spawn(&self.name, self.data_dir.path(), "127.0.0.1:0", &extra)?;
+        let (child, url) = Self::spawn(
+            &self.name,
+            self.data_dir.path(),
+            "127.0.0.1:0",
+            &extra,
+            self.log.as_deref(),
+        )?;
         self.child = Some(child);
-        self.api = Api::new(url, Duration::from_secs(120))?;
+        self.api = Api {
+            url,
+            http: self.api.http.clone(),
+        };
         self.wait_healthy()
     }
 
@@ -397,7 +594,7 @@ impl Agent {
 
     /// `HOST:PORT` of this agent's API, as a migration `target`.
     pub fn address(&self) -> &str {
-        self.url.trim_start_matches("http://")
+        host_port(&self.url)
     }
 
     /// Starts migrating `vm` to `dst` with the `MigrateRequest` fields in `body`; returns the

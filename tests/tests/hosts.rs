@@ -125,7 +125,7 @@ fn a_drained_host_is_left_by_every_vm_that_can_move() {
         body["error"].as_str().unwrap().contains("cordoned"),
         "{body}"
     );
-    let listen = orch.url.trim_start_matches("http://").to_owned();
+    let listen = godwit_tests::host_port(&orch.url).to_owned();
     orch.terminate().unwrap();
     orch = Orchestrator::start_at(&dir.path().join("orch"), config, &listen).unwrap();
     orch.wait::<Vec<ClusterHost>>("/v1/hosts", WAIT, "three hosts up again", |h| {

@@ -251,7 +251,7 @@ fn refusing_targets_and_garbage_peers() {
     create(&b, "x", json!({"kind":"idle"}));
 
     let mut body = json!({"mode":"precopy"});
-    body["target"] = json!(b.url.trim_start_matches("http://"));
+    body["target"] = json!(godwit_tests::host_port(&b.url));
     let (status, resp) = a
         .request(Method::POST, "/v1/vms/x/migrate", Some(&body))
         .unwrap();
@@ -261,7 +261,7 @@ fn refusing_targets_and_garbage_peers() {
         "{resp}"
     );
 
-    body["target"] = json!(tiny.url.trim_start_matches("http://"));
+    body["target"] = json!(godwit_tests::host_port(&tiny.url));
     let (status, resp) = a
         .request(Method::POST, "/v1/vms/x/migrate", Some(&body))
         .unwrap();
@@ -286,16 +286,24 @@ fn refusing_targets_and_garbage_peers() {
         .unwrap();
     assert_eq!(status, 400);
 
-    // A peer that opens the migration port and sends garbage, then one that speaks the
-    // protocol with a wrong migration id: the target answers with an error, keeps running,
-    // and after its accept timeout frees the name and memory.
+    // A host of the cluster announces a migration, then its port gets garbage (no TLS
+    // handshake, a protocol header, zeros): the target refuses each connection, keeps
+    // running, and after its accept timeout frees the name and memory.
+    let evil = godwit_tests::TestCa::shared()
+        .client(&godwit_tls::Identity {
+            name: "evil".into(),
+            role: godwit_tls::Role::Host,
+        })
+        .unwrap();
     let incoming = json!({"id": "00112233445566778899aabbccddeeff", "vm": "ghost",
                           "vcpus": 1, "memory_mib": 64, "mode": "precopy", "source": "evil"});
-    let accepted: Value = b.post("/v1/migrations/incoming", &incoming).unwrap();
+    let accepted: Value = b
+        .with_auth(&evil)
+        .unwrap()
+        .post("/v1/migrations/incoming", &incoming)
+        .unwrap();
     let port = accepted["port"].as_u64().unwrap();
-    let host = b
-        .url
-        .trim_start_matches("http://")
+    let host = godwit_tests::host_port(&b.url)
         .rsplit_once(':')
         .unwrap()
         .0

@@ -304,7 +304,7 @@ fn balancer_resolves_a_hotspot_and_records_survive_a_restart() {
     let decisions_before: Vec<Decision> = c.orch.get("/v1/decisions?limit=20000").unwrap();
     let data = c.orch.data_dir.clone();
     c.orch.terminate().unwrap();
-    let listen = c.orch.url.trim_start_matches("http://").to_owned();
+    let listen = godwit_tests::host_port(&c.orch.url).to_owned();
     c.orch = Orchestrator::start_at(&data, &config("automatic"), &listen).unwrap();
     let mode: BalancerState = c.orch.get("/v1/balancer").unwrap();
     assert_eq!(mode.mode, godwit_api::BalancerMode::Off);

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use godwit_api::{BalancerState, ClusterHost, ClusterMigration, MigrationInfo, MigrationStatus};
-use godwit_tests::{kvm_available, Agent, Orchestrator};
+use godwit_tests::{host_port, kvm_available, Agent, Orchestrator};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -151,10 +151,40 @@ fn rules_and_dashboards_check_offline() {
         .into_iter()
         .partition(|p| p.to_string_lossy().ends_with("_test.yml"));
     assert!(rules.len() >= 2 && tests.len() >= 2, "{rules:?} {tests:?}");
+    // The sample config reads a viewer certificate from godwit/ beside it: check a copy that
+    // has one (and the rules it names).
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        root().join("grafana/prometheus/prometheus.yml"),
+        copy.path().join("prometheus.yml"),
+    )
+    .unwrap();
+    std::fs::create_dir(copy.path().join("rules")).unwrap();
+    for rule in &rules {
+        std::fs::copy(
+            rule,
+            copy.path().join("rules").join(rule.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let viewer = godwit_tests::TestCa::shared()
+        .files(&godwit_tls::Identity {
+            name: "prometheus".into(),
+            role: godwit_tls::Role::Viewer,
+        })
+        .unwrap();
+    std::fs::create_dir(copy.path().join("godwit")).unwrap();
+    for (from, to) in [
+        (&viewer.ca, "ca.crt"),
+        (&viewer.cert, "prometheus.crt"),
+        (&viewer.key, "prometheus.key"),
+    ] {
+        std::fs::copy(from, copy.path().join("godwit").join(to)).unwrap();
+    }
     let out = run_ok(
         Command::new(&tools.promtool)
             .args(["check", "config"])
-            .arg(root().join("grafana/prometheus/prometheus.yml")),
+            .arg(copy.path().join("prometheus.yml")),
         "promtool check config",
     );
     eprint!("{out}");
@@ -221,8 +251,14 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn host_port(url: &str) -> &str {
-    url.trim_start_matches("http://")
+/// Prometheus scrapes the daemons over HTTPS as a viewer of the tests' cluster CA.
+fn scrape_tls() -> Value {
+    let who = godwit_tls::Identity {
+        name: "prometheus".into(),
+        role: godwit_tls::Role::Viewer,
+    };
+    let f = godwit_tests::TestCa::shared().files(&who).unwrap();
+    json!({"ca_file": f.ca, "cert_file": f.cert, "key_file": f.key})
 }
 
 impl Prometheus {
@@ -236,9 +272,9 @@ impl Prometheus {
                 rules.join("godwit-alerts.yml"),
             ],
             "scrape_configs": [
-                {"job_name": "godwit-orchestrator",
+                {"job_name": "godwit-orchestrator", "scheme": "https", "tls_config": scrape_tls(),
                  "static_configs": [{"targets": [host_port(orchestrator)]}]},
-                {"job_name": "godwit-agents",
+                {"job_name": "godwit-agents", "scheme": "https", "tls_config": scrape_tls(),
                  "static_configs": [{"targets": agents.iter().map(|a| host_port(a)).collect::<Vec<_>>()}]},
             ],
         });
@@ -428,7 +464,14 @@ impl Scrape {
 }
 
 fn scrape(url: &str) -> Scrape {
-    let text = reqwest::blocking::get(format!("{url}/metrics"))
+    let http = godwit_tests::TestCa::shared()
+        .admin()
+        .unwrap()
+        .blocking_client(Duration::from_secs(30))
+        .unwrap();
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
         .and_then(|r| r.error_for_status())
         .and_then(|r| r.text())
         .unwrap_or_else(|e| panic!("GET {url}/metrics: {e}"));
