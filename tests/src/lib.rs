@@ -159,6 +159,18 @@ impl TestCa {
         ClientAuth::certificate(&creds).map_err(|e| anyhow!(godwit_daemon::chain(&e)))
     }
 
+    /// The `godwit` CLI's `--ca`, `--cert`, `--key` for the tests' admin.
+    pub fn admin_args(&self) -> Result<Vec<String>> {
+        let f = self.files(&Identity {
+            name: "test-admin".into(),
+            role: Role::Admin,
+        })?;
+        Ok([("--ca", f.ca), ("--cert", f.cert), ("--key", f.key)]
+            .into_iter()
+            .flat_map(|(flag, p)| [flag.to_owned(), p.display().to_string()])
+            .collect())
+    }
+
     /// A client holding the tests' admin certificate.
     pub fn admin(&self) -> Result<ClientAuth> {
         self.client(&Identity {

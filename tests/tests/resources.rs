@@ -453,6 +453,7 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
         .any(|r| r.location.starts_with("nbd ")));
     let out = std::process::Command::new(bin_dir().join("godwit"))
         .args(["--server", &orch.url, "migrations", "show", &started.id])
+        .args(godwit_tests::TestCa::shared().admin_args().unwrap())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -652,6 +652,7 @@ fn start_migration(
                 .and_then(|mut a| a.next())
             });
     let transfer = match SourceTransfer::start(
+        &vmm.resources.links,
         resource_addr.filter(|_| accepted.resource_port != 0),
         &id,
         plan.planned.clone(),
@@ -789,6 +790,7 @@ pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccep
     let resources = Arc::new(Incoming::new(
         &req.id,
         &req.vm,
+        &req.source,
         req.resources.clone(),
         req.previous_hosts.clone(),
         vmm.resources.vm_dir(&req.vm),

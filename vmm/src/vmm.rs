@@ -98,6 +98,7 @@ impl Vmm {
                 Some(creds) => godwit_daemon::client::ClientAuth::certificate(creds)?,
                 None => godwit_daemon::client::ClientAuth::insecure(),
             },
+            crate::resources::link::LinkSecurity::new(config.tls.as_ref())?,
         )?;
         let vmm = Vmm {
             resources,

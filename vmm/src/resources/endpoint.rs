@@ -9,7 +9,9 @@
 //! bytes held since the freeze, and splices the connection to the link. The guest's output
 //! from before the pause drains to the client first, so nothing is lost, repeated or
 //! reordered. Later connections to the published address are forwarded the same way, and a
-//! VM that moves again extends the chain from its current host.
+//! VM that moves again extends the chain from its current host. Links between hosts are
+//! secured as [`super::link`] says (mutual TLS between hosts of the cluster); clients'
+//! connections to the published address are the guest's own traffic and stay as they come.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -18,11 +20,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
+use page_transfer::channel::Channel;
+
+use super::link::LinkSecurity;
 use crate::microvm::stream::{Delivered, Stream};
 
 /// First line a forwarding agent sends on a link: `GODWIT-LINK <vm> <resource>\n`.
 pub const LINK_PREFIX: &str = "GODWIT-LINK";
-const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 const BUF: usize = 16 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -42,19 +46,19 @@ enum Route {
 #[derive(Debug, Default)]
 struct Session {
     /// The connection itself, to close it when the endpoint stops.
-    conn: Mutex<Option<TcpStream>>,
+    conn: Mutex<Option<Channel>>,
     /// Set once the VM moved away: the link to its new host.
-    link: Mutex<Option<TcpStream>>,
+    link: Mutex<Option<Channel>>,
     linked: Condvar,
     closed: AtomicBool,
 }
 
 impl Session {
-    fn wait_link(&self) -> Option<TcpStream> {
+    fn wait_link(&self) -> Option<Channel> {
         let mut link = lock(&self.link);
         loop {
             if let Some(l) = link.as_ref() {
-                return l.try_clone().ok();
+                return Some(l.clone());
             }
             if self.closed.load(Ordering::Acquire) {
                 return None;
@@ -84,6 +88,8 @@ pub struct Endpoint {
     sessions: Mutex<Vec<Arc<Session>>>,
     connections: AtomicU64,
     stopped: AtomicBool,
+    /// How links to the VM's next host are secured.
+    links: LinkSecurity,
 }
 
 impl Endpoint {
@@ -94,6 +100,7 @@ impl Endpoint {
         resource: &str,
         stream: Arc<Stream>,
         listener: Option<TcpListener>,
+        links: LinkSecurity,
     ) -> io::Result<Arc<Self>> {
         let published = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let endpoint = Arc::new(Endpoint {
@@ -104,6 +111,7 @@ impl Endpoint {
             sessions: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            links,
         });
         if let Some(listener) = listener {
             let ep = endpoint.clone();
@@ -148,7 +156,8 @@ impl Endpoint {
             match accepted {
                 Ok((conn, peer)) => {
                     tracing::debug!(vm = %self.vm, %peer, "endpoint client connected");
-                    self.serve(conn);
+                    let _ = conn.set_nodelay(true);
+                    self.serve(Channel::plain(conn));
                 }
                 Err(e) => {
                     tracing::warn!(vm = %self.vm, error = %e, "endpoint accept failed");
@@ -159,15 +168,15 @@ impl Endpoint {
     }
 
     /// Serves one connection (a client's, or a link from another agent).
-    pub fn serve(self: &Arc<Self>, conn: TcpStream) {
+    pub fn serve(self: &Arc<Self>, conn: Channel) {
         self.connections.fetch_add(1, Ordering::Relaxed);
-        let _ = conn.set_nodelay(true);
         let route = lock(&self.route).clone();
         match route {
             Route::Local(stream) => self.attach(conn, stream),
             Route::Forward(addr) => {
                 let (vm, resource) = (self.vm.clone(), self.resource.clone());
-                thread::spawn(move || match open_link(addr, &vm, &resource) {
+                let links = self.links.clone();
+                thread::spawn(move || match open_link(&links, addr, &vm, &resource) {
                     Ok(link) => splice(conn, link),
                     Err(e) => {
                         tracing::warn!(%vm, %addr, error = %e, "cannot forward an endpoint connection");
@@ -177,13 +186,11 @@ impl Endpoint {
         }
     }
 
-    fn attach(self: &Arc<Self>, conn: TcpStream, stream: Arc<Stream>) {
+    fn attach(self: &Arc<Self>, conn: Channel, stream: Arc<Stream>) {
         let session = Arc::new(Session::default());
-        *lock(&session.conn) = conn.try_clone().ok();
+        *lock(&session.conn) = Some(conn.clone());
         lock(&self.sessions).push(session.clone());
-        let (Ok(reader_conn), Ok(writer_conn)) = (conn.try_clone(), conn.try_clone()) else {
-            return;
-        };
+        let (reader_conn, writer_conn) = (conn.clone(), conn);
         // Client to guest.
         let (s, st) = (session.clone(), stream.clone());
         let _ = thread::Builder::new()
@@ -191,7 +198,7 @@ impl Endpoint {
             .spawn(move || {
                 let mut conn = reader_conn;
                 let mut buf = vec![0u8; BUF];
-                let mut link: Option<TcpStream> = None;
+                let mut link: Option<Channel> = None;
                 loop {
                     let n = match conn.read(&mut buf) {
                         Ok(0) | Err(_) => break,
@@ -259,7 +266,7 @@ impl Endpoint {
         }
         let mut held = Some(held);
         for s in live {
-            match open_link(link_addr, &self.vm, &self.resource) {
+            match open_link(&self.links, link_addr, &self.vm, &self.resource) {
                 Ok(mut link) => {
                     // Only one session can be attached at a time in practice; the held bytes
                     // belong to whichever was sending, so the first live one carries them.
@@ -306,10 +313,15 @@ impl Endpoint {
     }
 }
 
-/// Opens a link to the agent at `addr` for `vm`'s endpoint `resource`.
-pub fn open_link(addr: SocketAddr, vm: &str, resource: &str) -> io::Result<TcpStream> {
-    let mut link = TcpStream::connect_timeout(&addr, LINK_TIMEOUT)?;
-    link.set_nodelay(true)?;
+/// Opens a link to the host whose resource listener is `addr` for `vm`'s endpoint
+/// `resource`.
+pub fn open_link(
+    links: &LinkSecurity,
+    addr: SocketAddr,
+    vm: &str,
+    resource: &str,
+) -> io::Result<Channel> {
+    let mut link = links.connect(addr)?;
     link.write_all(format!("{LINK_PREFIX} {vm} {resource}\n").as_bytes())?;
     Ok(link)
 }
@@ -327,10 +339,8 @@ pub fn read_link_header(rest: &str) -> Option<(String, String)> {
 }
 
 /// Copies both ways between two connections until either side closes.
-fn splice(a: TcpStream, b: TcpStream) {
-    let (Ok(mut a2), Ok(mut b2)) = (a.try_clone(), b.try_clone()) else {
-        return;
-    };
+fn splice(a: Channel, b: Channel) {
+    let (mut a2, mut b2) = (a.clone(), b.clone());
     let t = thread::spawn(move || {
         let mut a = a;
         let mut b = b;
@@ -344,7 +354,7 @@ fn splice(a: TcpStream, b: TcpStream) {
 
 /// Reads one header line (at most `max` bytes) from a fresh connection without consuming
 /// anything after it.
-pub fn read_header_line(conn: &TcpStream, max: usize) -> io::Result<String> {
+pub fn read_header_line(conn: &Channel, max: usize) -> io::Result<String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     let mut r = conn;
@@ -382,9 +392,27 @@ mod tests {
 
     #[test]
     fn a_client_keeps_its_connection_across_a_move() {
+        a_client_keeps_its_connection_across_a_move_over(&LinkSecurity::default());
+    }
+
+    #[test]
+    fn a_client_keeps_its_connection_across_a_move_over_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = super::super::link::tests::host_credentials(dir.path(), "h");
+        a_client_keeps_its_connection_across_a_move_over(&LinkSecurity::new(Some(&creds)).unwrap());
+    }
+
+    fn a_client_keeps_its_connection_across_a_move_over(links: &LinkSecurity) {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let source_stream = Arc::new(Stream::new());
-        let ep = Endpoint::start("vm", "web", source_stream.clone(), Some(listener)).unwrap();
+        let ep = Endpoint::start(
+            "vm",
+            "web",
+            source_stream.clone(),
+            Some(listener),
+            links.clone(),
+        )
+        .unwrap();
         let addr = ep.published().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let guest = echo_guest(source_stream.clone(), stop.clone());
@@ -402,10 +430,13 @@ mod tests {
         let link_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let link_addr = link_listener.local_addr().unwrap();
         let target_stream = Arc::new(Stream::new());
-        let target_ep = Endpoint::start("vm", "web", target_stream.clone(), None).unwrap();
+        let target_ep =
+            Endpoint::start("vm", "web", target_stream.clone(), None, links.clone()).unwrap();
         let t = target_ep.clone();
+        let target_links = links.clone();
         thread::spawn(move || {
             let (conn, _) = link_listener.accept().unwrap();
+            let conn = target_links.accept(conn).unwrap();
             let header = read_header_line(&conn, 200).unwrap();
             assert_eq!(header, "GODWIT-LINK vm web");
             t.serve(conn);

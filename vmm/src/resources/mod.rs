@@ -8,6 +8,7 @@
 
 mod bound;
 pub mod endpoint;
+pub mod link;
 pub mod plan;
 mod spec;
 pub mod transfer;
@@ -25,6 +26,7 @@ use std::thread;
 
 use godwit_api::{IncomingMigration, ResourceKind, ResourceSpec};
 use godwit_daemon::client::ClientAuth;
+use link::LinkSecurity;
 
 use crate::error::VmmError;
 use crate::microvm::block::{FileDisk, NbdDisk};
@@ -64,6 +66,8 @@ pub struct HostResources {
     listener_addr: SocketAddr,
     /// How this VMM calls other hosts' agents (their devices, release of moved resources).
     pub(crate) client: ClientAuth,
+    /// How resource connections to and from other hosts' VMMs are secured.
+    pub(crate) links: LinkSecurity,
 }
 
 impl HostResources {
@@ -75,6 +79,7 @@ impl HostResources {
         device_classes: BTreeSet<String>,
         ip: IpAddr,
         client: ClientAuth,
+        links: LinkSecurity,
     ) -> Result<Arc<Self>, VmmError> {
         let root = data_dir.join("resources");
         std::fs::create_dir_all(&root)
@@ -105,6 +110,7 @@ impl HostResources {
             used: Mutex::new(HashMap::new()),
             listener_addr,
             client,
+            links,
         });
         let weak = Arc::downgrade(&me);
         thread::Builder::new()
@@ -155,6 +161,14 @@ impl HostResources {
     }
 
     fn serve_conn(self: Arc<Self>, conn: TcpStream) {
+        let peer = conn.peer_addr().ok();
+        let conn = match self.links.accept(conn) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(?peer, error = %e, "resource listener: connection refused");
+                return;
+            }
+        };
         let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
         let header = match endpoint::read_header_line(&conn, 200) {
             Ok(h) => h,
@@ -184,7 +198,12 @@ impl HostResources {
             transfer::RESOURCES_PREFIX => {
                 let incoming = lock(&self.incoming).get(rest.trim()).cloned();
                 match incoming {
-                    Some(inc) => inc.receive(conn),
+                    Some(inc) => match link::from_source(&conn, &inc.source) {
+                        Ok(()) => inc.receive(conn),
+                        Err(why) => {
+                            tracing::warn!(?peer, id = rest, %why, "resource listener: connection refused")
+                        }
+                    },
                     None => {
                         tracing::warn!(id = rest, "resource data for an unknown migration");
                     }
@@ -288,8 +307,14 @@ impl HostResources {
                     },
                 )?;
                 let stream = Arc::new(Stream::new());
-                let endpoint = Endpoint::start(vm, &s.name, stream.clone(), Some(listener))
-                    .map_err(|e| internal("the endpoint", e))?;
+                let endpoint = Endpoint::start(
+                    vm,
+                    &s.name,
+                    stream.clone(),
+                    Some(listener),
+                    self.links.clone(),
+                )
+                .map_err(|e| internal("the endpoint", e))?;
                 let address = endpoint
                     .published()
                     .map(|a| a.to_string())
@@ -418,7 +443,7 @@ impl HostResources {
             ep.rebind_local(stream);
             return Ok(ep.clone());
         }
-        let ep = Endpoint::start(vm, resource, stream, None)?;
+        let ep = Endpoint::start(vm, resource, stream, None, self.links.clone())?;
         endpoints.insert(key, ep.clone());
         Ok(ep)
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,11 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use godwit_api::{ResourceAction, ResourceKind, ResourceMigration, ResourceStatus};
+use page_transfer::channel::Channel;
 use page_transfer::progress::Progress;
 
 use super::*;
 use crate::microvm::block::{self, BlockBackend, FileDisk};
 use crate::microvm::stream::Stream;
+use crate::resources::link::LinkSecurity;
 use crate::resources::{scratch_files, Bound, BoundState};
 /// One resource of a migrating VM with the action chosen for it.
 #[derive(Debug, Clone)]
@@ -45,8 +47,8 @@ pub struct SourceTransfer {
     ready: Arc<AtomicBool>,
     /// The migration failed: the copier stops at once, even mid-pass.
     cancel: Arc<AtomicBool>,
-    worker: Mutex<Option<JoinHandle<io::Result<TcpStream>>>>,
-    conn: Mutex<Option<TcpStream>>,
+    worker: Mutex<Option<JoinHandle<io::Result<Channel>>>>,
+    conn: Mutex<Option<Channel>>,
     stream: Option<Arc<Stream>>,
     frozen: AtomicBool,
     started: Instant,
@@ -65,6 +67,7 @@ impl std::fmt::Debug for SourceTransfer {
 impl SourceTransfer {
     /// Starts copying the data of MV/CP resources to `addr` while the VM runs.
     pub fn start(
+        links: &LinkSecurity,
         addr: Option<SocketAddr>,
         migration_id: &str,
         items: Vec<Planned>,
@@ -92,8 +95,7 @@ impl SourceTransfer {
                 ))
             }
             (false, Some(addr)) => {
-                let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-                conn.set_nodelay(true)?;
+                let mut conn = links.connect(addr)?;
                 conn.write_all(format!("{RESOURCES_PREFIX} {migration_id}\n").as_bytes())?;
                 let (records, progress, done) = (records.clone(), progress.clone(), ready.clone());
                 let flags = Flags {
@@ -352,7 +354,7 @@ impl SourceTransfer {
 /// The copier: a full pass over each disk and every scratch file, then dirty disk blocks
 /// again and again until `stop`.
 fn copy_live(
-    conn: &mut TcpStream,
+    conn: &mut Channel,
     items: &[Planned],
     records: &Records,
     progress: &Progress,
@@ -473,7 +475,7 @@ fn copy_live(
 /// Sends `blocks` (sorted) of `disk` in runs of up to [`CHUNK_BLOCKS`]; all-zero chunks go
 /// without data. Returns the bytes written.
 fn send_blocks(
-    conn: &mut TcpStream,
+    conn: &mut Channel,
     name: &str,
     disk: &FileDisk,
     blocks: &[u64],
@@ -507,7 +509,7 @@ fn send_blocks(
 }
 
 fn send_dir(
-    conn: &mut TcpStream,
+    conn: &mut Channel,
     name: &str,
     dir: &Path,
     cancel: &AtomicBool,

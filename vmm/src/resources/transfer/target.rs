@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use godwit_api::{IncomingResource, ResourceAction, ResourceKind};
+use page_transfer::channel::Channel;
 
 use super::*;
 use crate::microvm::block::{self, BlockBackend, FileDisk};
@@ -18,6 +18,8 @@ use crate::resources::{Bound, BoundState, HostResources, VmResources};
 pub struct Incoming {
     pub id: String,
     pub vm: String,
+    /// The host the migration was announced from: the only one whose resource data is taken.
+    pub source: String,
     pub resources: Vec<IncomingResource>,
     /// Agents the VM ran on before (API URLs).
     pub previous_hosts: Vec<String>,
@@ -38,6 +40,7 @@ impl Incoming {
     pub fn new(
         id: &str,
         vm: &str,
+        source: &str,
         resources: Vec<IncomingResource>,
         previous_hosts: Vec<String>,
         dir: PathBuf,
@@ -46,6 +49,7 @@ impl Incoming {
         Incoming {
             id: id.to_owned(),
             vm: vm.to_owned(),
+            source: source.to_owned(),
             resources,
             previous_hosts,
             dir,
@@ -66,7 +70,7 @@ impl Incoming {
     }
 
     /// Serves the source's resource connection to the end.
-    pub fn receive(&self, mut conn: TcpStream) {
+    pub fn receive(&self, mut conn: Channel) {
         let result = self.receive_inner(&mut conn).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 io::Error::new(e.kind(), "the source closed the resource connection early")
@@ -89,7 +93,7 @@ impl Incoming {
         let _ = std::fs::remove_dir_all(&self.staging);
     }
 
-    fn receive_inner(&self, conn: &mut TcpStream) -> io::Result<()> {
+    fn receive_inner(&self, conn: &mut Channel) -> io::Result<()> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
         conn.set_nodelay(true)?;
         std::fs::create_dir_all(&self.staging)?;

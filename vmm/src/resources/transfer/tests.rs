@@ -64,6 +64,7 @@ fn target(dir: &std::path::Path, disk_mib: u64) -> (Arc<Incoming>, ResourceSpec,
     let target = Arc::new(Incoming::new(
         "id",
         "vm",
+        "a",
         vec![
             incoming(&disk, ResourceAction::Move),
             incoming(&scratch, ResourceAction::Copy),
@@ -85,6 +86,7 @@ fn serve(
     let inc = incoming.clone();
     let server = std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
+        let conn = page_transfer::channel::Channel::plain(conn);
         if header {
             let line = super::super::endpoint::read_header_line(&conn, 200).unwrap();
             assert_eq!(line, "GODWIT-RES id");
@@ -161,6 +163,7 @@ fn a_disk_written_during_the_copy_and_scratch_files_arrive_whole() {
         0,
     ));
     let transfer = SourceTransfer::start(
+        &crate::resources::link::LinkSecurity::default(),
         Some(addr),
         "id",
         planned,
