@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let (access, server_tls, client) = match (&args.ca, &args.cert, &args.key) {
         (Some(ca), Some(cert), Some(key)) => {
             let creds = godwit_tls::Credentials::load(ca, cert, key).map_err(tls_err)?;
+            creds.check_issued().map_err(tls_err)?;
             if creds.identity().role != godwit_tls::Role::Host {
                 anyhow::bail!(
                     "{} is the certificate of {}; the orchestrator needs a host certificate \

@@ -153,9 +153,11 @@ impl TlsFiles {
         Credentials::load(&self.ca, &self.cert, &self.key)
     }
 
-    /// Loads them and checks that the certificate is the host `name`'s.
+    /// Loads them and checks that the certificate is the host `name`'s, of the CA, and valid
+    /// now.
     pub fn load_host(&self, name: &str) -> Result<Credentials, TlsError> {
         let creds = self.load()?;
+        creds.check_issued()?;
         let want = Identity {
             name: name.to_owned(),
             role: Role::Host,
@@ -212,6 +214,29 @@ impl Credentials {
     /// Who these credentials say this end is.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// Checks that the certificate is one of the CA's and valid now, as a peer will: a
+    /// daemon calls it at start, so a wrong or expired certificate stops it there instead of
+    /// failing every handshake later.
+    pub fn check_issued(&self) -> Result<(), TlsError> {
+        use rustls::server::danger::ClientCertVerifier;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+                .build()?;
+        let (end, intermediates) = self
+            .chain
+            .split_first()
+            .ok_or_else(|| TlsError::Invalid("the certificate file holds no certificate".into()))?;
+        verifier
+            .verify_client_cert(end, intermediates, rustls_pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| {
+                TlsError::Invalid(format!(
+                    "the certificate of {} is not valid for the CA given: {e}",
+                    self.identity
+                ))
+            })
     }
 
     /// ring's TLS 1.3 suites, AES-128-GCM first: with AES-NI it costs the least per byte of

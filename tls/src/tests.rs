@@ -258,3 +258,31 @@ fn writing_after_shutdown_fails_instead_of_spinning() {
     client.shutdown(std::net::Shutdown::Write).unwrap();
     assert!((&client).write_all(b"late").is_err());
 }
+
+#[test]
+fn a_certificate_of_another_ca_or_expired_fails_its_check_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = cluster(&dir.path().join("ours"), &["a"]);
+    assert!(ours[0].check_issued().is_ok());
+    let _ = cluster(&dir.path().join("theirs"), &["b"]);
+    // Our CA file with their certificate.
+    let mixed = Credentials::load(
+        &dir.path().join("ours/ca/ca.crt"),
+        &dir.path().join("theirs/b/b.crt"),
+        &dir.path().join("theirs/b/b.key"),
+    )
+    .unwrap();
+    let e = mixed.check_issued().unwrap_err().to_string();
+    assert!(e.contains("not valid for the CA given"), "{e}");
+    let old = ca::issue(
+        &dir.path().join("ours/ca"),
+        &host("old"),
+        &[],
+        Validity::expired(),
+        &dir.path().join("old"),
+    )
+    .unwrap();
+    let old = Credentials::load(&old.ca, &old.cert, &old.key).unwrap();
+    let e = old.check_issued().unwrap_err().to_string();
+    assert!(e.to_lowercase().contains("expired"), "{e}");
+}
