@@ -480,6 +480,11 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
     // the VM's things there; it outlives the agent, and dies with a host that fails.
     let dir = h2.data_dir.path().to_owned();
     assert_eq!(qemu_nbd_serving(&dir), 1, "no export serving host-2's disk");
+    // It listens on loopback only: other hosts reach it through a TLS resource link.
+    let loopback = qemu_nbd_commands(&dir)
+        .iter()
+        .all(|c| c.contains("--bind=127.0.0.1 "));
+    assert!(loopback, "{:?}", qemu_nbd_commands(&dir));
     h2.kill();
     thread::sleep(Duration::from_millis(500));
     assert_eq!(qemu_nbd_serving(&dir), 1, "the export died with the agent");
@@ -493,6 +498,11 @@ fn the_orchestrator_places_and_moves_vms_only_where_their_resources_bind() {
 
 /// qemu-nbd processes serving a file under `dir`.
 fn qemu_nbd_serving(dir: &Path) -> usize {
+    qemu_nbd_commands(dir).len()
+}
+
+/// The command lines of the qemu-nbd processes serving a file under `dir`.
+fn qemu_nbd_commands(dir: &Path) -> Vec<String> {
     let dir = dir.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .unwrap()
@@ -500,5 +510,5 @@ fn qemu_nbd_serving(dir: &Path) -> usize {
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .filter(|c| c.starts_with("qemu-nbd") && c.contains(&dir))
-        .count()
+        .collect()
 }

@@ -220,7 +220,6 @@ impl Credentials {
     /// daemon calls it at start, so a wrong or expired certificate stops it there instead of
     /// failing every handshake later.
     pub fn check_issued(&self) -> Result<(), TlsError> {
-        use rustls::server::danger::ClientCertVerifier;
         let verifier =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
                 .build()?;

@@ -214,15 +214,20 @@ pub struct NbdDisk {
 }
 
 impl NbdDisk {
-    /// Connects to `remote` = `HOST:PORT/EXPORT`.
-    pub fn connect(remote: &str) -> io::Result<Self> {
+    /// Connects to `remote` = `HOST:PORT/EXPORT`: `open(HOST:PORT, EXPORT)` gives the local
+    /// address the NBD client connects to (a tunnel to the disk's host).
+    pub fn connect(
+        remote: &str,
+        open: impl FnOnce(&str, &str) -> io::Result<String>,
+    ) -> io::Result<Self> {
         let (addr, export) = remote.split_once('/').ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("NBD address {remote:?} is not HOST:PORT/EXPORT"),
             )
         })?;
-        let client = godwit_nbd::NbdClient::connect(addr, export, Duration::from_secs(5))
+        let local = open(addr, export)?;
+        let client = godwit_nbd::NbdClient::connect(&local, export, Duration::from_secs(5))
             .map_err(io::Error::other)?;
         let blocks = client.size() / BLOCK_SIZE;
         Ok(NbdDisk {

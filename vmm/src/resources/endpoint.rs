@@ -339,7 +339,7 @@ pub fn read_link_header(rest: &str) -> Option<(String, String)> {
 }
 
 /// Copies both ways between two connections until either side closes.
-fn splice(a: Channel, b: Channel) {
+pub(crate) fn splice(a: Channel, b: Channel) {
     let (mut a2, mut b2) = (a.clone(), b.clone());
     let t = thread::spawn(move || {
         let mut a = a;

@@ -84,6 +84,36 @@ impl LinkSecurity {
     }
 }
 
+/// First line of a link to a disk export: `GODWIT-NBD <export name>`.
+pub const NBD_PREFIX: &str = "GODWIT-NBD";
+
+/// Opens a tunnel to the disk export `export` of the host whose resource listener is `addr`
+/// (`HOST:PORT`): a loopback listener whose one connection is spliced to a resource link
+/// there. Returns the loopback address for the NBD client. (godwit-nbd's client speaks NBD
+/// over a plain `TcpStream`; the tunnel gives it the link's TLS without a TLS client of its
+/// own, at the cost of one local copy.)
+pub fn nbd_tunnel(links: &LinkSecurity, addr: &str, export: &str) -> io::Result<String> {
+    use std::io::Write;
+    let remote = std::net::ToSocketAddrs::to_socket_addrs(addr)?
+        .next()
+        .ok_or_else(|| io::Error::other(format!("{addr} resolves to no address")))?;
+    let mut link = links.connect(remote)?;
+    link.write_all(format!("{NBD_PREFIX} {export}\n").as_bytes())?;
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("nbd-tunnel".into())
+        .spawn(move || {
+            // The NBD client connects once, at once; nobody else is waited for.
+            let _ = listener.set_nonblocking(false);
+            if let Ok((conn, _)) = listener.accept() {
+                let _ = conn.set_nodelay(true);
+                super::endpoint::splice(Channel::plain(conn), link);
+            }
+        })?;
+    Ok(local.to_string())
+}
+
 /// Whether `channel` may carry resource data for a migration announced from host `source`
 /// (any peer on a plain connection).
 pub fn from_source(channel: &Channel, source: &str) -> Result<(), String> {

@@ -19,7 +19,7 @@ pub use bound::{Bound, BoundState, VmResources};
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -193,6 +193,29 @@ impl HostResources {
                     None => {
                         tracing::warn!(%vm, %res, "link for an endpoint this host does not have")
                     }
+                }
+            }
+            link::NBD_PREFIX => {
+                let name = rest.trim();
+                let export = lock(&self.exports)
+                    .values_mut()
+                    .find(|x| x.export_name() == name)
+                    .and_then(|x| x.is_running().then(|| x.addr()));
+                match export {
+                    Some(addr) => match TcpStream::connect(addr) {
+                        Ok(nbd) => {
+                            let _ = nbd.set_nodelay(true);
+                            endpoint::splice(conn, page_transfer::channel::Channel::plain(nbd));
+                        }
+                        Err(e) => {
+                            tracing::warn!(export = name, error = %e, "cannot reach the local qemu-nbd")
+                        }
+                    },
+                    None => tracing::warn!(
+                        ?peer,
+                        export = name,
+                        "NBD link for an export this host does not have"
+                    ),
                 }
             }
             transfer::RESOURCES_PREFIX => {
@@ -373,9 +396,12 @@ impl HostResources {
         }
     }
 
-    /// A disk on another host, through its NBD export (GR).
-    pub(crate) fn remote_disk(remote: &str) -> Result<BoundState, std::io::Error> {
-        let disk = Arc::new(NbdDisk::connect(remote)?);
+    /// A disk on another host, through its NBD export (GR), reached over a resource link to
+    /// that host (`remote` is `HOST:PORT/EXPORT`, PORT its resource listener's).
+    pub(crate) fn remote_disk(&self, remote: &str) -> Result<BoundState, std::io::Error> {
+        let disk = Arc::new(NbdDisk::connect(remote, |addr, export| {
+            link::nbd_tunnel(&self.links, addr, export)
+        })?);
         Ok(BoundState::Disk {
             local: None,
             backend: disk,
@@ -384,7 +410,9 @@ impl HostResources {
     }
 
     /// Exports a local disk for a VM moving away with its disk left here (GR); returns
-    /// `HOST:PORT/EXPORT`. An existing export of the same disk is reused.
+    /// `HOST:PORT/EXPORT`, PORT being this VMM's resource listener: qemu-nbd listens on
+    /// loopback only, and other hosts reach it through a resource link (`GODWIT-NBD EXPORT`),
+    /// mutual TLS like the others. An existing export of the same disk is reused.
     pub(crate) fn export_disk(
         &self,
         vm: &str,
@@ -398,23 +426,22 @@ impl HostResources {
             if x.is_running() {
                 return Ok(format!(
                     "{advertise}:{}/{}",
-                    x.addr().port(),
+                    self.listener_port(),
                     x.export_name()
                 ));
             }
         }
         let name = format!("{vm}-{resource}");
-        let export =
-            godwit_nbd::Export::start(path, self.endpoint_ip, &name).map_err(|source| {
-                VmmError::Export {
-                    vm: vm.to_owned(),
-                    resource: resource.to_owned(),
-                    source,
-                }
-            })?;
+        let export = godwit_nbd::Export::start(path, Ipv4Addr::LOCALHOST.into(), &name).map_err(
+            |source| VmmError::Export {
+                vm: vm.to_owned(),
+                resource: resource.to_owned(),
+                source,
+            },
+        )?;
         let remote = format!(
             "{advertise}:{}/{}",
-            export.addr().port(),
+            self.listener_port(),
             export.export_name()
         );
         exports.insert(key, export);

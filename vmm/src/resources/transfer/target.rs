@@ -296,7 +296,7 @@ impl Incoming {
                     let remote = r.remote.as_deref().ok_or_else(|| {
                         io::Error::other(format!("disk {name} kept remote has no address"))
                     })?;
-                    (HostResources::remote_disk(remote)?, remote_host)
+                    (host.remote_disk(remote)?, remote_host)
                 }
                 (ResourceKind::Scratch, ResourceAction::Move | ResourceAction::Copy) => {
                     local_bytes += r.spec.size_bytes();
