@@ -359,15 +359,9 @@ pub async fn authorize(
     }
 }
 
-/// `router` behind the access layer, as a service that sees each connection's [`Peer`]
-/// (serve it with `axum::serve` on an [`crate::https::ApiListener`]).
-pub fn serve(
-    router: axum::Router,
-    access: Arc<Access>,
-) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, Peer> {
-    router
-        .layer(axum::middleware::from_fn_with_state(access, authorize))
-        .into_make_service_with_connect_info::<Peer>()
+/// `router` behind the access layer (serve it with [`crate::https::serve`]).
+pub fn protect(router: axum::Router, access: Arc<Access>) -> axum::Router {
+    router.layer(axum::middleware::from_fn_with_state(access, authorize))
 }
 
 /// Refuses plain HTTP on an address other than loopback: `--insecure` is for one machine.

@@ -9,6 +9,11 @@ use std::time::Duration;
 use godwit_tls::rustls::ClientConfig;
 use godwit_tls::{Credentials, TlsError};
 
+/// How long a client keeps an idle connection for the next request: well under the servers'
+/// [`crate::https::HEADER_TIMEOUT`], so a request is never sent on a connection the server is
+/// closing.
+const POOL_IDLE: Duration = Duration::from_secs(15);
+
 /// A client's TLS configuration and token. Its `Debug` never shows the token.
 #[derive(Clone, Default)]
 pub struct ClientAuth {
@@ -93,6 +98,7 @@ impl ClientAuth {
         let mut b = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(POOL_IDLE)
             .default_headers(self.headers());
         if let Some(tls) = &self.tls {
             b = b.use_preconfigured_tls((**tls).clone());
@@ -105,6 +111,7 @@ impl ClientAuth {
         let mut b = reqwest::blocking::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(POOL_IDLE)
             .default_headers(self.headers());
         if let Some(tls) = &self.tls {
             b = b.use_preconfigured_tls((**tls).clone());

@@ -5,7 +5,10 @@
 //! each handshake runs in a task with a deadline (a client that stalls in its handshake holds
 //! up nobody), at most [`MAX_CONNECTIONS`] connections are open at once, and the server sees
 //! each connection's [`Peer`] (address and certificate identity) through axum's
-//! `ConnectInfo`, which the access layer ([`crate::auth`]) reads.
+//! `ConnectInfo`, which the access layer ([`crate::auth`]) reads. [`serve`] runs HTTP/1.1 on
+//! it with bounds axum's own `serve` does not set: a connection that does not send a whole
+//! request head within [`HEADER_TIMEOUT`] (a slow client, or one idle between requests) is
+//! closed, so nobody holds one of the connections by trickling bytes or by doing nothing.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,8 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use godwit_tls::rustls::ServerConfig;
 use godwit_tls::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,6 +28,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 pub const MAX_CONNECTIONS: usize = 512;
 /// How long a client has to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may take to send a request's head, or stay idle between requests.
+/// Godwit's clients drop idle connections sooner ([`crate::client`]), so a request never
+/// races the server closing its connection.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Header fields a request may carry.
+pub const MAX_HEADERS: usize = 64;
 
 /// Who is at the other end of an API connection.
 #[derive(Debug, Clone)]
@@ -34,12 +42,6 @@ pub struct Peer {
     /// The identity its client certificate names (verified against the cluster CA), if it
     /// presented one; always `None` on a plain connection.
     pub identity: Option<Identity>,
-}
-
-impl Connected<IncomingStream<'_, ApiListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, ApiListener>) -> Self {
-        stream.remote_addr().clone()
-    }
 }
 
 /// One accepted API connection: plain TCP or TLS. It holds its place among the
@@ -220,5 +222,106 @@ impl Listener for ApiListener {
             addr: self.local,
             identity: None,
         })
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets the requests already
+/// running finish (the caller bounds how long it waits). Each request sees its connection's
+/// [`Peer`] as `ConnectInfo<Peer>`.
+pub async fn serve(
+    listener: ApiListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    serve_with(listener, app, shutdown, HEADER_TIMEOUT).await
+}
+
+async fn serve_with(
+    mut listener: ApiListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    header_timeout: Duration,
+) -> io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = Listener::accept(&mut listener) => accepted,
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_headers(MAX_HEADERS);
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use axum::routing::get;
+
+    use super::*;
+
+    #[test]
+    fn a_request_head_that_trickles_or_never_comes_loses_its_connection() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr =
+            rt.block_on(async {
+                let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = tcp.local_addr().unwrap();
+                let listener = ApiListener::new(tcp, None).unwrap();
+                let app = axum::Router::new().route(
+                "/who",
+                get(|axum::extract::ConnectInfo(p): axum::extract::ConnectInfo<Peer>| async move {
+                    format!("{}", p.addr.ip())
+                }),
+            );
+                tokio::spawn(serve_with(
+                    listener,
+                    app,
+                    std::future::pending(),
+                    Duration::from_millis(300),
+                ));
+                addr
+            });
+        // A whole request is answered, with the peer's address from the listener.
+        let mut ok = std::net::TcpStream::connect(addr).unwrap();
+        ok.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        ok.write_all(b"GET /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        ok.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("127.0.0.1"), "{answer}");
+        // Half a head, then nothing: the server hangs up (EOF, not our 5 s read timeout).
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        slow.write_all(b"GET /who HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let mut rest = Vec::new();
+        let closed = slow.read_to_end(&mut rest);
+        assert!(closed.is_ok(), "the connection stayed open: {closed:?}");
+        // An idle connection is closed the same way.
+        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(idle.read_to_end(&mut rest).is_ok());
     }
 }

@@ -112,14 +112,14 @@ pub async fn run(
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(
+    let server = godwit_daemon::https::serve(
         listener,
-        godwit_daemon::auth::serve(api::router(agent.clone()), access),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stop_tx.send(());
-    });
+        godwit_daemon::auth::protect(api::router(agent.clone()), access),
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(());
+        },
+    );
     let server = tokio::spawn(async move { server.await });
     let mut server = std::pin::pin!(server);
     tokio::select! {

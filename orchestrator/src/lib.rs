@@ -88,11 +88,11 @@ pub async fn run(
     }
     let poller = tokio::spawn(poll_agents(state.clone()));
     let balancer = tokio::spawn(balance_loop(state.clone()));
-    let result = axum::serve(
+    let result = godwit_daemon::https::serve(
         listener,
-        godwit_daemon::auth::serve(api::router(state), access),
+        godwit_daemon::auth::protect(api::router(state), access),
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown)
     .await;
     poller.abort();
     balancer.abort();

@@ -21,6 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
@@ -70,6 +71,9 @@ pub struct HostResources {
     pub(crate) links: LinkSecurity,
 }
 
+/// Resource connections (links, resource data, NBD tunnels) a VMM serves at once.
+pub const MAX_RESOURCE_CONNECTIONS: usize = 256;
+
 impl HostResources {
     /// Creates `data_dir/resources` and starts the resource listener on `ip`.
     pub fn start(
@@ -116,12 +120,28 @@ impl HostResources {
         thread::Builder::new()
             .name("resource-listener".into())
             .spawn(move || {
+                let live = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
                     let Some(me) = weak.upgrade() else { return };
-                    if let Ok(conn) = conn {
-                        let _ = thread::Builder::new()
-                            .name("resource-conn".into())
-                            .spawn(move || me.serve_conn(conn));
+                    let Ok(conn) = conn else { continue };
+                    // One thread per connection, so their number is bounded: a flood (even
+                    // of handshakes that never finish) cannot take the VMM's threads.
+                    if live.load(Ordering::Acquire) >= MAX_RESOURCE_CONNECTIONS {
+                        tracing::warn!(peer = ?conn.peer_addr().ok(), "resource listener: too many connections; refused");
+                        continue;
+                    }
+                    live.fetch_add(1, Ordering::AcqRel);
+                    let counted = live.clone();
+                    let spawned = thread::Builder::new()
+                        .name("resource-conn".into())
+                        .spawn(move || {
+                            me.serve_conn(conn);
+                            counted.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if spawned.is_err() {
+                        // The closure (and its decrement) never ran.
+                        live.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!("resource listener: cannot start a connection thread");
                     }
                 }
             })
