@@ -3,11 +3,16 @@
 //! reader thread beside its writers). How a migration's channels are secured is the source's
 //! [`ClientSecurity`] and the target's [`ServerSecurity`]; the handshake runs in
 //! `transport::connect` / `transport::accept` before the protocol's own hello.
+//!
+//! For tests, [`ClientSecurity::Faulty`] wraps the source's channels in a [`Fault`]: a reset,
+//! a link that goes silent without closing, or one flipped byte after N bytes, the bad
+//! networks the engine must survive, injected at the same seam.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use godwit_tls::rustls::{ClientConfig, ServerConfig};
 use godwit_tls::{Identity, ServerName, TlsStream};
@@ -16,6 +21,99 @@ use godwit_tls::{Identity, ServerName, TlsStream};
 enum Kind {
     Plain(TcpStream),
     Tls(Box<TlsStream>),
+    Faulty(Box<Faulty>),
+}
+
+/// What a faulty channel does to its connection (tests only; see [`ClientSecurity::Faulty`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Once `after` bytes were sent, the connection is reset: shut down both ways, and every
+    /// later read and write fails.
+    Reset { after: u64 },
+    /// Once `after` bytes were sent, the link goes silent without closing: what is sent
+    /// vanishes and nothing more arrives (reads wait out their timeout).
+    Blackhole { after: u64 },
+    /// The byte at offset `at` of what is sent arrives flipped.
+    Corrupt { at: u64 },
+}
+
+#[derive(Debug)]
+struct Faulty {
+    inner: Channel,
+    fault: Fault,
+    sent: AtomicU64,
+    /// Reset, or silent: the fault has struck.
+    struck: AtomicBool,
+    /// Shut down by this end.
+    closed: AtomicBool,
+    read_timeout: Mutex<Option<Duration>>,
+}
+
+impl Faulty {
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        let sent = self.sent.load(Ordering::Acquire);
+        match self.fault {
+            Fault::Reset { after } | Fault::Blackhole { after } => {
+                let struck = self.struck.load(Ordering::Acquire);
+                if struck || sent >= after {
+                    self.strike();
+                    return match self.fault {
+                        Fault::Reset { .. } => Err(io::ErrorKind::ConnectionReset.into()),
+                        _ => Ok(buf.len()),
+                    };
+                }
+                // Up to the fault's offset, as the bytes before it get through.
+                let room = usize::try_from(after - sent).unwrap_or(usize::MAX);
+                let n = (&self.inner).write(&buf[..buf.len().min(room)])?;
+                self.sent.fetch_add(n as u64, Ordering::AcqRel);
+                Ok(n)
+            }
+            Fault::Corrupt { at } => {
+                let n = if at >= sent && at < sent + buf.len() as u64 {
+                    let mut copy = buf.to_vec();
+                    copy[(at - sent) as usize] ^= 0xff;
+                    // Only as far as the flipped byte, so it is sent for sure.
+                    let upto = (at - sent) as usize + 1;
+                    (&self.inner).write(&copy[..upto])?
+                } else {
+                    (&self.inner).write(buf)?
+                };
+                self.sent.fetch_add(n as u64, Ordering::AcqRel);
+                Ok(n)
+            }
+        }
+    }
+
+    fn strike(&self) {
+        if !self.struck.swap(true, Ordering::AcqRel) {
+            if let Fault::Reset { .. } = self.fault {
+                let _ = self.inner.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.struck.load(Ordering::Acquire) {
+            return (&self.inner).read(buf);
+        }
+        match self.fault {
+            Fault::Reset { .. } => Err(io::ErrorKind::ConnectionReset.into()),
+            // Silence: wait out the read timeout (or for ever), as on a dead link.
+            _ => {
+                let timeout = *self.read_timeout.lock().unwrap_or_else(|e| e.into_inner());
+                let start = Instant::now();
+                loop {
+                    if self.closed.load(Ordering::Acquire) {
+                        return Ok(0);
+                    }
+                    if timeout.is_some_and(|t| start.elapsed() >= t) {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
 }
 
 /// A migration connection, shared by its clones.
@@ -31,22 +129,43 @@ impl Channel {
         Channel(Arc::new(Kind::Tls(Box::new(s))))
     }
 
+    /// `inner` with `fault` injected (tests).
+    pub fn faulty(inner: Channel, fault: Fault) -> Self {
+        Channel(Arc::new(Kind::Faulty(Box::new(Faulty {
+            inner,
+            fault,
+            sent: AtomicU64::new(0),
+            struck: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            read_timeout: Mutex::new(None),
+        }))))
+    }
+
     /// Who the peer's certificate names (TLS only).
     pub fn peer(&self) -> Option<&Identity> {
         match &*self.0 {
             Kind::Plain(_) => None,
             Kind::Tls(s) => s.peer_identity(),
+            Kind::Faulty(f) => f.inner.peer(),
         }
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(&*self.0, Kind::Tls(_))
+        match &*self.0 {
+            Kind::Plain(_) => false,
+            Kind::Tls(_) => true,
+            Kind::Faulty(f) => f.inner.is_tls(),
+        }
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match &*self.0 {
             Kind::Plain(s) => s.set_read_timeout(t),
             Kind::Tls(s) => s.set_read_timeout(t),
+            Kind::Faulty(f) => {
+                *f.read_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+                f.inner.set_read_timeout(t)
+            }
         }
     }
 
@@ -54,6 +173,7 @@ impl Channel {
         match &*self.0 {
             Kind::Plain(s) => s.set_write_timeout(t),
             Kind::Tls(s) => s.set_write_timeout(t),
+            Kind::Faulty(f) => f.inner.set_write_timeout(t),
         }
     }
 
@@ -61,6 +181,7 @@ impl Channel {
         match &*self.0 {
             Kind::Plain(s) => s.set_nodelay(nodelay),
             Kind::Tls(s) => s.set_nodelay(nodelay),
+            Kind::Faulty(f) => f.inner.set_nodelay(nodelay),
         }
     }
 
@@ -69,6 +190,11 @@ impl Channel {
         match &*self.0 {
             Kind::Plain(s) => s.shutdown(how),
             Kind::Tls(s) => s.shutdown(how),
+            Kind::Faulty(f) => {
+                // A silenced reader waits for its timeout; shutting down ends that too.
+                f.closed.store(true, Ordering::Release);
+                f.inner.shutdown(how)
+            }
         }
     }
 }
@@ -78,6 +204,7 @@ impl Read for &Channel {
         match &*self.0 {
             Kind::Plain(s) => (&*s).read(buf),
             Kind::Tls(s) => (&**s).read(buf),
+            Kind::Faulty(f) => f.read(buf),
         }
     }
 }
@@ -87,6 +214,7 @@ impl Write for &Channel {
         match &*self.0 {
             Kind::Plain(s) => (&*s).write(buf),
             Kind::Tls(s) => (&**s).write(buf),
+            Kind::Faulty(f) => f.write(buf),
         }
     }
 
@@ -94,6 +222,7 @@ impl Write for &Channel {
         match &*self.0 {
             Kind::Plain(s) => (&*s).flush(),
             Kind::Tls(s) => (&**s).flush(),
+            Kind::Faulty(f) => (&f.inner).flush(),
         }
     }
 }
@@ -125,6 +254,13 @@ pub enum ClientSecurity {
     Tls {
         config: Arc<ClientConfig>,
         server_name: ServerName<'static>,
+    },
+    /// `inner`, with `fault` injected into channel `channel` (tests only: the seam where the
+    /// reliability tests break the network).
+    Faulty {
+        inner: Box<ClientSecurity>,
+        channel: u16,
+        fault: Fault,
     },
 }
 

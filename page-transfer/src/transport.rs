@@ -59,16 +59,7 @@ pub fn connect(
             .and_then(|()| tcp.set_read_timeout(Some(timeout)))
             .and_then(|()| tcp.set_write_timeout(Some(crate::vm::PEER_TIMEOUT)))
             .map_err(MigrationError::io("configure a migration channel"))?;
-        let mut s = match security {
-            ClientSecurity::Plain => Channel::plain(tcp),
-            ClientSecurity::Tls {
-                config,
-                server_name,
-            } => Channel::tls(
-                TlsStream::client(tcp, config.clone(), server_name.clone(), timeout)
-                    .map_err(|source| MigrationError::Tls { channel, source })?,
-            ),
-        };
+        let mut s = secure(tcp, channel, security, timeout)?;
         write_message(
             &mut s,
             &Message::Hello {
@@ -96,6 +87,37 @@ pub fn connect(
         streams.push(s);
     }
     Ok(streams)
+}
+
+/// Secures channel `channel`'s connection as `security` says.
+fn secure(
+    tcp: TcpStream,
+    channel: u16,
+    security: &ClientSecurity,
+    timeout: Duration,
+) -> Result<Channel, MigrationError> {
+    Ok(match security {
+        ClientSecurity::Plain => Channel::plain(tcp),
+        ClientSecurity::Tls {
+            config,
+            server_name,
+        } => Channel::tls(
+            TlsStream::client(tcp, config.clone(), server_name.clone(), timeout)
+                .map_err(|source| MigrationError::Tls { channel, source })?,
+        ),
+        ClientSecurity::Faulty {
+            inner,
+            channel: faulty,
+            fault,
+        } => {
+            let s = secure(tcp, channel, inner, timeout)?;
+            if *faulty == channel {
+                Channel::faulty(s, *fault)
+            } else {
+                s
+            }
+        }
+    })
 }
 
 /// Accepts the source's channels for migration `migration_id` on `listener`, securing and

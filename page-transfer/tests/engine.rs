@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use godwit_api::MigrationMode;
 use page_transfer::bitmap::PageBitmap;
-use page_transfer::channel::{ClientSecurity, ServerSecurity};
+use page_transfer::channel::{ClientSecurity, Fault, ServerSecurity};
 use page_transfer::codec::Compression;
 use page_transfer::progress::Progress;
 use page_transfer::source::{migrate, SourceConfig};
@@ -666,4 +666,60 @@ fn run_noise(pages: usize, cfg: SourceConfig, server: ServerSecurity) -> Run {
 
 thread_local! {
     static NOISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The source's channel `channel` with `fault` injected (plain TCP underneath).
+fn faulty(cfg: &mut SourceConfig, channel: u16, fault: Fault) {
+    cfg.security = ClientSecurity::Faulty {
+        inner: Box::new(ClientSecurity::Plain),
+        channel,
+        fault,
+    };
+}
+
+#[test]
+fn a_reset_channel_before_the_switchover_fails_the_migration_and_the_source_runs_on() {
+    for mode in [MigrationMode::StopAndCopy, MigrationMode::Precopy] {
+        let mut cfg = config(mode);
+        cfg.compression = Compression::None;
+        // A bulk channel, after its hello and some pages.
+        faulty(
+            &mut cfg,
+            page_transfer::transport::FIRST_BULK,
+            Fault::Reset { after: 256 << 10 },
+        );
+        let r = run(8192, 5, cfg, None, None);
+        let err = r.source_result.as_ref().unwrap_err();
+        assert!(r.target_result.is_err(), "{mode:?}: the target completed");
+        let target = r.target.as_ref().unwrap();
+        assert!(!target.started.load(Ordering::Acquire), "{mode:?}");
+        assert!(target.aborted.load(Ordering::Acquire), "{mode:?}");
+        assert!(
+            !r.source.paused.load(Ordering::Acquire),
+            "{mode:?}: the source stays paused after {err}"
+        );
+    }
+}
+
+/// Today this waits out the 60 s peer timeout (the reliability issue shortens it).
+#[test]
+fn a_link_that_goes_silent_fails_the_migration_and_the_source_runs_on() {
+    let mut cfg = config(MigrationMode::Precopy);
+    cfg.compression = Compression::None;
+    faulty(
+        &mut cfg,
+        page_transfer::transport::FIRST_BULK,
+        Fault::Blackhole { after: 256 << 10 },
+    );
+    let t = std::time::Instant::now();
+    let r = run(8192, 5, cfg, None, None);
+    eprintln!(
+        "silent link: the migration ended after {:.1} s: {:?}",
+        t.elapsed().as_secs_f64(),
+        r.source_result
+    );
+    assert!(r.source_result.is_err());
+    assert!(r.target_result.is_err());
+    assert!(!r.target.as_ref().unwrap().started.load(Ordering::Acquire));
+    assert!(!r.source.paused.load(Ordering::Acquire));
 }
