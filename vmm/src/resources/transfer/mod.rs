@@ -1,12 +1,16 @@
 //! Carrying a VM's resource data to the target during a migration: a disk that moves (MV) or
 //! is copied (CP) and scratch directories that are copied (CP) or moved (MV).
 //!
-//! One TCP connection per migration to the target agent's resource listener, opened with the
-//! line `GODWIT-RES <migration id>\n`, then frames of `[u8 type][u32 length LE][payload]`
-//! (payload at most [`MAX_FRAME`]):
+//! One connection per migration to the target host's resource listener (mutual TLS between
+//! hosts, `super::link`), opened with the line `GODWIT-RES <migration id>\n`, then frames of
+//! `[u8 type][u32 length LE][payload]` (payload at most [`MAX_FRAME`]). As in the migration
+//! protocol, the versions are agreed first: the source offers the range it speaks, the target
+//! answers with the version both use (the highest in both ranges) or refuses with a sentence.
 //!
 //! ```text
 //! source                                   target
+//!   Hello {version, min_version}     ->
+//!                                    <-      HelloAck {version}   (or Ack {ok: false, error})
 //!   ItemBegin {name, kind, bytes}    ->      stage resources/<vm>/.incoming-<id>/<name>/
 //!   DiskChunk {name, block, count, zero?, data}   (first a full pass, then dirty blocks again
 //!   ...                                            and again while the guest runs: drive-mirror)
@@ -47,6 +51,9 @@ pub use target::Incoming;
 pub const RESOURCES_PREFIX: &str = "GODWIT-RES";
 /// Largest frame payload.
 pub const MAX_FRAME: usize = 2 << 20;
+/// The resource stream's version: this side speaks [`MIN_VERSION`]..=[`VERSION`].
+pub const VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 1;
 /// Blocks per disk chunk (256 KiB).
 pub(super) const CHUNK_BLOCKS: u64 = 64;
 /// Dirty passes while the guest runs before the copier just waits for the pause.
@@ -61,6 +68,31 @@ pub(super) const T_FILE_END: u8 = 5;
 pub(super) const T_COMMIT: u8 = 6;
 pub(super) const T_ACK: u8 = 7;
 pub(super) const T_ABORT: u8 = 8;
+pub(super) const T_HELLO: u8 = 9;
+pub(super) const T_HELLO_ACK: u8 = 10;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Hello {
+    pub(super) version: u16,
+    pub(super) min_version: u16,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct HelloAck {
+    pub(super) version: u16,
+}
+
+/// The version two sides speaking `[min, max]` and `[MIN_VERSION, VERSION]` agree on.
+pub(super) fn negotiate(min: u16, max: u16) -> Result<u16, String> {
+    let version = max.min(VERSION);
+    if version < min.max(MIN_VERSION) {
+        return Err(format!(
+            "resource stream versions {min}..={max} offered, this host speaks \
+             {MIN_VERSION}..={VERSION}"
+        ));
+    }
+    Ok(version)
+}
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

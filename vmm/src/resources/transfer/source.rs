@@ -97,6 +97,7 @@ impl SourceTransfer {
             (false, Some(addr)) => {
                 let mut conn = links.connect(addr)?;
                 conn.write_all(format!("{RESOURCES_PREFIX} {migration_id}\n").as_bytes())?;
+                hello(&mut conn)?;
                 let (records, progress, done) = (records.clone(), progress.clone(), ready.clone());
                 let flags = Flags {
                     stop: stop.clone(),
@@ -564,4 +565,37 @@ fn send_dir(
 /// `e` with what it happened to, keeping its kind.
 fn context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Agrees on the resource stream's version with the target (see the module docs).
+fn hello(conn: &mut Channel) -> io::Result<u16> {
+    write_json(
+        conn,
+        T_HELLO,
+        &Hello {
+            version: VERSION,
+            min_version: MIN_VERSION,
+        },
+    )?;
+    conn.set_read_timeout(Some(ACK_TIMEOUT))?;
+    let (ty, payload) = read_frame(conn)?;
+    conn.set_read_timeout(None)?;
+    match ty {
+        T_HELLO_ACK => {
+            let ack: HelloAck = parse(&payload, "hello answer")?;
+            negotiate(ack.version, ack.version)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        }
+        T_ACK => {
+            let ack: Ack = parse(&payload, "answer")?;
+            Err(io::Error::other(format!(
+                "the target refused the resource stream: {}",
+                ack.error.unwrap_or_default()
+            )))
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the target answered the hello with frame type {other}"),
+        )),
+    }
 }

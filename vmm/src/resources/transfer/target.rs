@@ -96,6 +96,15 @@ impl Incoming {
     fn receive_inner(&self, conn: &mut Channel) -> io::Result<()> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
         conn.set_nodelay(true)?;
+        let (ty, payload) = read_frame(conn)?;
+        if ty != T_HELLO {
+            return Err(bad(format!(
+                "the resource stream starts with frame type {ty}, not a hello"
+            )));
+        }
+        let hello: Hello = parse(&payload, "hello")?;
+        let version = negotiate(hello.min_version, hello.version).map_err(bad)?;
+        write_json(conn, T_HELLO_ACK, &HelloAck { version })?;
         std::fs::create_dir_all(&self.staging)?;
         let mut disks: BTreeMap<String, (FileDisk, Vec<u64>)> = BTreeMap::new();
         let mut file: Option<(std::fs::File, blake3::Hasher, String, u64, u64)> = None;

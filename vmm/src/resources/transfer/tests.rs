@@ -231,8 +231,12 @@ fn feed(frames: &[(u8, Vec<u8>)]) -> (Option<Ack>, bool, bool) {
         }
     }
     conn.shutdown(std::net::Shutdown::Write).unwrap();
-    let ack = read_frame(&mut conn)
-        .ok()
+    // The hello's answer first, if it got one; then the verdict.
+    let mut answer = read_frame(&mut conn).ok();
+    if answer.as_ref().is_some_and(|(ty, _)| *ty == T_HELLO_ACK) {
+        answer = read_frame(&mut conn).ok();
+    }
+    let ack = answer
         .filter(|(ty, _)| *ty == T_ACK)
         .and_then(|(_, p)| serde_json::from_slice::<Ack>(&p).ok());
     server.join().unwrap();
@@ -331,6 +335,30 @@ fn garbage_and_lies_from_a_source_are_refused() {
             "scratch files differ",
         ),
     ];
+    let hello = |version: u16, min: u16| {
+        (
+            T_HELLO,
+            json(serde_json::json!({"version": version, "min_version": min})),
+        )
+    };
+    let mut cases: Vec<(&str, Frames, &str)> = cases
+        .into_iter()
+        .map(|(what, frames, want)| {
+            let mut all = vec![hello(VERSION, MIN_VERSION)];
+            all.extend(frames);
+            (what, all, want)
+        })
+        .collect();
+    cases.push((
+        "no hello",
+        vec![scratch.clone()],
+        "starts with frame type 1, not a hello",
+    ));
+    cases.push((
+        "a version this host does not speak",
+        vec![hello(9, 7)],
+        "versions 7..=9 offered",
+    ));
     for (what, frames, want) in cases {
         let (ack, committed, staging_left) = feed(&frames);
         let ack = ack.unwrap_or_else(|| panic!("{what}: no answer"));
