@@ -97,6 +97,7 @@ impl ClientAuth {
     pub fn client(&self, timeout: Duration) -> reqwest::Result<reqwest::Client> {
         let mut b = reqwest::Client::builder()
             .timeout(timeout)
+            .tls_info(true)
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(POOL_IDLE)
             .default_headers(self.headers());

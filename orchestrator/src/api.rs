@@ -87,6 +87,45 @@ async fn heartbeat(
             beat.host.name
         )));
     }
+    // The URL must lead to that host's own agent (its certificate names the host), checked
+    // once per URL: else a host could pass another's agent off as its own.
+    let known = lock(&s.verified_urls).get(&beat.host.name) == Some(&beat.url);
+    if !known {
+        let probe = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            driver::get_from_host::<godwit_api::HostInfo>(
+                &s,
+                &beat.url,
+                &beat.host.name,
+                "/v1/host",
+            ),
+        )
+        .await;
+        match probe {
+            Ok(Ok(info)) if info.name == beat.host.name => {
+                lock(&s.verified_urls).insert(beat.host.name.clone(), beat.url.clone());
+            }
+            Ok(Ok(info)) => {
+                return Err(OrchError::Forbidden(format!(
+                    "The agent at {} is host {}, not host {}",
+                    beat.url, info.name, beat.host.name
+                )))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(host = %beat.host.name, url = %beat.url, error = %e, "heartbeat refused: its URL does not lead to the host's agent");
+                return Err(OrchError::Forbidden(format!(
+                    "The heartbeat's URL {} does not lead to host {}'s agent: {e}",
+                    beat.url, beat.host.name
+                )));
+            }
+            Err(_) => {
+                return Err(OrchError::Unavailable(format!(
+                    "The heartbeat's URL {} did not answer within 5 s",
+                    beat.url
+                )))
+            }
+        }
+    }
     s.observe(&beat.url, beat.host, beat.vms);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -55,6 +55,37 @@ pub async fn get<T: DeserializeOwned>(
     answer(state.http.get(format!("{base}{path}")).send().await, path).await
 }
 
+/// GET `path` from the agent at `base` that should be host `host`: over TLS, its certificate
+/// must name that host. (A client checks a server's certificate against the address it
+/// dials; this also binds the URL a heartbeat gave to the host that sent it, so a host cannot
+/// pass another host's agent off as its own.)
+pub async fn get_from_host<T: DeserializeOwned>(
+    state: &State,
+    base: &str,
+    host: &str,
+    path: &str,
+) -> Result<T, OrchError> {
+    let resp = state.http.get(format!("{base}{path}")).send().await;
+    if let Ok(r) = &resp {
+        if let Some(tls) = r.extensions().get::<reqwest::tls::TlsInfo>() {
+            let who = tls.peer_certificate().and_then(|der| {
+                godwit_tls::identity_of(&godwit_tls::rustls::pki_types::CertificateDer::from(der))
+            });
+            let expected = godwit_tls::Identity {
+                name: host.to_owned(),
+                role: godwit_tls::Role::Host,
+            };
+            if who.as_ref() != Some(&expected) {
+                return Err(OrchError::Agent(format!(
+                    "The agent at {base} presented the certificate of {}, not of host {host}",
+                    who.map_or("nobody".to_owned(), |w| w.to_string())
+                )));
+            }
+        }
+    }
+    answer(resp, path).await
+}
+
 pub async fn post<T: DeserializeOwned>(
     state: &State,
     base: &str,

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use godwit_api::{HostInfo, VmInfo};
 
+use error::OrchError;
 use state::State;
 
 /// Polls every known agent for its host and VM state.
@@ -39,12 +40,30 @@ async fn poll_agents(state: Arc<State>) {
             let state = state.clone();
             async move {
                 let poll = async {
-                    let host = driver::get::<HostInfo>(&state, &agent.url, "/v1/host").await;
+                    let host = driver::get_from_host::<HostInfo>(
+                        &state,
+                        &agent.url,
+                        &agent.name,
+                        "/v1/host",
+                    )
+                    .await;
                     let vms = driver::get::<Vec<VmInfo>>(&state, &agent.url, "/v1/vms").await;
                     (host, vms)
                 };
-                if let Ok((Ok(host), Ok(vms))) = tokio::time::timeout(limit, poll).await {
-                    state.observe(&agent.url, host, vms);
+                match tokio::time::timeout(limit, poll).await {
+                    Ok((Ok(host), Ok(vms))) if host.name == agent.name => {
+                        state.observe(&agent.url, host, vms)
+                    }
+                    Ok((Ok(host), _)) if host.name != agent.name => tracing::warn!(
+                        host = %agent.name, url = %agent.url, answered = %host.name,
+                        "the agent at a host's URL says it is another host; not believed"
+                    ),
+                    Ok((Err(e @ OrchError::Agent(_)), _))
+                        if e.to_string().contains("presented the certificate") =>
+                    {
+                        tracing::warn!(host = %agent.name, error = %e, "poll refused")
+                    }
+                    _ => {}
                 }
             }
         });

@@ -74,6 +74,8 @@ pub struct State {
     pub drains: Mutex<BTreeMap<String, godwit_api::DrainStatus>>,
     pub balancer: Mutex<BalancerState>,
     pub http: reqwest::Client,
+    /// Each host's agent URL, once a heartbeat's URL was found to lead to that host's agent.
+    pub verified_urls: Mutex<BTreeMap<String, String>>,
 }
 
 impl State {
@@ -119,6 +121,7 @@ impl State {
                 runs: 0,
             }),
             http,
+            verified_urls: Mutex::new(BTreeMap::new()),
             config,
         };
         Ok(state)

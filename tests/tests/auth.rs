@@ -332,6 +332,23 @@ fn every_endpoint_refuses_callers_without_the_right_identity() {
         assert_eq!(status, 403, "host auth-other {m} {p}: {answer}");
         assert!(answer.to_string().contains("auth-agent"), "{answer}");
     }
+    // Nor may it report under its own name with another host's agent as its URL.
+    let mut own = info.clone();
+    own["name"] = json!("auth-other");
+    let (status, answer) = orch
+        .with_auth(&other_host)
+        .unwrap()
+        .request(
+            Method::POST,
+            "/v1/agents/heartbeat",
+            Some(&json!({"url": agent.url, "host": own, "vms": []})),
+        )
+        .unwrap();
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer.to_string().contains("not of host auth-other"),
+        "{answer}"
+    );
     // And a host may not drive the orchestrator.
     let (status, _) = orch
         .with_auth(&other_host)
