@@ -607,6 +607,29 @@ fn a_source_the_migration_was_not_announced_from_or_a_stranger_is_refused() {
     assert_eq!(e.class(), "tls", "{e}");
     assert!(r.target.is_none());
 
+    // An expired certificate of our CA, naming the right host: refused in the handshake.
+    let old = godwit_tls::ca::issue(
+        &dir.path().join("ca"),
+        &godwit_tls::Identity {
+            name: "src".into(),
+            role: godwit_tls::Role::Host,
+        },
+        &[],
+        godwit_tls::ca::Validity::expired(),
+        &dir.path().join("expired"),
+    )
+    .unwrap();
+    let old = godwit_tls::Credentials::load(&old.ca, &old.cert, &old.key).unwrap();
+    let mut cfg = config(MigrationMode::StopAndCopy);
+    cfg.security = tls_client(&old);
+    let r = run_secured(256, 0, cfg, None, None, server());
+    // In TLS 1.3 the server judges the client's certificate after the client finished its
+    // side of the handshake: the source learns it on its first read, as a broken channel.
+    let e = r.source_result.unwrap_err();
+    assert!(["tls", "channel"].contains(&e.class()), "{e}");
+    assert!(r.target_result.is_err());
+    assert!(r.target.is_none());
+
     // Plain TCP to a TLS target.
     let r = run_secured(
         256,

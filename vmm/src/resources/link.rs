@@ -173,11 +173,26 @@ pub(crate) mod tests {
         let admin = LinkSecurity::new(Some(&admin)).unwrap();
         let other_dir = tempfile::tempdir().unwrap();
         let stranger = LinkSecurity::new(Some(&host_credentials(other_dir.path(), "a"))).unwrap();
+        let old = ca::issue(
+            &dir.path().join("ca"),
+            &Identity {
+                name: "c".into(),
+                role: Role::Host,
+            },
+            &[],
+            Validity::expired(),
+            &dir.path().join("expired"),
+        )
+        .unwrap();
+        let expired = LinkSecurity::new(Some(
+            &Credentials::load(&old.ca, &old.cert, &old.key).unwrap(),
+        ))
+        .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
             let mut results = Vec::new();
-            for _ in 0..4 {
+            for _ in 0..5 {
                 let (tcp, _) = listener.accept().unwrap();
                 results.push(ours.accept(tcp).map(|mut c| {
                     let mut byte = [0u8; 1];
@@ -190,11 +205,13 @@ pub(crate) mod tests {
         // Host b: in, and its data is from b, not from a.
         let mut c = b.connect(addr).unwrap();
         c.write_all(b"x").unwrap();
-        // Plain TCP, an operator's certificate, a host of another CA: refused.
+        // Plain TCP, an operator's certificate, a host of another CA, an expired host
+        // certificate: refused.
         let plain = TcpStream::connect(addr).unwrap();
         let _ = (&plain).write_all(b"GODWIT-RES 0\n");
         let _ = admin.connect(addr).and_then(|mut c| c.write_all(b"y"));
         let _ = stranger.connect(addr);
+        let _ = expired.connect(addr).and_then(|mut c| c.write_all(b"z"));
         let results = server.join().unwrap();
         let (channel, byte) = results[0].as_ref().unwrap();
         assert_eq!(*byte, b'x');
