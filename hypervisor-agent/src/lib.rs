@@ -120,7 +120,7 @@ pub async fn run(
             let _ = stop_tx.send(());
         },
     );
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(server);
     let mut server = std::pin::pin!(server);
     tokio::select! {
         result = &mut server => {
