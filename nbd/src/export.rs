@@ -441,12 +441,33 @@ mod tests {
     #[test]
     fn a_server_that_never_answers_times_out() {
         let disk = pattern_disk(4096);
-        let err =
-            start_scripted(disk.path(), "exec sleep 30", Duration::from_millis(300)).unwrap_err();
+        // An export name no other test serves: should a concurrent test's qemu-nbd get the
+        // port this stand-in was given (free when picked, never bound by `sleep`), the probe
+        // still finds no such export there instead of taking it for ours.
+        let command = [
+            OsStr::new("sh"),
+            OsStr::new("-c"),
+            OsStr::new("exec sleep 30"),
+            OsStr::new("qemu-nbd"),
+        ];
+        let err = start_with(
+            &command,
+            Duration::from_millis(300),
+            disk.path(),
+            LOCALHOST,
+            "never-answers",
+        )
+        .unwrap_err();
         assert!(matches!(err, NbdError::NotReady { .. }), "{err:?}");
         let source = std::error::Error::source(&err).unwrap();
         let source = source.downcast_ref::<Box<NbdError>>().unwrap();
-        assert!(matches!(**source, NbdError::Connect { .. }), "{source:?}");
+        assert!(
+            matches!(
+                **source,
+                NbdError::Connect { .. } | NbdError::Handshake(_) | NbdError::Server { .. }
+            ),
+            "{source:?}"
+        );
     }
 
     #[test]
