@@ -104,12 +104,27 @@ pub fn nbd_tunnel(links: &LinkSecurity, addr: &str, export: &str) -> io::Result<
     std::thread::Builder::new()
         .name("nbd-tunnel".into())
         .spawn(move || {
-            // The NBD client connects once, at once; nobody else is waited for.
-            let _ = listener.set_nonblocking(false);
-            if let Ok((conn, _)) = listener.accept() {
-                let _ = conn.set_nodelay(true);
-                super::endpoint::splice(Channel::plain(conn), link);
+            // The NBD client connects once, at once: nobody else is waited for, and if it
+            // never comes (its setup failed first) the link is dropped after a while.
+            let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            if listener.set_nonblocking(true).is_err() {
+                return;
             }
+            while std::time::Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_nodelay(true);
+                        super::endpoint::splice(Channel::plain(conn), link);
+                        return;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => return,
+                }
+            }
+            tracing::warn!("NBD tunnel: the disk's client never connected; link dropped");
         })?;
     Ok(local.to_string())
 }
