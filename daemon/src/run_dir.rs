@@ -16,9 +16,18 @@ pub const LOG_FILE: &str = "vmm.log";
 pub const CONSOLE_FILE: &str = "console.log";
 
 /// Makes `data_dir` and its `vms/` directory if need be; returns its absolute path (paths the
-/// APIs report are absolute, whatever the daemon was started with).
+/// APIs report are absolute, whatever the daemon was started with). `vms/` is the daemon
+/// user's alone (mode 0700): it holds each VM's run directory with the VMM's unsecured API
+/// socket, its console and its log.
 pub fn open_data_dir(data_dir: &Path) -> std::io::Result<std::path::PathBuf> {
-    std::fs::create_dir_all(data_dir.join("vms"))?;
+    use std::os::unix::fs::PermissionsExt;
+    let vms = data_dir.join("vms");
+    std::fs::create_dir_all(&vms)?;
+    // Changed only when it differs: a VMM (under seccomp, without chmod) finds it done by its
+    // agent.
+    if std::fs::metadata(&vms)?.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(&vms, std::fs::Permissions::from_mode(0o700))?;
+    }
     data_dir.canonicalize()
 }
 
@@ -86,6 +95,18 @@ pub fn kill_vmms(data_dir: &Path) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_run_directories_are_the_daemons_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = open_data_dir(&dir.path().join("data")).unwrap();
+        let mode = std::fs::metadata(data.join("vms"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    }
+
     use super::*;
 
     #[test]

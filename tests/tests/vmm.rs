@@ -240,6 +240,15 @@ fn sigterm_leaves_vms_running_for_the_next_agent() {
         agent.vmm_status("d").unwrap().agent_url.as_deref(),
         Some(agent.url.as_str())
     );
+    // The VMM's socket (no authentication) and the run directories are the agent user's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let vms = agent.data_dir.path().join("vms");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&vms), 0o700);
+        let socket = mode(&vms.join("d").join(godwit_daemon::run_dir::SOCKET));
+        assert_eq!(socket & 0o077, 0, "the VMM socket is {socket:o}");
+    }
     goes_on(&agent, &d, 500);
     // An adopted VMM is the agent's like any other: it can be stopped for good.
     let (status, _) = agent

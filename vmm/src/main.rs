@@ -109,6 +109,9 @@ fn main() -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    // What the VMM makes (its API socket, which has no authentication, snapshots, resource
+    // data, records) is the agent user's alone.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
     confine(&args)?;
     // Built by hand (not `#[tokio::main]`) so its threads start after the filter is on.
     let runtime = tokio::runtime::Builder::new_multi_thread()
