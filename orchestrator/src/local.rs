@@ -130,17 +130,7 @@ impl LocalCa {
 
     /// `--ca`, `--cert` and `--key` with host `name`'s certificate, for a daemon's arguments.
     pub fn host_args(&self, name: &str) -> Result<Vec<String>> {
-        let files = self.files(name, godwit_tls::Role::Host)?;
-        let mut args = Vec::new();
-        for (flag, path) in [
-            ("--ca", &files.ca),
-            ("--cert", &files.cert),
-            ("--key", &files.key),
-        ] {
-            args.push(flag.to_owned());
-            args.push(path_arg(path)?.to_owned());
-        }
-        Ok(args)
+        Ok(self.files(name, godwit_tls::Role::Host)?.flags())
     }
 
     /// A client holding the local admin's certificate.

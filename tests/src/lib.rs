@@ -140,14 +140,12 @@ impl TestCa {
 
     /// `--ca`, `--cert`, `--key` for host `name`.
     pub fn host_args(&self, name: &str) -> Result<Vec<String>> {
-        let f = self.files(&Identity {
-            name: name.to_owned(),
-            role: Role::Host,
-        })?;
-        Ok([("--ca", f.ca), ("--cert", f.cert), ("--key", f.key)]
-            .into_iter()
-            .flat_map(|(flag, p)| [flag.to_owned(), p.display().to_string()])
-            .collect())
+        Ok(self
+            .files(&Identity {
+                name: name.to_owned(),
+                role: Role::Host,
+            })?
+            .flags())
     }
 
     /// A client holding `who`'s certificate.
@@ -161,14 +159,12 @@ impl TestCa {
 
     /// The `godwit` CLI's `--ca`, `--cert`, `--key` for the tests' admin.
     pub fn admin_args(&self) -> Result<Vec<String>> {
-        let f = self.files(&Identity {
-            name: "test-admin".into(),
-            role: Role::Admin,
-        })?;
-        Ok([("--ca", f.ca), ("--cert", f.cert), ("--key", f.key)]
-            .into_iter()
-            .flat_map(|(flag, p)| [flag.to_owned(), p.display().to_string()])
-            .collect())
+        Ok(self
+            .files(&Identity {
+                name: "test-admin".into(),
+                role: Role::Admin,
+            })?
+            .flags())
     }
 
     /// A client holding the tests' admin certificate.

@@ -26,10 +26,12 @@ fn certificates(dir: &Path, names: &[&str]) -> Vec<Vec<String>> {
                 role: Role::Host,
             };
             let i = ca::issue(&dir.join("ca"), &who, &[], Validity::days(1), &dir.join(n)).unwrap();
-            [("--ca", i.ca), ("--cert", i.cert), ("--key", i.key)]
-                .into_iter()
-                .flat_map(|(flag, p)| [flag.to_owned(), p.display().to_string()])
-                .collect()
+            godwit_tls::TlsFiles {
+                ca: i.ca,
+                cert: i.cert,
+                key: i.key,
+            }
+            .flags()
         })
         .collect()
 }

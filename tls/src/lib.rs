@@ -153,6 +153,18 @@ impl TlsFiles {
         Credentials::load(&self.ca, &self.cert, &self.key)
     }
 
+    /// `--ca CA --cert CERT --key KEY`, as the daemons and the CLI take them.
+    pub fn flags(&self) -> Vec<String> {
+        [
+            ("--ca", &self.ca),
+            ("--cert", &self.cert),
+            ("--key", &self.key),
+        ]
+        .into_iter()
+        .flat_map(|(flag, p)| [flag.to_owned(), p.display().to_string()])
+        .collect()
+    }
+
     /// Loads them and checks that the certificate is the host `name`'s, of the CA, and valid
     /// now.
     pub fn load_host(&self, name: &str) -> Result<Credentials, TlsError> {
