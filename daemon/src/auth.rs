@@ -136,14 +136,6 @@ impl Tokens {
         Tokens::new(&file.tokens).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    pub fn len(&self) -> usize {
-        self.by_hash.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
-    }
-
     /// Who `token` belongs to.
     pub fn check(&self, token: &str) -> Option<&Identity> {
         self.by_hash.get(&sha256(token.as_bytes()))

@@ -1,11 +1,11 @@
 //! The TCP listener of the agent's and the orchestrator's HTTP APIs: TLS (rustls) with an
 //! optional client certificate of the cluster CA, or plain HTTP for `--insecure` on loopback.
 //!
-//! [`ApiListener`] is an axum [`Listener`]: TCP connections are accepted by a task of its own,
+//! [`ApiListener`]: TCP connections are accepted by a task of its own,
 //! each handshake runs in a task with a deadline (a client that stalls in its handshake holds
 //! up nobody), at most [`MAX_CONNECTIONS`] connections are open at once, and the server sees
-//! each connection's [`Peer`] (address and certificate identity) through axum's
-//! `ConnectInfo`, which the access layer ([`crate::auth`]) reads. [`serve`] runs HTTP/1.1 on
+//! each connection's [`Peer`] (address and certificate identity) as axum's `ConnectInfo`,
+//! which the access layer ([`crate::auth`]) reads. [`serve`] runs HTTP/1.1 on
 //! it with bounds axum's own `serve` does not set: a connection that does not send a whole
 //! request head within [`HEADER_TIMEOUT`] (a slow client, or one idle between requests) is
 //! closed, so nobody holds one of the connections by trickling bytes or by doing nothing.
@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::serve::Listener;
 use godwit_tls::rustls::ServerConfig;
 use godwit_tls::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -101,7 +100,6 @@ impl AsyncWrite for ApiStream {
 /// An API's listening socket; see the module documentation.
 #[derive(Debug)]
 pub struct ApiListener {
-    local: SocketAddr,
     tls: bool,
     ready: mpsc::Receiver<(ApiStream, Peer)>,
     acceptor: tokio::task::JoinHandle<()>,
@@ -115,8 +113,7 @@ impl Drop for ApiListener {
 
 impl ApiListener {
     /// Serves on `listener`: TLS with `tls`, else plain HTTP.
-    pub fn new(listener: TcpListener, tls: Option<Arc<ServerConfig>>) -> io::Result<Self> {
-        let local = listener.local_addr()?;
+    pub fn new(listener: TcpListener, tls: Option<Arc<ServerConfig>>) -> Self {
         let (tx, ready) = mpsc::channel(64);
         let is_tls = tls.is_some();
         let acceptor = tokio::spawn(accept_loop(
@@ -124,12 +121,20 @@ impl ApiListener {
             tls.map(tokio_rustls::TlsAcceptor::from),
             tx,
         ));
-        Ok(ApiListener {
-            local,
+        ApiListener {
             tls: is_tls,
             ready,
             acceptor,
-        })
+        }
+    }
+
+    /// The next connection whose handshake completed.
+    async fn accept(&mut self) -> (ApiStream, Peer) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept task ended (its socket failed for good): serve nothing more.
+            None => std::future::pending().await,
+        }
     }
 
     /// `https` or `http`: how clients reach this API.
@@ -205,26 +210,6 @@ async fn accept_loop(
     }
 }
 
-impl Listener for ApiListener {
-    type Io = ApiStream;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (ApiStream, Peer) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The accept task ended (its socket failed for good): serve nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Peer> {
-        Ok(Peer {
-            addr: self.local,
-            identity: None,
-        })
-    }
-}
-
 /// Serves `app` on `listener` until `shutdown` resolves, then lets the requests already
 /// running finish (the caller bounds how long it waits). Each request sees its connection's
 /// [`Peer`] as `ConnectInfo<Peer>`.
@@ -246,7 +231,7 @@ async fn serve_with(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = Listener::accept(&mut listener) => accepted,
+            accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(
@@ -288,7 +273,7 @@ mod tests {
             rt.block_on(async {
                 let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = tcp.local_addr().unwrap();
-                let listener = ApiListener::new(tcp, None).unwrap();
+                let listener = ApiListener::new(tcp, None);
                 let app = axum::Router::new().route(
                 "/who",
                 get(|axum::extract::ConnectInfo(p): axum::extract::ConnectInfo<Peer>| async move {

@@ -260,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("Cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let listener = godwit_daemon::https::ApiListener::new(listener, server_tls)?;
+    let listener = godwit_daemon::https::ApiListener::new(listener, server_tls);
     let scheme = listener.scheme();
     // Tests and scripts read this line to find the port.
     println!(

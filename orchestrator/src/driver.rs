@@ -58,7 +58,7 @@ pub async fn get<T: DeserializeOwned>(
 /// GET `path` from the agent at `base` that should be host `host`: over TLS, its certificate
 /// must name that host. (A client checks a server's certificate against the address it
 /// dials; this also binds the URL a heartbeat gave to the host that sent it, so a host cannot
-/// pass another host's agent off as its own.)
+/// pass another host's agent off as its own.) Such an impostor is `OrchError::Forbidden`.
 pub async fn get_from_host<T: DeserializeOwned>(
     state: &State,
     base: &str,
@@ -76,7 +76,7 @@ pub async fn get_from_host<T: DeserializeOwned>(
                 role: godwit_tls::Role::Host,
             };
             if who.as_ref() != Some(&expected) {
-                return Err(OrchError::Agent(format!(
+                return Err(OrchError::Forbidden(format!(
                     "The agent at {base} presented the certificate of {}, not of host {host}",
                     who.map_or("nobody".to_owned(), |w| w.to_string())
                 )));

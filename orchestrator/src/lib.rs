@@ -58,9 +58,7 @@ async fn poll_agents(state: Arc<State>) {
                         host = %agent.name, url = %agent.url, answered = %host.name,
                         "the agent at a host's URL says it is another host; not believed"
                     ),
-                    Ok((Err(e @ OrchError::Agent(_)), _))
-                        if e.to_string().contains("presented the certificate") =>
-                    {
+                    Ok((Err(e @ OrchError::Forbidden(_)), _)) => {
                         tracing::warn!(host = %agent.name, error = %e, "poll refused")
                     }
                     _ => {}

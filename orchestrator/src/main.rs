@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("Cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let listener = godwit_daemon::https::ApiListener::new(listener, server_tls)?;
+    let listener = godwit_daemon::https::ApiListener::new(listener, server_tls);
     println!("orchestrator listening on {}://{addr}", listener.scheme());
     tracing::info!(%addr, "orchestrator started");
     orchestrator::run(listener, access, state, godwit_daemon::shutdown_signal())

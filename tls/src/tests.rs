@@ -27,6 +27,12 @@ fn cluster(dir: &Path, names: &[&str]) -> Vec<Credentials> {
         .collect()
 }
 
+/// An expired host certificate of the CA in `ca_dir`, issued into `out`.
+fn expired(ca_dir: &Path, out: &Path) -> Credentials {
+    let i = ca::issue(ca_dir, &host("old"), &[], Validity::expired(), out).unwrap();
+    Credentials::load(&i.ca, &i.cert, &i.key).unwrap()
+}
+
 /// Runs a TLS server for one connection on loopback; returns its address and what the
 /// server side ended with (the client's identity, or the handshake's error).
 fn serve(
@@ -121,15 +127,7 @@ fn strangers_expired_and_certless_clients_are_refused() {
     let _ = server.join();
 
     // An expired certificate of our CA.
-    let expired = ca::issue(
-        &dir.path().join("ours/ca"),
-        &host("old"),
-        &[],
-        Validity::expired(),
-        &dir.path().join("old"),
-    )
-    .unwrap();
-    let old = Credentials::load(&expired.ca, &expired.cert, &expired.key).unwrap();
+    let old = expired(&dir.path().join("ours/ca"), &dir.path().join("old"));
     let (addr, server) = serve(ours[1].server_config().unwrap());
     let _ = connect(addr, old.client_config().unwrap());
     let e = server.join().unwrap().unwrap_err();
@@ -274,15 +272,7 @@ fn a_certificate_of_another_ca_or_expired_fails_its_check_at_start() {
     .unwrap();
     let e = mixed.check_issued().unwrap_err().to_string();
     assert!(e.contains("not valid for the CA given"), "{e}");
-    let old = ca::issue(
-        &dir.path().join("ours/ca"),
-        &host("old"),
-        &[],
-        Validity::expired(),
-        &dir.path().join("old"),
-    )
-    .unwrap();
-    let old = Credentials::load(&old.ca, &old.cert, &old.key).unwrap();
+    let old = expired(&dir.path().join("ours/ca"), &dir.path().join("old"));
     let e = old.check_issued().unwrap_err().to_string();
     assert!(e.to_lowercase().contains("expired"), "{e}");
 }

@@ -38,10 +38,6 @@ impl LinkSecurity {
         })
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// Opens a connection to the resource listener at `addr`.
     pub fn connect(&self, addr: SocketAddr) -> io::Result<Channel> {
         let tcp = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT)?;
