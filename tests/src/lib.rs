@@ -10,10 +10,11 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -224,26 +225,101 @@ fn spawn_daemon(cmd: &mut Command, what: &str, log: Option<&Path>) -> Result<(Ch
                 .open(path)
                 .with_context(|| format!("Cannot open {}", path.display()))?,
         ),
-        None => Stdio::inherit(),
+        None => Stdio::piped(),
     };
     let mut child = cmd
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        // A daemon's error says why in a line or two; a backtrace of main would bury it.
+        .env(
+            "RUST_LIB_BACKTRACE",
+            std::env::var("RUST_LIB_BACKTRACE").unwrap_or_else(|_| "0".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
         .with_context(|| format!("Cannot start {what}"))?;
+    // The daemon's log goes to the test's output (shown when the test fails), and its last
+    // lines are kept to say why a daemon that did not start gave up.
+    let tail = Arc::new(Mutex::new(VecDeque::<String>::new()));
+    let forwarder = child.stderr.take().map(|stderr| {
+        let tail = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                let mut tail = tail.lock().unwrap();
+                if tail.len() == 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        })
+    });
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     let url = line
         .split_whitespace()
-        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-        .ok_or_else(|| anyhow!("{what} did not print its address, said {line:?}"))?
-        .to_owned();
-    Ok((child, url))
+        .find(|w| w.starts_with("http://") || w.starts_with("https://"));
+    let Some(url) = url else {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            match child.try_wait()? {
+                Some(status) => break status.to_string(),
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break "killed (did not exit)".to_owned();
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        if let Some(forwarder) = forwarder {
+            let _ = forwarder.join();
+        }
+        let tail = Vec::from(tail.lock().unwrap().clone()).join("\n");
+        let log = match log {
+            Some(path) => format!("its log is {}", path.display()),
+            None => format!("its log ends:\n{tail}"),
+        };
+        bail!("{what} did not print its address, said {line:?}, {status}; {log}");
+    };
+    Ok((child, url.to_owned()))
+}
+
+/// A loopback address for a daemon that a test may restart on the same address: a port below
+/// the kernel's ephemeral range, so no connection or `:0` listener in the meantime can take it
+/// (with port 0 one did, once in CI), and never one this process handed out before.
+pub fn restartable_address() -> String {
+    static NEXT: Mutex<u16> = Mutex::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(12000);
+    let low = 10000u16;
+    let span = ephemeral_low - low;
+    let mut next = NEXT.lock().unwrap();
+    if *next == 0 {
+        // Test processes that run side by side start far apart.
+        *next = low + (std::process::id() % u32::from(span / 100)) as u16 * 100;
+    }
+    for _ in 0..span {
+        let port = *next;
+        *next = if port + 1 >= ephemeral_low {
+            low
+        } else {
+            port + 1
+        };
+        // A port someone holds (even in TIME_WAIT: no SO_REUSEADDR here) is passed over.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+    }
+    panic!("no free loopback port in {low}..{ephemeral_low}");
 }
 
 /// A Godwit HTTP/JSON API at `url` (an agent's or the orchestrator's).
@@ -358,7 +434,7 @@ impl std::ops::Deref for Orchestrator {
 impl Orchestrator {
     /// Starts an orchestrator keeping its data in `data_dir` (reuse it to restart).
     pub fn start(data_dir: &Path, config_toml: &str) -> Result<Orchestrator> {
-        Self::start_at(data_dir, config_toml, "127.0.0.1:0")
+        Self::start_at(data_dir, config_toml, &restartable_address())
     }
 
     /// As `start`, on a given address (a restart keeps the address its agents report to).
@@ -475,7 +551,8 @@ impl Agent {
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         args.extend(tls);
         let strs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, url) = Self::spawn(name, data_dir.path(), "127.0.0.1:0", &strs, log)?;
+        let listen = restartable_address();
+        let (child, url) = Self::spawn(name, data_dir.path(), &listen, &strs, log)?;
         let agent = Agent {
             child: Some(child),
             name: name.to_owned(),

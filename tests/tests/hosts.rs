@@ -37,7 +37,7 @@ fn a_drained_host_is_left_by_every_vm_that_can_move() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = "balancer = \"off\"\npoll_interval_ms = 500\nagent_timeout_ms = 5000\n";
-    let mut orch = Orchestrator::start_at(&dir.path().join("orch"), config, "127.0.0.1:0").unwrap();
+    let mut orch = Orchestrator::start(&dir.path().join("orch"), config).unwrap();
     let common = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "--orchestrator",
