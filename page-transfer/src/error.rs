@@ -64,6 +64,10 @@ pub enum MigrationError {
     /// The peer said no, with its own words.
     #[error("The peer reported: {0}")]
     Remote(String),
+    /// The target answered the switchover without starting the VM (and dropped its copy), so
+    /// the VM runs on at the source.
+    #[error("The target did not start the VM, so it runs on here: {0}")]
+    SwitchoverRefused(String),
     #[error("The migration was cancelled")]
     Cancelled,
     /// Pre-copy ran out of rounds or time with more left than the downtime allows.
@@ -210,7 +214,7 @@ impl MigrationError {
             | E::SwitchoverIncomplete { .. }
             | E::PagesMissing { .. } => "protocol",
             E::Vm(_) => "vm",
-            E::Remote(_) => "peer",
+            E::Remote(_) | E::SwitchoverRefused(_) => "peer",
             E::NotConverged { .. } => "not_converged",
             E::Timeout { .. } => "timeout",
             E::DigestMismatch { .. } => "digest_mismatch",
@@ -234,7 +238,7 @@ impl MigrationError {
 }
 
 /// The message with its causes, one line, as a migration's record shows it.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -297,6 +301,10 @@ mod tests {
             (MigrationError::Protocol(ProtocolError::Closed), "protocol"),
             (MigrationError::Vm(VmAccessError::new("gone")), "vm"),
             (MigrationError::Remote("no room".into()), "peer"),
+            (
+                MigrationError::SwitchoverRefused("digests differ".into()),
+                "peer",
+            ),
             (MigrationError::Cancelled, "cancelled"),
             (
                 MigrationError::Protocol(ProtocolError::PeerCancelled),

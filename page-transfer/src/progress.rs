@@ -94,6 +94,12 @@ impl Progress {
         self.switched.store(true, Ordering::Release);
     }
 
+    /// The target refused the switchover (it did not start the VM and dropped its copy): the
+    /// VM is the source's again.
+    pub fn switch_refused(&self) {
+        self.switched.store(false, Ordering::Release);
+    }
+
     pub fn switched(&self) -> bool {
         self.switched.load(Ordering::Acquire)
     }

@@ -18,9 +18,15 @@
 //!      4     2  command   a Command number
 //!      6     2  flags     0; any other value is rejected (reserved for later versions)
 //!      8     4  length    payload length in bytes, at most Command::max_payload()
-//!     12     4  reserved  0; any other value is rejected
+//!     12     4  checksum  CRC-32 (IEEE) of the header's first 12 bytes and the payload
 //!     16   len  payload   the command's fields, little-endian, layout documented on Command
 //! ```
+//!
+//! The checksum is checked before a payload is decoded, so a page damaged on the way (by a
+//! plaintext link, a faulty NIC or middlebox, a bug) is never written into guest memory: the
+//! frame is a [`ProtocolError::BadChecksum`] and the migration fails. Under TLS the AEAD
+//! already guarantees this for the bytes on the wire; the checksum costs little (crc32fast
+//! runs at several GB/s per core) and also covers the bytes between encoding and encryption.
 //!
 //! Variable-length fields (strings, blobs, lists) carry a `u32` count first. Every payload is
 //! consumed exactly: trailing bytes are an error, except in [`Command::Hello`], which a later
@@ -51,9 +57,13 @@
 //!   Discard{runs}                                      ->  stale pages, dropped at switchover
 //!   control channel:
 //!   State{blob}                                        ->
-//!   Switchover{postcopy, markers_phase: s}             ->  after Marker{s} on every channel:
+//!   Switchover{postcopy, markers_phase: s, digest}     ->  after Marker{s} on every channel
+//!                                                         (and, without post-copy, a digest
+//!                                                         that matches what arrived):
 //!                                                         restore the state, run the VM
 //!                                                      <- Resumed
+//!                            or, the VM not started:   <- Error{message}  (the target's copy
+//!                                                         is gone; the source resumes its own)
 //!   post-copy only:
 //!                                  control channel:    <- PageRequest{gpa, pages}
 //!   urgent channel: Pages{...}                         ->  (answers, ahead of the push)
@@ -81,9 +91,12 @@ pub const HEADER_LEN: usize = 16;
 /// Size of a guest page in bytes.
 pub const PAGE_SIZE: usize = 4096;
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 put a checksum in the frame header (version 1 had a reserved 0 there) and the
+/// source's digest in [`Message::Switchover`].
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Largest payload of any frame, in bytes (a full [`Command::State`] fits).
 pub const MAX_PAYLOAD: usize = 17 << 20;
@@ -112,6 +125,8 @@ const PAGE_ENTRY_HEADER: usize = 13;
 const MAX_PAGES_PAYLOAD: usize = 4 + MAX_PAGES_PER_BATCH * (PAGE_ENTRY_HEADER + PAGE_SIZE);
 /// Offset of the payload length field in the header.
 const LEN_OFFSET: usize = 8;
+/// Offset of the checksum field in the header.
+const CHECKSUM_OFFSET: usize = 12;
 
 /// Frame commands. The number is the wire value; the doc says what the payload holds.
 #[repr(u16)]
@@ -135,7 +150,8 @@ pub enum Command {
     Marker = 6,
     /// Source to target on the control channel: `blob length u32, blob` (vCPU and device state).
     State = 7,
-    /// Source to target on the control channel: `postcopy u8 (0 or 1), markers_phase u32`.
+    /// Source to target on the control channel: `postcopy u8 (0 or 1), markers_phase u32,
+    /// digest length u32, digest (UTF-8; empty: nothing to compare)`.
     Switchover = 8,
     /// Target to source: the VM runs on the target. Empty payload.
     Resumed = 9,
@@ -204,7 +220,7 @@ impl Command {
             Command::Pages => MAX_PAGES_PAYLOAD,
             Command::Marker | Command::PageRequest => 12,
             Command::State => 4 + MAX_STATE,
-            Command::Switchover => 5,
+            Command::Switchover => 5 + 4 + MAX_STRING,
             Command::Discard => 4 + MAX_RUNS * 12,
             Command::AllSent => 4,
             Command::Done => 2 * (4 + MAX_STRING),
@@ -363,13 +379,20 @@ pub enum ProtocolError {
         /// The flags found.
         flags: u16,
     },
-    /// The header's reserved field is not 0.
-    #[error("The {command} frame has {value:#010x} in its reserved header field, which must be 0")]
-    NonZeroReserved {
-        /// The frame's command.
+    /// The frame's checksum does not match its header and payload: it was damaged on the way.
+    #[error(
+        "The {command} frame of {len} bytes is damaged: its checksum is {found:#010x}, its \
+         contents give {computed:#010x}"
+    )]
+    BadChecksum {
+        /// The frame's command (as its header says).
         command: Command,
-        /// The value found.
-        value: u32,
+        /// The payload length.
+        len: u32,
+        /// The checksum in the header.
+        found: u32,
+        /// The checksum of what arrived.
+        computed: u32,
     },
     /// A length or count is over its limit (checked before allocating anything for it).
     #[error("{what} is {len}, over the limit of {limit}")]
@@ -476,11 +499,13 @@ pub struct FrameHeader {
     pub command: Command,
     /// The payload length in bytes, within `command.max_payload()`.
     pub len: u32,
+    /// CRC-32 of the first 12 header bytes and the payload (see [`FrameHeader::checksum_of`]).
+    pub checksum: u32,
 }
 
 impl FrameHeader {
-    /// Parses and validates a header: magic, command, flags, reserved field, and the payload
-    /// length against the command's limit.
+    /// Parses and validates a header: magic, command, flags, and the payload length against
+    /// the command's limit. The checksum is checked once the payload is read.
     pub fn parse(bytes: &[u8; HEADER_LEN]) -> Result<Self, ProtocolError> {
         let [m0, m1, m2, m3, c0, c1, f0, f1, l0, l1, l2, l3, r0, r1, r2, r3] = *bytes;
         let magic = u32::from_le_bytes([m0, m1, m2, m3]);
@@ -492,13 +517,14 @@ impl FrameHeader {
         if flags != 0 {
             return Err(ProtocolError::NonZeroFlags { command, flags });
         }
-        let value = u32::from_le_bytes([r0, r1, r2, r3]);
-        if value != 0 {
-            return Err(ProtocolError::NonZeroReserved { command, value });
-        }
+        let checksum = u32::from_le_bytes([r0, r1, r2, r3]);
         let len = u32::from_le_bytes([l0, l1, l2, l3]);
         check_limit(command.length_field(), len as usize, command.max_payload())?;
-        Ok(FrameHeader { command, len })
+        Ok(FrameHeader {
+            command,
+            len,
+            checksum,
+        })
     }
 
     /// The header's wire form.
@@ -507,8 +533,46 @@ impl FrameHeader {
         out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         out[4..6].copy_from_slice(&(self.command as u16).to_le_bytes());
         out[LEN_OFFSET..LEN_OFFSET + 4].copy_from_slice(&self.len.to_le_bytes());
+        out[CHECKSUM_OFFSET..].copy_from_slice(&self.checksum.to_le_bytes());
         out
     }
+
+    /// The checksum of a frame: CRC-32 over the header up to the checksum field (magic,
+    /// command, flags, length) and the payload.
+    pub fn checksum_of(header: &[u8], payload: &[u8]) -> u32 {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[..CHECKSUM_OFFSET]);
+        crc.update(payload);
+        crc.finalize()
+    }
+
+    /// Checks `payload` (read after this header) against the checksum.
+    pub fn verify(&self, payload: &[u8]) -> Result<(), ProtocolError> {
+        let computed = Self::checksum_of(&self.to_bytes(), payload);
+        if computed == self.checksum {
+            Ok(())
+        } else {
+            Err(ProtocolError::BadChecksum {
+                command: self.command,
+                len: self.len,
+                found: self.checksum,
+                computed,
+            })
+        }
+    }
+}
+
+/// Writes the length and the checksum of the frame that starts at `start` of `buf` and runs
+/// to its end.
+fn seal(buf: &mut [u8], start: usize) -> Result<(), ProtocolError> {
+    let payload = buf.len() - start - HEADER_LEN;
+    check_limit("The payload length of a frame", payload, MAX_PAYLOAD)?;
+    let frame = &mut buf[start..];
+    frame[LEN_OFFSET..LEN_OFFSET + 4].copy_from_slice(&(payload as u32).to_le_bytes());
+    let (header, body) = frame.split_at_mut(HEADER_LEN);
+    let checksum = FrameHeader::checksum_of(header, body);
+    header[CHECKSUM_OFFSET..].copy_from_slice(&checksum.to_le_bytes());
+    Ok(())
 }
 
 fn check_limit(what: &'static str, len: usize, limit: usize) -> Result<(), ProtocolError> {
@@ -565,6 +629,13 @@ pub fn read_frame<R: Read + ?Sized>(
                 what: "a frame payload",
             });
         }
+    }
+    // A version-1 peer sends 0 there; its Hello and its Error (a refusal of our Hello) are
+    // still read, so that version negotiation can say what is wrong.
+    let unversioned =
+        header.checksum == 0 && matches!(header.command, Command::Hello | Command::Error);
+    if !unversioned {
+        header.verify(payload)?;
     }
     Ok(header.command)
 }
@@ -653,12 +724,18 @@ pub enum Message {
         blob: Vec<u8>,
     },
     /// The source is paused; the target resumes after Marker{`markers_phase`} on every
-    /// channel and the State.
+    /// channel and the State. The target answers [`Message::Resumed`] once the VM runs; an
+    /// `Error` or `Abort` instead means it did not start the VM and has discarded its copy
+    /// (so the source may resume its own).
     Switchover {
         /// Whether missing pages are fetched on demand after resuming.
         postcopy: bool,
         /// The phase whose markers close the switchover.
         markers_phase: u32,
+        /// Without post-copy, with verification: the digest of every page as the source sent
+        /// it (so of its paused memory), which the target compares with the digest of what it
+        /// received before it starts the VM. Empty otherwise.
+        digest: String,
     },
     /// The VM runs on the target.
     Resumed,
@@ -755,6 +832,7 @@ impl Message {
             &FrameHeader {
                 command: self.command(),
                 len: 0,
+                checksum: 0,
             }
             .to_bytes(),
         );
@@ -762,7 +840,7 @@ impl Message {
             buf.truncate(start);
             return Err(e);
         }
-        patch_len(buf, start)
+        seal(buf, start).inspect_err(|_| buf.truncate(start))
     }
 
     fn encode_payload(&self, buf: &mut Vec<u8>) -> Result<(), ProtocolError> {
@@ -822,9 +900,11 @@ impl Message {
             Message::Switchover {
                 postcopy,
                 markers_phase,
+                digest,
             } => {
                 buf.push(u8::from(*postcopy));
                 put_u32(buf, *markers_phase);
+                put_string(buf, digest, SWITCHOVER_DIGEST)?;
             }
             Message::Discard { runs } => {
                 check_limit(DISCARD_RUNS, runs.len(), MAX_RUNS)?;
@@ -918,6 +998,7 @@ impl Message {
             Command::Switchover => Message::Switchover {
                 postcopy: r.bool("postcopy")?,
                 markers_phase: r.u32()?,
+                digest: r.string(SWITCHOVER_DIGEST)?,
             },
             Command::Resumed => Message::Resumed,
             Command::Discard => {
@@ -963,6 +1044,7 @@ const PAGES_COUNT: &str = "The page count of a Pages batch";
 const STATE_BLOB: &str = "The blob length of a State message";
 const DISCARD_RUNS: &str = "The run count of a Discard message";
 const DONE_DIGEST: &str = "The digest length of a Done message";
+const SWITCHOVER_DIGEST: &str = "The digest length of a Switchover message";
 const DONE_REPORT: &str = "The report length of a Done message";
 const ABORT_REASON: &str = "The reason length of an Abort message";
 const ERROR_MESSAGE: &str = "The text length of an Error message";
@@ -1070,15 +1152,6 @@ fn put_entry_header(buf: &mut Vec<u8>, gpa: u64, kind: PageKind, len: usize) {
     put_u64(buf, gpa);
     buf.push(kind as u8);
     put_u32(buf, len as u32);
-}
-
-/// Writes the payload length of the frame that starts at `start` in `buf`.
-fn patch_len(buf: &mut [u8], start: usize) -> Result<(), ProtocolError> {
-    let payload = buf.len() - start - HEADER_LEN;
-    check_limit("The payload length of a frame", payload, MAX_PAYLOAD)?;
-    let at = start + LEN_OFFSET;
-    buf[at..at + 4].copy_from_slice(&(payload as u32).to_le_bytes());
-    Ok(())
 }
 
 /// A bounds-checked cursor over one payload.
@@ -1245,6 +1318,7 @@ impl PagesWriter {
             &FrameHeader {
                 command: Command::Pages,
                 len: 0,
+                checksum: 0,
             }
             .to_bytes(),
         );
@@ -1295,8 +1369,8 @@ impl PagesWriter {
     pub fn finish(&mut self) -> &[u8] {
         let count_at = HEADER_LEN;
         self.buf[count_at..count_at + 4].copy_from_slice(&self.count.to_le_bytes());
-        let payload = (self.buf.len() - HEADER_LEN) as u32;
-        self.buf[LEN_OFFSET..LEN_OFFSET + 4].copy_from_slice(&payload.to_le_bytes());
+        // A full batch is far below MAX_PAYLOAD, so sealing cannot fail.
+        let _ = seal(&mut self.buf, 0);
         &self.buf
     }
 }
@@ -1450,6 +1524,12 @@ mod tests {
             Message::Switchover {
                 postcopy: true,
                 markers_phase: 9,
+                digest: String::new(),
+            },
+            Message::Switchover {
+                postcopy: false,
+                markers_phase: 3,
+                digest: "xxh3-blake3:00ff".to_string(),
             },
             Message::Resumed,
             Message::Discard {
@@ -1487,12 +1567,26 @@ mod tests {
     fn raw_frame(command: Command, payload: &[u8]) -> Vec<u8> {
         let mut buf = FrameHeader {
             command,
-            len: payload.len() as u32,
+            len: 0,
+            checksum: 0,
         }
         .to_bytes()
         .to_vec();
         buf.extend_from_slice(payload);
+        seal(&mut buf, 0).unwrap();
         buf
+    }
+
+    /// `f` with its checksum made right again for the payload its header declares (as much
+    /// of it as is there), so a hand-patched frame reaches the decoders.
+    fn resealed(mut f: Vec<u8>) -> Vec<u8> {
+        if f.len() >= HEADER_LEN {
+            let len = u32::from_le_bytes(f[LEN_OFFSET..LEN_OFFSET + 4].try_into().unwrap());
+            let end = (HEADER_LEN + len as usize).min(f.len());
+            let checksum = FrameHeader::checksum_of(&f[..HEADER_LEN], &f[HEADER_LEN..end]);
+            f[CHECKSUM_OFFSET..HEADER_LEN].copy_from_slice(&checksum.to_le_bytes());
+        }
+        f
     }
 
     fn malformed(result: Result<Message, ProtocolError>) -> String {
@@ -1620,20 +1714,69 @@ mod tests {
                 flags: 0x8000
             }
         ));
-        assert!(matches!(
-            patched(15, &[1]),
-            ProtocolError::NonZeroReserved {
-                value: 0x0100_0000,
-                ..
-            }
-        ));
-        // Every single-bit flip in the header is caught or changes the frame's meaning
-        // without a panic.
-        for bit in 0..HEADER_LEN * 8 {
+        let err = patched(15, &[1]);
+        assert!(
+            matches!(
+                err,
+                ProtocolError::BadChecksum {
+                    command: Command::Marker,
+                    len: 12,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err
+            .to_string()
+            .starts_with("The Marker frame of 12 bytes is damaged"));
+        // Every single-bit flip in the header and in the payload is caught.
+        for bit in 0..good.len() * 8 {
             let mut f = good.clone();
             f[bit / 8] ^= 1 << (bit % 8);
             let result = read(&f);
-            assert!(result.is_err() || bit / 8 == 4, "bit {bit}: {result:?}");
+            assert!(result.is_err(), "bit {bit}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn a_version_1_hello_is_read_so_negotiation_can_refuse_it() {
+        let hello = Message::Hello {
+            version: 1,
+            min_version: 1,
+            migration_id: [3; 16],
+            channel: 0,
+            channels: 3,
+        };
+        let mut f = frame(&hello);
+        f[CHECKSUM_OFFSET..HEADER_LEN].fill(0);
+        assert_eq!(read(&f).unwrap(), hello);
+        let err = negotiate(1, 1).unwrap_err().to_string();
+        assert!(err.contains("the peer speaks 1..=1"), "{err}");
+        // Any other frame needs its checksum.
+        let mut f = frame(&Message::SetupAck);
+        f[CHECKSUM_OFFSET..HEADER_LEN].fill(0);
+        assert!(matches!(read(&f), Err(ProtocolError::BadChecksum { .. })));
+    }
+
+    #[test]
+    fn a_damaged_page_frame_is_rejected_before_its_pages_are_seen() {
+        let mut w = PagesWriter::new();
+        w.push(0x1000, PageKind::Raw, &[7; PAGE_SIZE]).unwrap();
+        w.push(0x2000, PageKind::Zero, &[]).unwrap();
+        let good = w.finish().to_vec();
+        let mut payload = Vec::new();
+        assert_eq!(
+            read_frame(&mut &good[..], &mut payload).unwrap(),
+            Command::Pages
+        );
+        for at in [HEADER_LEN + 4, HEADER_LEN + 4 + 13 + 100, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            let err = read_frame(&mut &bad[..], &mut payload).unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::BadChecksum { .. }),
+                "byte {at}: {err}"
+            );
         }
     }
 
@@ -1655,7 +1798,12 @@ mod tests {
     fn oversize_lengths_are_rejected_before_reading_or_allocating() {
         for command in Command::ALL {
             for len in [command.max_payload() as u32 + 1, u32::MAX] {
-                let header = FrameHeader { command, len }.to_bytes();
+                let header = FrameHeader {
+                    command,
+                    len,
+                    checksum: 0,
+                }
+                .to_bytes();
                 let mut payload = Vec::new();
                 let err = read_frame(&mut HeaderOnly(header.to_vec(), 0), &mut payload)
                     .expect_err("oversize");
@@ -1677,6 +1825,7 @@ mod tests {
         let header = FrameHeader {
             command: Command::Pages,
             len: u32::MAX,
+            checksum: 0,
         };
         assert_eq!(
             FrameHeader::parse(&header.to_bytes())
@@ -1688,6 +1837,7 @@ mod tests {
         let mut f = FrameHeader {
             command: Command::State,
             len: Command::State.max_payload() as u32,
+            checksum: 0,
         }
         .to_bytes()
         .to_vec();
@@ -1769,6 +1919,10 @@ mod tests {
                         f.remove(at);
                     }
                 }
+            }
+            // Mostly with a checksum that fits, so the mutations reach the decoders.
+            if rng.below(4) != 0 {
+                f = resealed(f);
             }
             if let Ok(command) = read_frame(&mut &f[..], &mut payload) {
                 if let Ok(msg) = Message::decode(command, &payload) {
@@ -1934,23 +2088,24 @@ mod tests {
     fn negotiation() {
         assert_eq!(
             negotiate(PROTOCOL_VERSION, MIN_PROTOCOL_VERSION).unwrap(),
-            1
+            2
         );
         // A newer peer that still speaks ours.
-        assert_eq!(negotiate(5, 1).unwrap(), 1);
+        assert_eq!(negotiate(5, 1).unwrap(), 2);
         // The source checking the target's answer.
-        assert_eq!(negotiate(1, 1).unwrap(), 1);
-        // A newer peer that dropped ours, an older one we dropped, a nonsense range.
-        for (version, min) in [(5, 2), (0, 0), (1, 3)] {
+        assert_eq!(negotiate(2, 2).unwrap(), 2);
+        // A newer peer that dropped ours, an older one we dropped (version 1 had no frame
+        // checksums), a nonsense range.
+        for (version, min) in [(5, 3), (1, 1), (0, 0), (2, 3)] {
             let err = negotiate(version, min).unwrap_err();
             assert!(
-                matches!(err, ProtocolError::VersionMismatch { ours: (1, 1), theirs } if theirs == (min, version)),
+                matches!(err, ProtocolError::VersionMismatch { ours: (2, 2), theirs } if theirs == (min, version)),
                 "{err}"
             );
         }
         assert_eq!(
-            negotiate(5, 2).unwrap_err().to_string(),
-            "No common protocol version: this side speaks 1..=1, the peer speaks 2..=5"
+            negotiate(5, 3).unwrap_err().to_string(),
+            "No common protocol version: this side speaks 2..=2, the peer speaks 3..=5"
         );
     }
 
@@ -2015,7 +2170,7 @@ mod tests {
         let mut f = frame(&setup(vec![(0, page)], vec![]));
         f[HEADER_LEN + 1] = 2;
         assert_eq!(
-            malformed(read(&f)),
+            malformed(read(&resealed(f))),
             "The Setup field verify at offset 1 is 2; a flag is 0 or 1"
         );
     }

@@ -21,7 +21,8 @@ use crate::error::{Awaited, MigrationError};
 use crate::limiter::Limiter;
 use crate::progress::{Progress, Stage};
 use crate::protocol::{
-    read_message, write_message, Command, Message, PagesWriter, ProtocolError, MAX_RUNS, PAGE_SIZE,
+    read_message, write_message, Command, Message, PageKind, PagesWriter, ProtocolError, MAX_RUNS,
+    PAGE_SIZE,
 };
 use crate::transport::{self, CONTROL, FIRST_BULK, URGENT};
 use crate::vm::{SourceVm, VmAccessError, PEER_TIMEOUT};
@@ -100,6 +101,10 @@ struct Source<'a> {
     paused_at: Option<Instant>,
     /// The switchover went out: the VM belongs to the target, cancel no longer applies.
     switched: AtomicBool,
+    /// With verification: the hash of every page as last sent, so at the switchover the
+    /// digest of the paused memory (every page has been sent since it was last written).
+    sent: Option<PageDigests>,
+    zero_hash: u64,
 }
 
 /// Migrates `vm` to the target agent's migration listener at `addr`.
@@ -163,12 +168,15 @@ pub fn migrate(
         .spawn(move || read_control(reader, event_tx, request_tx, reader_applied))
         .map_err(MigrationError::Spawn)?;
 
+    let sent = cfg.verify.then(|| PageDigests::new(map.total_pages()));
     let mut source = Source {
         vm,
         cfg,
         progress,
         cancel,
         map,
+        sent,
+        zero_hash: crate::digest::zero_page_hash(),
         limiter: Limiter::new(cfg.bandwidth),
         control: Mutex::new(control),
         urgent,
@@ -180,7 +188,7 @@ pub fn migrate(
         paused_at: None,
         switched: AtomicBool::new(false),
     };
-    let result = source.run();
+    let result = source.run().map_err(|e| source.explain(e));
     if let Err(e) = &result {
         source.recover(e);
     }
@@ -303,19 +311,37 @@ impl Source<'_> {
     fn switchover(&mut self, postcopy: bool, markers_phase: u32) -> Result<(), MigrationError> {
         let t = Instant::now();
         let state = self.vm.save_state()?;
+        // Every page has been sent since it was last written, so this is the digest of the
+        // paused memory; the target checks what it received against it before it starts.
+        let digest = match &self.sent {
+            Some(sent) if !postcopy => sent.finish(),
+            _ => String::new(),
+        };
         self.send_control(&Message::State { blob: state })?;
         self.send_control(&Message::Switchover {
             postcopy,
             markers_phase,
+            digest,
         })?;
-        // From here on the VM belongs to the target: never resume it here.
+        // From here on the VM belongs to the target: never resume it here, unless the target
+        // says it did not start it.
         self.switched.store(true, Ordering::Release);
         self.progress.mark_switched();
         let state_ms = ms(t);
         let t = Instant::now();
-        match self.wait_event(PEER_TIMEOUT)? {
-            Reply::Resumed => {}
-            Reply::Done { .. } => return Err(out_of_order("Resumed", Command::Done)),
+        match self.wait_event(PEER_TIMEOUT) {
+            Ok(Reply::Resumed) => {}
+            Ok(Reply::Done { .. }) => return Err(out_of_order("Resumed", Command::Done)),
+            Err(MigrationError::Remote(message)) => {
+                // An answer other than Resumed: the target did not start the VM and has
+                // dropped its copy (the protocol's promise), so the VM is ours to resume.
+                self.switched.store(false, Ordering::Release);
+                self.progress.switch_refused();
+                return Err(MigrationError::SwitchoverRefused(message));
+            }
+            // No answer, or a broken link: whether the target runs the VM is unknown, so it
+            // stays paused here.
+            Err(e) => return Err(e),
         }
         let resume_ms = ms(t);
         self.vm.target_running();
@@ -632,6 +658,7 @@ impl Source<'_> {
                 }
                 let data = &buf[(i * PAGE) as usize..((i + 1) * PAGE) as usize];
                 let (kind, encoded) = encoder.encode(data);
+                self.note_sent(region, page, kind, data);
                 self.progress.page(kind, encoded.len());
                 writer.push(self.map.gpa(region, page), kind, encoded)?;
             }
@@ -766,6 +793,7 @@ impl Source<'_> {
                 }
                 let data = &buf[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
                 let (kind, encoded) = encoder.encode(data);
+                self.note_sent(region, page, kind, data);
                 self.progress.page(kind, encoded.len());
                 writer.push(self.map.gpa(region, page), kind, encoded)?;
                 count += 1;
@@ -789,11 +817,48 @@ impl Source<'_> {
         Ok(count)
     }
 
+    /// Folds the page just encoded into the digest of what was sent.
+    fn note_sent(&self, region: usize, page: u64, kind: PageKind, data: &[u8]) {
+        if let Some(sent) = &self.sent {
+            let global = self.map.global(region, page);
+            if kind == PageKind::Zero {
+                sent.set_hash(global, self.zero_hash);
+            } else {
+                sent.set(global, data);
+            }
+        }
+    }
+
     fn encoder(&self) -> Result<PageEncoder, MigrationError> {
         PageEncoder::new(self.cfg.compression).map_err(|source| MigrationError::Codec {
             what: "compression",
             source,
         })
+    }
+
+    /// A connection that broke before the switchover is often the target hanging up on
+    /// something it refused (a damaged frame, a failed write): its reason, if it gives one on
+    /// the control channel, says more than the symptom.
+    fn explain(&self, error: MigrationError) -> MigrationError {
+        let symptom = matches!(
+            error,
+            MigrationError::Channel { .. }
+                | MigrationError::Send { .. }
+                | MigrationError::ControlBroke { .. }
+        );
+        if !symptom || self.switched.load(Ordering::Acquire) {
+            return error;
+        }
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match events.recv_timeout(left) {
+                Ok(Event::Remote(message)) => return MigrationError::Remote(message),
+                Ok(Event::Closed(_)) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        error
     }
 
     /// After a failure: before switchover the VM goes on here and the target drops its copy.

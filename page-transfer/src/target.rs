@@ -499,6 +499,13 @@ pub fn receive(
         let result = control_loop(&shared, &mut control, &mut started, &mut |shared| {
             fault_thread = Some(scope.spawn(move || serve_faults(shared)));
         });
+        if let (Err(e), false) = (&result, started) {
+            // The protocol's promise to a source waiting on its switchover: an error instead
+            // of Resumed means the VM did not start here and this copy is gone, so the source
+            // may resume its own. Discard first, then say so.
+            vm.abort();
+            let _ = shared.send(&Message::error(crate::error::chain(e)));
+        }
         shared.stop.store(true, Ordering::Release);
         let _ = control.shutdown(Shutdown::Both);
         if let Some(t) = fault_thread {
@@ -513,9 +520,9 @@ pub fn receive(
     match result {
         Ok(()) => Ok(vm),
         Err(e) => {
-            // Before the start: discard. After it, only a post-copy can still be missing
-            // pages; abort stops that VM rather than let it read holes.
-            if !started || shared.postcopy.load(Ordering::Acquire) {
+            // Before the start it was discarded above. After it, only a post-copy can still
+            // be missing pages; abort stops that VM rather than let it read holes.
+            if started && shared.postcopy.load(Ordering::Acquire) {
                 vm.abort();
             }
             Err(e)
@@ -555,6 +562,7 @@ fn control_loop<'s>(
             Message::Switchover {
                 postcopy,
                 markers_phase,
+                digest,
             } => {
                 shared.wait_markers(markers_phase)?;
                 let blob = state.take().ok_or(ProtocolError::Unexpected {
@@ -570,6 +578,17 @@ fn control_loop<'s>(
                             received: have,
                             total: total_pages,
                         });
+                    }
+                    // What arrived is what the source's paused memory holds, or the guest
+                    // does not run here.
+                    if let (Some(d), false) = (&shared.digests, digest.is_empty()) {
+                        let ours = d.finish();
+                        if ours != digest {
+                            return Err(MigrationError::DigestMismatch {
+                                source_digest: digest,
+                                target_digest: ours,
+                            });
+                        }
                     }
                 }
                 shared.vm.start(&blob)?;

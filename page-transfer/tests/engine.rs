@@ -14,6 +14,9 @@ use page_transfer::bitmap::PageBitmap;
 use page_transfer::channel::{ClientSecurity, Fault, ServerSecurity};
 use page_transfer::codec::Compression;
 use page_transfer::progress::Progress;
+use page_transfer::protocol::{
+    read_message, write_frame, write_message, Message, PageKind, PagesWriter,
+};
 use page_transfer::source::{migrate, SourceConfig};
 use page_transfer::target::receive;
 use page_transfer::vm::{IncomingSetup, Region, SourceVm, TargetFactory, TargetVm, VmAccessError};
@@ -745,4 +748,238 @@ fn a_link_that_goes_silent_fails_the_migration_and_the_source_runs_on() {
     assert!(r.target_result.is_err());
     assert!(!r.target.as_ref().unwrap().started.load(Ordering::Acquire));
     assert!(!r.source.paused.load(Ordering::Acquire));
+}
+
+/// Every page the target holds is the source's page: a damaged one was never written.
+fn assert_no_damaged_page_installed(r: &Run) {
+    let target = r.target.as_ref().unwrap();
+    let a = r.source.memory.lock().unwrap();
+    let b = target.memory.lock().unwrap();
+    let present = target.present.lock().unwrap();
+    let wrong = (0..present.len())
+        .filter(|&p| present[p] && a[p * PAGE..(p + 1) * PAGE] != b[p * PAGE..(p + 1) * PAGE])
+        .count();
+    assert_eq!(
+        wrong, 0,
+        "{wrong} pages on the target differ from the source's"
+    );
+}
+
+#[test]
+fn a_flipped_byte_on_the_wire_never_reaches_guest_memory() {
+    // Before the switchover (stop-and-copy, pre-copy): the migration fails, the target drops
+    // its copy and says so, the source runs on with its memory.
+    for mode in [MigrationMode::StopAndCopy, MigrationMode::Precopy] {
+        let mut cfg = config(mode);
+        cfg.compression = Compression::None;
+        faulty(
+            &mut cfg,
+            page_transfer::transport::FIRST_BULK,
+            Fault::Corrupt { at: 300 << 10 },
+        );
+        let r = run(8192, 0, cfg, None, None);
+        let err = page_transfer::error::chain(r.source_result.as_ref().unwrap_err());
+        assert!(err.contains("is damaged"), "{mode:?}: {err}");
+        let target_err = page_transfer::error::chain(r.target_result.as_ref().unwrap_err());
+        assert!(target_err.contains("is damaged"), "{mode:?}: {target_err}");
+        let target = r.target.as_ref().unwrap();
+        assert!(!target.started.load(Ordering::Acquire), "{mode:?}");
+        assert!(target.aborted.load(Ordering::Acquire), "{mode:?}");
+        assert!(!r.source.paused.load(Ordering::Acquire), "{mode:?}: {err}");
+        assert_no_damaged_page_installed(&r);
+    }
+    // During the post-copy push the VM already runs on the target: the damaged frame is
+    // refused, the target stops its VM rather than run on holes (until post-copy recovery
+    // resumes such a migration), and no page it holds is wrong.
+    let mut cfg = config(MigrationMode::Postcopy);
+    cfg.compression = Compression::None;
+    faulty(
+        &mut cfg,
+        page_transfer::transport::FIRST_BULK,
+        Fault::Corrupt { at: 300 << 10 },
+    );
+    let r = run(8192, 0, cfg, None, None);
+    let err = page_transfer::error::chain(r.target_result.as_ref().unwrap_err());
+    assert!(err.contains("is damaged"), "{err}");
+    assert!(r.source_result.is_err());
+    let target = r.target.as_ref().unwrap();
+    assert!(target.started.load(Ordering::Acquire));
+    assert!(target.aborted.load(Ordering::Acquire));
+    assert_no_damaged_page_installed(&r);
+}
+
+/// A source speaking the protocol by hand: `pages` on every data channel, then the state and
+/// a switchover carrying `digest`. Returns the control messages the target sent back.
+fn hand_source(addr: &str, id: [u8; 16], pages: u64, digest: &str) -> Vec<Message> {
+    let mut streams = page_transfer::transport::connect(
+        addr,
+        id,
+        1,
+        Duration::from_secs(5),
+        &ClientSecurity::Plain,
+    )
+    .unwrap();
+    let mut bulk = streams.pop().unwrap();
+    let mut urgent = streams.pop().unwrap();
+    let mut control = streams.pop().unwrap();
+    write_message(
+        &mut control,
+        &Message::Setup {
+            mode: 1,
+            verify: true,
+            regions: vec![(0, pages * PAGE as u64)],
+            vm: b"config".to_vec(),
+        },
+    )
+    .unwrap();
+    assert_eq!(read_message(&mut control).unwrap(), Message::SetupAck);
+    let mut w = PagesWriter::new();
+    for p in 0..pages {
+        w.push(p * PAGE as u64, PageKind::Raw, &[p as u8 + 1; PAGE])
+            .unwrap();
+    }
+    write_frame(&mut bulk, w.finish()).unwrap();
+    let marker = Message::Marker { phase: 1, pages };
+    write_message(&mut bulk, &marker).unwrap();
+    write_message(&mut urgent, &Message::Marker { phase: 1, pages: 0 }).unwrap();
+    write_message(
+        &mut control,
+        &Message::State {
+            blob: b"vcpu-state".to_vec(),
+        },
+    )
+    .unwrap();
+    write_message(
+        &mut control,
+        &Message::Switchover {
+            postcopy: false,
+            markers_phase: 1,
+            digest: digest.to_owned(),
+        },
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    while let Ok(m) = read_message(&mut control) {
+        let end = matches!(m, Message::Resumed | Message::Error { .. });
+        got.push(m);
+        if end {
+            break;
+        }
+    }
+    got
+}
+
+#[test]
+fn a_target_whose_memory_does_not_match_the_sources_digest_never_starts_the_vm() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let factory = Arc::new(Factory {
+        made: Mutex::new(None),
+        refuse: None,
+    });
+    let f = factory.clone();
+    let id = *b"fedcba9876543210";
+    let target = std::thread::spawn(move || {
+        let progress = Arc::new(Progress::new(
+            "m",
+            "vm",
+            "a",
+            "b",
+            MigrationMode::Precopy,
+            0,
+        ));
+        receive(
+            &listener,
+            id,
+            &*f,
+            progress,
+            Duration::from_secs(10),
+            &ServerSecurity::Plain,
+        )
+        .map(|_| ())
+    });
+    let got = hand_source(&addr, id, 4, "xxh3-blake3:not-the-digest-of-these-pages");
+    let result = target.join().unwrap();
+    let vm = factory.made.lock().unwrap().clone().unwrap();
+    assert!(!vm.started.load(Ordering::Acquire));
+    assert!(vm.aborted.load(Ordering::Acquire));
+    assert!(
+        matches!(result, Err(MigrationError::DigestMismatch { .. })),
+        "{result:?}"
+    );
+    // The source hears it instead of Resumed (after the phase's acknowledgement).
+    match got.last() {
+        Some(Message::Error { message }) => {
+            assert!(message.contains("does not match"), "{message}")
+        }
+        other => panic!("expected an Error, got {other:?} in {got:?}"),
+    }
+}
+
+/// A target speaking the protocol by hand that answers the switchover with an error.
+#[test]
+fn a_source_whose_switchover_is_refused_resumes_its_vm() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let id = *b"0123456789abcdef";
+    let target = std::thread::spawn(move || {
+        let mut streams = page_transfer::transport::accept(
+            &listener,
+            id,
+            Duration::from_secs(10),
+            &ServerSecurity::Plain,
+        )
+        .unwrap();
+        let data: Vec<_> = streams.split_off(1);
+        let mut control = streams.pop().unwrap();
+        assert!(matches!(
+            read_message(&mut control).unwrap(),
+            Message::Setup { .. }
+        ));
+        write_message(&mut control, &Message::SetupAck).unwrap();
+        // Drain the data channels; answer the control channel.
+        let drains: Vec<_> = data
+            .into_iter()
+            .map(|mut c| std::thread::spawn(move || while read_message(&mut c).is_ok() {}))
+            .collect();
+        loop {
+            match read_message(&mut control).unwrap() {
+                Message::Switchover { digest, .. } => {
+                    assert!(digest.starts_with("xxh3-blake3:"), "{digest}");
+                    write_message(
+                        &mut control,
+                        &Message::error("the VM cannot start here: no room"),
+                    )
+                    .unwrap();
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        // Wait for the source's abort, then let go.
+        let _ = read_message(&mut control);
+        drop(control);
+        drop(drains);
+    });
+    let source = MemSource::new(256);
+    let progress = Progress::new("m", "vm", "a", "b", MigrationMode::StopAndCopy, 0);
+    let cancel = AtomicBool::new(false);
+    let result = migrate(
+        &*source,
+        &addr,
+        &config(MigrationMode::StopAndCopy),
+        &progress,
+        &cancel,
+    );
+    target.join().unwrap();
+    match result {
+        Err(MigrationError::SwitchoverRefused(m)) => assert!(m.contains("no room"), "{m}"),
+        other => panic!("expected a refused switchover, got {other:?}"),
+    }
+    assert!(!progress.switched());
+    assert!(
+        !source.paused.load(Ordering::Acquire),
+        "the source stayed paused"
+    );
+    assert!(source.resumed.load(Ordering::Acquire));
 }
