@@ -61,6 +61,9 @@ pub enum VmmError {
     MigratingNoDelete { name: String },
     #[error("VM {name:?} is already being migrated")]
     AlreadyMigrating { name: String },
+    /// A post-copy migration is still bringing the VM's memory here.
+    #[error("VM {name:?} is still arriving: its post-copy migration has pages to bring; wait until it completes")]
+    Arriving { name: String },
     #[error("VM {name:?} crashed and cannot {op}: {reason}")]
     Crashed {
         name: String,
@@ -225,6 +228,7 @@ impl VmmError {
             | E::Migrating { .. }
             | E::MigratingNoDelete { .. }
             | E::AlreadyMigrating { .. }
+            | E::Arriving { .. }
             | E::Crashed { .. }
             | E::Broken { .. }
             | E::Paused { .. }

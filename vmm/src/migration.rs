@@ -297,7 +297,7 @@ struct IncomingVm {
     prepared: Mutex<Option<PreparedVm>>,
     /// Set once when post-copy begins; no lock, so the fault thread waiting for faults never
     /// holds up the channels installing pages.
-    postcopy: OnceLock<PostcopyMemory>,
+    postcopy: OnceLock<Arc<PostcopyMemory>>,
     started: AtomicBool,
     prefaulted: bool,
     resources: Arc<Incoming>,
@@ -339,7 +339,7 @@ impl TargetVm for IncomingVm {
         let pm = PostcopyMemory::register(&self.memory)
             .map_err(|e| vm_err("Cannot register memory for post-copy", e))?;
         self.postcopy
-            .set(pm)
+            .set(Arc::new(pm))
             .map_err(|_| VmAccessError::new("post-copy memory was registered twice"))
     }
 
@@ -372,14 +372,20 @@ impl TargetVm for IncomingVm {
         let vm = MicroVm::restore_prepared(&self.host, &placement, &state, prepared, false)
             .map_err(|e| vm_err("Cannot start the migrated VM", e))?;
         let bytes = state.config.memory_bytes;
-        self.vmm.insert(Vm::new(vm, bytes, None, resources));
+        let vm = Vm::new(vm, bytes, None, resources);
+        vm.set_memory_arriving(self.postcopy.get().is_some());
+        self.vmm.insert(vm);
         self.started.store(true, Ordering::Release);
         tracing::info!(vm = %self.name, "migrated VM running on this host");
         Ok(())
     }
 
     fn finish_postcopy(&self) -> Result<(), VmAccessError> {
-        self.with_postcopy(|pm| pm.unregister())
+        self.with_postcopy(|pm| pm.unregister())?;
+        if let Ok(vm) = self.vmm.vm(&self.name) {
+            vm.set_memory_arriving(false);
+        }
+        Ok(())
     }
 
     fn abort(&self) {
@@ -389,13 +395,18 @@ impl TargetVm for IncomingVm {
             return;
         }
         // Post-copy broke with pages still on the source: stop the VM rather than let it read
-        // holes, and keep its memory registered so nothing reads a missing page as zeros.
-        if let Some(pm) = self.postcopy.get() {
-            pm.keep_registered();
-        }
-        let reason = "post-copy migration failed with pages still missing; the VM is stopped                       here and its memory is incomplete";
+        // holes. Its memory stays registered (the VM holds the userfaultfd) so nothing reads a
+        // missing page as zeros, until the VM is deleted.
+        let reason = "post-copy migration failed with pages still missing; the VM is stopped \
+                      here and its memory is incomplete";
         match self.vmm.vm(&self.name) {
-            Ok(vm) => vm.mark_broken(reason),
+            Ok(vm) => {
+                if let Some(pm) = self.postcopy.get() {
+                    vm.hold_postcopy_memory(pm.clone());
+                }
+                vm.mark_broken(reason);
+                vm.set_memory_arriving(false);
+            }
             Err(_) => tracing::error!(vm = %self.name, "{reason}"),
         }
     }

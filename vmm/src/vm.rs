@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use godwit_api::{DigestInfo, SnapshotInfo, VmInfo, VmState as ApiVmState};
@@ -15,6 +15,7 @@ use godwit_api::{DigestInfo, SnapshotInfo, VmInfo, VmState as ApiVmState};
 use crate::error::VmmError;
 use crate::guest;
 use crate::microvm::layout::MIB;
+use crate::microvm::postcopy::PostcopyMemory;
 use crate::microvm::MicroVm;
 use crate::resources::VmResources;
 use crate::snapshot;
@@ -35,6 +36,14 @@ pub struct Vm {
     probe: Mutex<DirtyProbe>,
     /// Why this VM can never run again here (a post-copy that broke with pages missing).
     broken: Mutex<Option<String>>,
+    /// Its memory is still arriving (post-copy): a vCPU may wait in the kernel for a page for
+    /// as long as the source takes, so nothing that waits for every vCPU may run meanwhile
+    /// (the dirty-rate probe's memory-slot update would, holding the VM's lock).
+    memory_arriving: AtomicBool,
+    /// The userfaultfd of a post-copy that broke: kept so that a missing page blocks whoever
+    /// touches it rather than read as zeros, and released first when the VM goes (so vCPUs
+    /// blocked on a missing page can be stopped).
+    postcopy_memory: Mutex<Option<Arc<PostcopyMemory>>>,
     /// Its resources as bound on this host.
     resources: Mutex<VmResources>,
 }
@@ -86,8 +95,20 @@ impl Vm {
             migrating: AtomicBool::new(false),
             probe: Mutex::new(DirtyProbe::default()),
             broken: Mutex::new(None),
+            memory_arriving: AtomicBool::new(false),
+            postcopy_memory: Mutex::new(None),
             resources: Mutex::new(resources),
         }
+    }
+
+    /// Keeps a broken post-copy's registration for as long as the VM exists.
+    pub(crate) fn hold_postcopy_memory(&self, memory: Arc<PostcopyMemory>) {
+        *lock(&self.postcopy_memory) = Some(memory);
+    }
+
+    /// Marks the VM's memory as still arriving by post-copy, or complete.
+    pub(crate) fn set_memory_arriving(&self, arriving: bool) {
+        self.memory_arriving.store(arriving, Ordering::Release);
     }
 
     pub fn name(&self) -> &str {
@@ -127,6 +148,7 @@ impl Vm {
 
     /// Marks the VM as migrating, unless it already is.
     pub(crate) fn start_migrating(&self) -> Result<(), VmmError> {
+        self.refuse_while_arriving()?;
         self.migrating
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .map(drop)
@@ -140,7 +162,19 @@ impl Vm {
         self.migrating.store(false, Ordering::Release);
     }
 
+    /// Refuses what would wait for a vCPU, or move or save memory, while post-copy still
+    /// brings pages in.
+    fn refuse_while_arriving(&self) -> Result<(), VmmError> {
+        if self.memory_arriving.load(Ordering::Acquire) {
+            return Err(VmmError::Arriving {
+                name: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn refuse_while_migrating(&self) -> Result<(), VmmError> {
+        self.refuse_while_arriving()?;
         if self.is_migrating() {
             return Err(VmmError::Migrating {
                 name: self.name.clone(),
@@ -151,6 +185,7 @@ impl Vm {
 
     /// The refusal for operations on a VM being migrated away, for deletion.
     pub(crate) fn refuse_delete_while_migrating(&self) -> Result<(), VmmError> {
+        self.refuse_while_arriving()?;
         if self.is_migrating() {
             return Err(VmmError::MigratingNoDelete {
                 name: self.name.clone(),
@@ -343,6 +378,9 @@ impl Vm {
     /// and logging is switched, and a migration sets its flag before it takes that lock to
     /// start its own logging: the probe can never switch off a migration's dirty log.
     fn probe_dirty_rate(&self, interval: Duration) {
+        if self.memory_arriving.load(Ordering::Acquire) {
+            return;
+        }
         let vm = lock(&self.vm);
         let mut probe = lock(&self.probe);
         let now = Instant::now();
@@ -369,5 +407,14 @@ impl Vm {
             }
             _ => {}
         }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // A broken post-copy's vCPUs may wait in the kernel for a page that never comes:
+        // closing the userfaultfd lets those faults finish (as zeros, in a VM being thrown
+        // away) so the vCPU threads can be stopped when the VM's fields drop next.
+        drop(lock(&self.postcopy_memory).take());
     }
 }

@@ -49,10 +49,12 @@ fn to_host(ranges: &[HostRange], gpa: u64, len: u64) -> Result<u64, PostcopyErro
 
 /// Guest memory registered for missing-page faults.
 #[derive(Debug)]
+///
+/// Dropping it closes the userfaultfd, which ends the registration: a page still missing then
+/// reads as zeros. A failed post-copy therefore keeps it with the broken VM until the VM is
+/// deleted (see `Vm::hold_postcopy_memory`).
 pub struct PostcopyMemory {
-    uffd: std::mem::ManuallyDrop<Userfault>,
-    /// Never close the descriptor: a failed post-copy keeps memory registered for good.
-    leak: std::sync::atomic::AtomicBool,
+    uffd: Userfault,
     ranges: Vec<HostRange>,
     /// Keeps the mappings alive for as long as they are registered.
     _memory: GuestMemory,
@@ -72,8 +74,7 @@ impl PostcopyMemory {
             unsafe { uffd.register_missing(r.host as *mut u8, r.len as usize)? };
         }
         Ok(PostcopyMemory {
-            uffd: std::mem::ManuallyDrop::new(uffd),
-            leak: std::sync::atomic::AtomicBool::new(false),
+            uffd,
             ranges,
             _memory: memory.clone(),
         })
@@ -115,27 +116,12 @@ impl PostcopyMemory {
         Ok(())
     }
 
-    /// After a failed post-copy: keep the registration when this value is dropped, so a missing
-    /// page blocks whoever touches it instead of reading as zeros.
-    pub fn keep_registered(&self) {
-        self.leak.store(true, std::sync::atomic::Ordering::Release);
-    }
-
     /// Ends fault handling: memory behaves normally again.
     pub fn unregister(&self) -> Result<(), PostcopyError> {
         for r in &self.ranges {
             self.uffd.unregister(r.host as *mut u8, r.len as usize)?;
         }
         Ok(())
-    }
-}
-
-impl Drop for PostcopyMemory {
-    fn drop(&mut self) {
-        if !self.leak.load(std::sync::atomic::Ordering::Acquire) {
-            // SAFETY: dropped exactly once, here; the field is not used afterwards.
-            unsafe { std::mem::ManuallyDrop::drop(&mut self.uffd) };
-        }
     }
 }
 
