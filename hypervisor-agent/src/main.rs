@@ -116,6 +116,10 @@ struct Args {
         hide = true
     )]
     vmm_seccomp_deny: Vec<String>,
+    /// Test hook: a fault (KIND@CHANNEL:BYTES, KIND reset, blackhole or corrupt) injected into
+    /// one channel of every migration this agent's VMMs send.
+    #[arg(long, env = "GODWIT_TEST_MIGRATION_FAULT", hide = true)]
+    test_migration_fault: Option<String>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -223,6 +227,10 @@ async fn main() -> anyhow::Result<()> {
     let data_dir = data_dir
         .canonicalize()
         .with_context(|| format!("Cannot resolve data directory {}", data_dir.display()))?;
+    if let Some(spec) = &args.test_migration_fault {
+        page_transfer::channel::Fault::parse_spec(spec).map_err(anyhow::Error::msg)?;
+        tracing::warn!(fault = %spec, "test hook: every migration sent from here is broken on purpose");
+    }
     let backend = Arc::new(MicrovmBackend::new(MicrovmConfig {
         vmm_binary,
         data_dir: data_dir.clone(),
@@ -236,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
         tls: tls.map(|(files, _)| files),
         seccomp: !args.no_seccomp,
         seccomp_deny: args.vmm_seccomp_deny.clone(),
+        test_migration_fault: args.test_migration_fault.clone(),
     }));
     let config = AgentConfig {
         labels: args.labels.into_iter().collect(),

@@ -37,6 +37,30 @@ pub enum Fault {
     Corrupt { at: u64 },
 }
 
+impl Fault {
+    /// Parses a test hook's `KIND@CHANNEL:BYTES` (`reset@2:8388608`, `blackhole@0:4096`,
+    /// `corrupt@3:300000`): the fault and the migration channel it strikes.
+    pub fn parse_spec(spec: &str) -> Result<(u16, Fault), String> {
+        let bad = || {
+            format!(
+                "{spec:?} is not a fault: expected KIND@CHANNEL:BYTES with KIND reset, \
+                 blackhole or corrupt"
+            )
+        };
+        let (kind, rest) = spec.split_once('@').ok_or_else(bad)?;
+        let (channel, bytes) = rest.split_once(':').ok_or_else(bad)?;
+        let channel: u16 = channel.parse().map_err(|_| bad())?;
+        let bytes: u64 = bytes.parse().map_err(|_| bad())?;
+        let fault = match kind {
+            "reset" => Fault::Reset { after: bytes },
+            "blackhole" => Fault::Blackhole { after: bytes },
+            "corrupt" => Fault::Corrupt { at: bytes },
+            _ => return Err(bad()),
+        };
+        Ok((channel, fault))
+    }
+}
+
 #[derive(Debug)]
 struct Faulty {
     inner: Channel,

@@ -64,6 +64,10 @@ struct Args {
     /// this VMM break its filter on purpose.
     #[arg(long = "seccomp-deny", value_name = "SYSCALL", hide = true)]
     seccomp_deny: Vec<String>,
+    /// Test hook: injects a fault (KIND@CHANNEL:BYTES, KIND reset, blackhole or corrupt) into
+    /// one channel of every migration this VMM sends, so tests can break a migration on purpose.
+    #[arg(long, value_name = "FAULT", value_parser = page_transfer::channel::Fault::parse_spec, hide = true)]
+    test_migration_fault: Option<(u16, page_transfer::channel::Fault)>,
 }
 
 /// Installs the seccomp filter unless `--no-seccomp`, on this thread before any other but
@@ -136,6 +140,7 @@ async fn serve(args: Args, tls: Option<godwit_tls::Credentials>) -> anyhow::Resu
             resource_capacity_bytes: args.resource_capacity_mib.saturating_mul(1 << 20),
             device_classes: args.devices.into_iter().collect(),
             tls,
+            test_fault: args.test_migration_fault,
         },
         agent_url: args.agent_url,
     };

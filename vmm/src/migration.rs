@@ -491,12 +491,20 @@ fn compression(mode: CompressMode) -> Compression {
 /// host's certificate when it has one (the target must present a cluster certificate for
 /// that address), else plain TCP.
 fn client_security(config: &HostConfig, target_host: &str) -> Result<ClientSecurity, VmmError> {
-    Ok(match &config.tls {
+    let security = match &config.tls {
         None => ClientSecurity::Plain,
         Some(creds) => ClientSecurity::Tls {
             config: creds.client_config()?,
             server_name: godwit_tls::server_name(target_host)?,
         },
+    };
+    Ok(match config.test_fault {
+        Some((channel, fault)) => ClientSecurity::Faulty {
+            inner: Box::new(security),
+            channel,
+            fault,
+        },
+        None => security,
     })
 }
 

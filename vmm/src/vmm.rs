@@ -40,6 +40,9 @@ pub struct HostConfig {
     pub device_classes: BTreeSet<String>,
     /// This host's cluster certificate: migrations are mutual TLS with it; None = plain TCP.
     pub tls: Option<godwit_tls::Credentials>,
+    /// Test hook: a fault injected into one channel of every migration this host sends
+    /// (`page_transfer::channel::Fault::parse_spec`).
+    pub test_fault: Option<(u16, page_transfer::channel::Fault)>,
 }
 
 /// What the VMM holds.

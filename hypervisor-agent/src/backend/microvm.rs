@@ -60,6 +60,9 @@ pub struct MicrovmConfig {
     /// Test hook: system calls taken out of every VMM's filter (`GODWIT_VMM_SECCOMP_DENY`), so
     /// a test can make a VMM break it.
     pub seccomp_deny: Vec<String>,
+    /// Test hook: a fault injected into every migration the VMMs send
+    /// (`GODWIT_TEST_MIGRATION_FAULT`, `KIND@CHANNEL:BYTES`).
+    pub test_migration_fault: Option<String>,
 }
 
 #[derive(Debug)]
@@ -140,6 +143,9 @@ impl MicrovmBackend {
         }
         for call in &self.cfg.seccomp_deny {
             cmd.args(["--seccomp-deny", call]);
+        }
+        if let Some(fault) = &self.cfg.test_migration_fault {
+            cmd.args(["--test-migration-fault", fault]);
         }
         if let Some(tls) = &self.cfg.tls {
             cmd.arg("--ca")

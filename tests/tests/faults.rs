@@ -1,0 +1,142 @@
+//! Migrations broken on purpose between real agents with real KVM guests: the source agent's
+//! VMMs inject a fault into one migration channel (the `--test-migration-fault` hook, the same
+//! seam the engine's tests use), and each case checks where the VM ends up running, that its
+//! memory is right by the guest's own verifier, and that both agents keep answering.
+
+use std::time::{Duration, Instant};
+
+use godwit_api::{MigrationStatus, VmState};
+use godwit_tests::{kvm_available, Agent};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn dirty_vm(agent: &Agent, name: &str) {
+    let _: Value = agent
+        .post(
+            "/v1/vms",
+            &json!({"name": name, "vcpus": 1, "memory_mib": 128, "guest": {
+                "kind": "dirty", "working_set_mib": 32, "rate_mib_s": 20.0, "pattern": "uniform"}}),
+        )
+        .unwrap();
+    agent
+        .wait_vm(name, WAIT, "the guest to make progress", |vm| {
+            vm.guest.progress > 1000
+        })
+        .unwrap();
+}
+
+/// The VM runs on `agent` with its guest going on and its memory verified right.
+fn runs_on_with_right_memory(agent: &Agent, name: &str) {
+    let before = agent.vm(name).unwrap();
+    assert_eq!(before.state, VmState::Running, "{before:?}");
+    let after = agent
+        .wait_vm(name, WAIT, "progress", |vm| {
+            vm.guest.progress > before.guest.progress + 500
+                && vm.guest.verified_pages > before.guest.verified_pages
+        })
+        .unwrap();
+    assert_eq!(after.guest.verify_errors, 0, "{after:?}");
+}
+
+fn absent(agent: &Agent, name: &str) -> bool {
+    let (status, _) = agent
+        .request(Method::GET, &format!("/v1/vms/{name}"), None)
+        .unwrap();
+    status == 404
+}
+
+#[test]
+fn a_damaged_frame_fails_the_migration_before_the_guest_runs_on_the_target() {
+    if !kvm_available("a_damaged_frame_fails_the_migration_before_the_guest_runs_on_the_target") {
+        return;
+    }
+    // One byte flipped 1 MiB into the first bulk channel, above TLS (as a bug or a faulty
+    // NIC before encryption would): only the frame checksum can catch it.
+    let src = Agent::start_with(
+        "fault-src",
+        &["--test-migration-fault", "corrupt@2:1048576"],
+    )
+    .unwrap();
+    let dst = Agent::start("fault-dst").unwrap();
+    dirty_vm(&src, "d");
+    for mode in ["stop-and-copy", "precopy", "auto"] {
+        let id = src
+            .migrate(
+                &dst,
+                "d",
+                json!({"mode": mode, "channels": 2, "compress": "none"}),
+            )
+            .unwrap();
+        let info = src.wait_migration(&id, WAIT).unwrap();
+        assert_eq!(info.status, MigrationStatus::Failed, "{mode}: {info:?}");
+        let error = info.error.clone().unwrap_or_default();
+        assert!(error.contains("is damaged"), "{mode}: {error}");
+        assert!(absent(&dst, "d"), "{mode}: the target kept a copy");
+        runs_on_with_right_memory(&src, "d");
+    }
+    assert!(dst.vmm_pids().is_empty(), "{:?}", dst.vmm_pids());
+}
+
+#[test]
+fn a_post_copy_that_breaks_leaves_the_target_answering_and_its_vm_deletable() {
+    if !kvm_available("a_post_copy_that_breaks_leaves_the_target_answering_and_its_vm_deletable") {
+        return;
+    }
+    // The first bulk channel resets 1 MiB into the background push: the VM already runs on
+    // the target with pages still on the source.
+    let src = Agent::start_with("pc-src", &["--test-migration-fault", "reset@2:1048576"]).unwrap();
+    let dst = Agent::start("pc-dst").unwrap();
+    dirty_vm(&src, "p");
+    let id = src
+        .migrate(
+            &dst,
+            "p",
+            json!({"mode": "postcopy", "channels": 2, "compress": "none"}),
+        )
+        .unwrap();
+    let info = src.wait_migration(&id, WAIT).unwrap();
+    assert_eq!(info.status, MigrationStatus::Failed, "{info:?}");
+    // The target's API answers (it used to wedge behind the dirty-rate probe), the VM is
+    // stopped there rather than run on missing pages.
+    let t = Instant::now();
+    let vm = dst
+        .wait_vm("p", WAIT, "the broken VM to be stopped", |vm| {
+            vm.state == VmState::Crashed
+        })
+        .unwrap();
+    assert!(
+        vm.crash_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("post-copy")),
+        "{vm:?}"
+    );
+    let vms: Vec<Value> = dst.get("/v1/vms").unwrap();
+    assert_eq!(vms.len(), 1);
+    eprintln!(
+        "broken post-copy: target answered in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // The source keeps its paused copy, and says why.
+    let on_source = src.vm("p").unwrap();
+    assert_eq!(on_source.state, VmState::Paused, "{on_source:?}");
+    assert!(
+        info.error
+            .as_deref()
+            .is_some_and(|e| e.contains("stays paused")),
+        "{info:?}"
+    );
+    // Deleting the broken VM ends its VMM (its vCPUs waited on pages that never came).
+    let (status, body) = dst.request(Method::DELETE, "/v1/vms/p", None).unwrap();
+    assert_eq!(status, 204, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dst.vmm_pids().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the broken VM's VMM is still there: {:?}",
+            dst.vmm_pids()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
