@@ -168,7 +168,9 @@ pub fn migrate(
         .spawn(move || read_control(reader, event_tx, request_tx, reader_applied))
         .map_err(MigrationError::Spawn)?;
 
-    let sent = cfg.verify.then(|| PageDigests::new(map.total_pages()));
+    // Post-copy sends no switchover digest: nothing to fold.
+    let sent = (cfg.verify && cfg.mode != MigrationMode::Postcopy)
+        .then(|| PageDigests::new(map.total_pages()));
     let mut source = Source {
         vm,
         cfg,

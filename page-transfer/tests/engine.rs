@@ -694,27 +694,25 @@ thread_local! {
     static NOISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The source's channel `channel` with `fault` injected (plain TCP underneath).
-fn faulty(cfg: &mut SourceConfig, channel: u16, fault: Fault) {
+/// A `mode` migration of 8192 pages, uncompressed (so offsets are guest bytes), with `fault`
+/// injected into the source's first bulk channel (plain TCP underneath) and a guest writing
+/// `guest_per_ms` pages a millisecond.
+fn run_with_bulk_fault(mode: MigrationMode, fault: Fault, guest_per_ms: usize) -> Run {
+    let mut cfg = config(mode);
+    cfg.compression = Compression::None;
     cfg.security = ClientSecurity::Faulty {
         inner: Box::new(ClientSecurity::Plain),
-        channel,
+        channel: page_transfer::transport::FIRST_BULK,
         fault,
     };
+    run(8192, guest_per_ms, cfg, None, None)
 }
 
 #[test]
 fn a_reset_channel_before_the_switchover_fails_the_migration_and_the_source_runs_on() {
     for mode in [MigrationMode::StopAndCopy, MigrationMode::Precopy] {
-        let mut cfg = config(mode);
-        cfg.compression = Compression::None;
         // A bulk channel, after its hello and some pages.
-        faulty(
-            &mut cfg,
-            page_transfer::transport::FIRST_BULK,
-            Fault::Reset { after: 256 << 10 },
-        );
-        let r = run(8192, 5, cfg, None, None);
+        let r = run_with_bulk_fault(mode, Fault::Reset { after: 256 << 10 }, 5);
         let err = r.source_result.as_ref().unwrap_err();
         assert!(r.target_result.is_err(), "{mode:?}: the target completed");
         let target = r.target.as_ref().unwrap();
@@ -730,15 +728,12 @@ fn a_reset_channel_before_the_switchover_fails_the_migration_and_the_source_runs
 /// Today this waits out the 60 s peer timeout (the reliability issue shortens it).
 #[test]
 fn a_link_that_goes_silent_fails_the_migration_and_the_source_runs_on() {
-    let mut cfg = config(MigrationMode::Precopy);
-    cfg.compression = Compression::None;
-    faulty(
-        &mut cfg,
-        page_transfer::transport::FIRST_BULK,
-        Fault::Blackhole { after: 256 << 10 },
-    );
     let t = std::time::Instant::now();
-    let r = run(8192, 5, cfg, None, None);
+    let r = run_with_bulk_fault(
+        MigrationMode::Precopy,
+        Fault::Blackhole { after: 256 << 10 },
+        5,
+    );
     eprintln!(
         "silent link: the migration ended after {:.1} s: {:?}",
         t.elapsed().as_secs_f64(),
@@ -770,14 +765,7 @@ fn a_flipped_byte_on_the_wire_never_reaches_guest_memory() {
     // Before the switchover (stop-and-copy, pre-copy): the migration fails, the target drops
     // its copy and says so, the source runs on with its memory.
     for mode in [MigrationMode::StopAndCopy, MigrationMode::Precopy] {
-        let mut cfg = config(mode);
-        cfg.compression = Compression::None;
-        faulty(
-            &mut cfg,
-            page_transfer::transport::FIRST_BULK,
-            Fault::Corrupt { at: 300 << 10 },
-        );
-        let r = run(8192, 0, cfg, None, None);
+        let r = run_with_bulk_fault(mode, Fault::Corrupt { at: 300 << 10 }, 0);
         let err = page_transfer::error::chain(r.source_result.as_ref().unwrap_err());
         assert!(err.contains("is damaged"), "{mode:?}: {err}");
         let target_err = page_transfer::error::chain(r.target_result.as_ref().unwrap_err());
@@ -791,14 +779,7 @@ fn a_flipped_byte_on_the_wire_never_reaches_guest_memory() {
     // During the post-copy push the VM already runs on the target: the damaged frame is
     // refused, the target stops its VM rather than run on holes (until post-copy recovery
     // resumes such a migration), and no page it holds is wrong.
-    let mut cfg = config(MigrationMode::Postcopy);
-    cfg.compression = Compression::None;
-    faulty(
-        &mut cfg,
-        page_transfer::transport::FIRST_BULK,
-        Fault::Corrupt { at: 300 << 10 },
-    );
-    let r = run(8192, 0, cfg, None, None);
+    let r = run_with_bulk_fault(MigrationMode::Postcopy, Fault::Corrupt { at: 300 << 10 }, 0);
     let err = page_transfer::error::chain(r.target_result.as_ref().unwrap_err());
     assert!(err.contains("is damaged"), "{err}");
     assert!(r.source_result.is_err());
