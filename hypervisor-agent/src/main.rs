@@ -53,6 +53,11 @@ struct Args {
     /// Seconds between probes of each VM's dirty rate (1 s of dirty logging each); 0 = never.
     #[arg(long, default_value_t = 10)]
     dirty_probe_interval_s: u64,
+    /// Seconds a migration tolerates silence from the other agent (no keepalive on the control
+    /// connection, a data connection stalled mid-phase, a write that makes no progress) before
+    /// it fails; applies to the migrations this host sends and receives. At least 3.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    migration_peer_timeout_s: u64,
     /// Orchestrator to report to (heartbeats with host and VM state every 2 s), e.g.
     /// https://10.0.0.1:7000 (http:// for an --insecure orchestrator).
     #[arg(long, env = "GODWIT_ORCHESTRATOR")]
@@ -240,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
         migration_ip,
         prefault: !args.no_prefault,
         dirty_probe_interval_s: args.dirty_probe_interval_s,
+        migration_peer_timeout_s: args.migration_peer_timeout_s,
         devices: args.devices.clone(),
         tls: tls.map(|(files, _)| files),
         seccomp: !args.no_seccomp,

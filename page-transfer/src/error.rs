@@ -97,7 +97,7 @@ pub enum MigrationError {
         /// The measured (or capped) bandwidth, bytes/s.
         bandwidth: f64,
     },
-    #[error("Timed out: {awaited}")]
+    #[error("Timed out after {} s: {awaited}", .after.as_secs_f64())]
     Timeout {
         awaited: Awaited,
         /// How long it was waited for.
@@ -163,20 +163,22 @@ pub enum MigrationError {
 pub enum Awaited {
     /// The source's connections, on the target.
     Channels,
-    /// Any answer from the target on the control channel.
-    ControlAnswer,
-    /// The target's acknowledgement that it applied every page of this phase.
-    PhaseApplied(u32),
+    /// Any frame from the peer (`source` or `target`) on the control channel: each side
+    /// sends a keepalive every second, so silence means the peer or the link is gone.
+    Silence(&'static str),
+    /// Frames on this data channel, while the migration waited for its phase to end.
+    DataChannel(u16),
 }
 
 impl fmt::Display for Awaited {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Awaited::Channels => f.write_str("the source did not open all migration channels"),
-            Awaited::ControlAnswer => {
-                f.write_str("the target did not answer on the control channel")
-            }
-            Awaited::PhaseApplied(phase) => write!(f, "the target did not confirm phase {phase}"),
+            Awaited::Silence(peer) => write!(f, "the {peer} sent nothing on the control channel"),
+            Awaited::DataChannel(channel) => write!(
+                f,
+                "migration channel {channel} went silent while the phase waited for it"
+            ),
         }
     }
 }
@@ -418,15 +420,23 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "Timed out: the source did not open all migration channels"
+            "Timed out after 30 s: the source did not open all migration channels"
         );
         let e = MigrationError::Timeout {
-            awaited: Awaited::PhaseApplied(4),
-            after: Duration::from_secs(60),
+            awaited: Awaited::Silence("target"),
+            after: Duration::from_secs(10),
         };
         assert_eq!(
             e.to_string(),
-            "Timed out: the target did not confirm phase 4"
+            "Timed out after 10 s: the target sent nothing on the control channel"
+        );
+        let e = MigrationError::Timeout {
+            awaited: Awaited::DataChannel(2),
+            after: Duration::from_millis(2500),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Timed out after 2.5 s: migration channel 2 went silent while the phase waited for it"
         );
     }
 

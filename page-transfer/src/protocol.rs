@@ -167,11 +167,17 @@ pub enum Command {
     Abort = 14,
     /// Either direction: `message length u32, message (UTF-8)`: a frame was not accepted.
     Error = 15,
+    /// Either direction on the control channel, empty: "still here", sent every
+    /// [`KEEPALIVE_INTERVAL`], so that a peer that went silent is told from a quiet one.
+    Keepalive = 16,
 }
+
+/// How often each side sends [`Command::Keepalive`] on the control channel.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Command {
     /// Every command, in wire order.
-    pub const ALL: [Command; 15] = [
+    pub const ALL: [Command; 16] = [
         Command::Hello,
         Command::HelloAck,
         Command::Setup,
@@ -187,6 +193,7 @@ impl Command {
         Command::Done,
         Command::Abort,
         Command::Error,
+        Command::Keepalive,
     ];
 
     /// The command's name as it appears in error messages.
@@ -207,6 +214,7 @@ impl Command {
             Command::Done => "Done",
             Command::Abort => "Abort",
             Command::Error => "Error",
+            Command::Keepalive => "Keepalive",
         }
     }
 
@@ -216,7 +224,7 @@ impl Command {
             Command::Hello => MAX_HELLO_PAYLOAD,
             Command::HelloAck => 2,
             Command::Setup => 2 + 4 + MAX_REGIONS * 16 + 4 + MAX_SETUP_BLOB,
-            Command::SetupAck | Command::Resumed => 0,
+            Command::SetupAck | Command::Resumed | Command::Keepalive => 0,
             Command::Pages => MAX_PAGES_PAYLOAD,
             Command::Marker | Command::PageRequest => 12,
             Command::State => 4 + MAX_STATE,
@@ -246,6 +254,7 @@ impl Command {
             Command::Done => "The payload length of a Done frame",
             Command::Abort => "The payload length of an Abort frame",
             Command::Error => "The payload length of an Error frame",
+            Command::Keepalive => "The payload length of a Keepalive frame",
         }
     }
 }
@@ -454,6 +463,16 @@ impl ProtocolError {
                 got: other.command(),
             },
         }
+    }
+
+    /// A read or write that gave up after the socket's timeout (the peer sent nothing, or
+    /// took nothing, for that long).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ProtocolError::Io { source, .. }
+                if matches!(source.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        )
     }
 
     fn read_io(source: io::Error, what: &'static str) -> Self {
@@ -739,6 +758,8 @@ pub enum Message {
     },
     /// The VM runs on the target.
     Resumed,
+    /// Still here (either direction, control channel).
+    Keepalive,
     /// Pages that are stale on the target, as (gpa, page count) runs: drop them so they fault.
     Discard {
         /// At most [`MAX_RUNS`] runs, each page aligned and at least one page long.
@@ -814,6 +835,7 @@ impl Message {
             Message::State { .. } => Command::State,
             Message::Switchover { .. } => Command::Switchover,
             Message::Resumed => Command::Resumed,
+            Message::Keepalive => Command::Keepalive,
             Message::Discard { .. } => Command::Discard,
             Message::PageRequest { .. } => Command::PageRequest,
             Message::AllSent { .. } => Command::AllSent,
@@ -878,7 +900,7 @@ impl Message {
                 }
                 put_bytes(buf, vm);
             }
-            Message::SetupAck | Message::Resumed => {}
+            Message::SetupAck | Message::Resumed | Message::Keepalive => {}
             Message::Pages { pages } => {
                 check_limit(PAGES_COUNT, pages.len(), MAX_PAGES_PER_BATCH)?;
                 put_u32(buf, pages.len() as u32);
@@ -1001,6 +1023,7 @@ impl Message {
                 digest: r.string(SWITCHOVER_DIGEST)?,
             },
             Command::Resumed => Message::Resumed,
+            Command::Keepalive => Message::Keepalive,
             Command::Discard => {
                 let count = r.u32()? as usize;
                 check_limit(DISCARD_RUNS, count, MAX_RUNS)?;
@@ -1532,6 +1555,7 @@ mod tests {
                 digest: "xxh3-blake3:00ff".to_string(),
             },
             Message::Resumed,
+            Message::Keepalive,
             Message::Discard {
                 runs: vec![(0x3000, 1), (0x10_0000, 512)],
             },
@@ -1602,7 +1626,7 @@ mod tests {
             assert_eq!(*c as u16, i as u16 + 1, "{c}");
             assert_eq!(Command::try_from(*c as u16).unwrap(), *c);
         }
-        assert_eq!(Command::Error as u16, 15);
+        assert_eq!(Command::Keepalive as u16, 16);
         assert_eq!(MAGIC.to_le_bytes(), *b"GDWM");
         for kind in PageKind::ALL {
             assert_eq!(PageKind::try_from(kind as u8), Ok(kind));
@@ -1701,7 +1725,7 @@ mod tests {
         assert!(err
             .to_string()
             .starts_with("The frame starts with 0x50545448"));
-        for cmd in [0u16, 16, 0xFFFF] {
+        for cmd in [0u16, 17, 0xFFFF] {
             assert!(matches!(
                 patched(4, &cmd.to_le_bytes()),
                 ProtocolError::UnknownCommand(c) if c == cmd

@@ -7,7 +7,7 @@
 
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use crate::protocol::{
     PAGE_SIZE,
 };
 use crate::transport::{self, CONTROL, FIRST_BULK, URGENT};
-use crate::vm::{SourceVm, VmAccessError, PEER_TIMEOUT};
+use crate::vm::{SourceVm, VmAccessError};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Pages read from guest memory at once by a sender.
@@ -60,6 +60,9 @@ pub struct SourceConfig {
     pub verify: bool,
     pub migration_id: [u8; 16],
     pub connect_timeout: Duration,
+    /// How long silence from the target is tolerated: no keepalive on the control channel, or
+    /// a write that makes no progress ([`crate::vm::DEFAULT_PEER_TIMEOUT`] by default).
+    pub peer_timeout: Duration,
     /// How the channels are secured (mutual TLS, or plain TCP).
     pub security: ClientSecurity,
 }
@@ -75,6 +78,8 @@ enum Event {
     /// A message the target should not send on the control channel.
     Unexpected(Command),
     Closed(ProtocolError),
+    /// Nothing, not even a keepalive, came for the peer timeout.
+    Silent,
 }
 
 /// The events a wait returns; the others end it with an error.
@@ -90,7 +95,8 @@ struct Source<'a> {
     cancel: &'a AtomicBool,
     map: PageMap,
     limiter: Limiter,
-    control: Mutex<Channel>,
+    /// Shared with the keepalive thread.
+    control: Arc<Mutex<Channel>>,
     urgent: Channel,
     bulk: Vec<Channel>,
     events: Mutex<Receiver<Event>>,
@@ -154,13 +160,25 @@ pub fn migrate(
         }
     }
     progress.update(|i| i.setup_ms = progress.elapsed_ms());
-    // The control channel can stay quiet for a whole pre-copy round or post-copy push; the
-    // engine's own waits carry the timeouts from here on.
-    let _ = control.set_read_timeout(None);
+    // From here on the target sends a keepalive every second: silence for the peer timeout
+    // means it or the link is gone. A write that makes no progress for as long fails too.
+    let _ = control.set_read_timeout(Some(cfg.peer_timeout));
+    for s in std::iter::once(&control).chain([&urgent]).chain(&bulk) {
+        let _ = s.set_write_timeout(Some(cfg.peer_timeout));
+    }
+    let control = Arc::new(Mutex::new(control));
+    let keepalive_stop = Arc::new(AtomicBool::new(false));
+    let keepalive = {
+        let (control, stop) = (control.clone(), keepalive_stop.clone());
+        std::thread::Builder::new()
+            .name("migrate-keepalive".into())
+            .spawn(move || transport::send_keepalives(&control, &stop))
+            .map_err(MigrationError::Spawn)?
+    };
 
     let (event_tx, events) = mpsc::channel();
     let (request_tx, requests) = mpsc::channel();
-    let reader = control.clone();
+    let reader = control.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let applied = Arc::new((Mutex::new(0u32), Condvar::new()));
     let reader_applied = applied.clone();
     let reader_thread = std::thread::Builder::new()
@@ -180,7 +198,7 @@ pub fn migrate(
         sent,
         zero_hash: crate::digest::zero_page_hash(),
         limiter: Limiter::new(cfg.bandwidth),
-        control: Mutex::new(control),
+        control,
         urgent,
         bulk,
         events: Mutex::new(events),
@@ -194,11 +212,13 @@ pub fn migrate(
     if let Err(e) = &result {
         source.recover(e);
     }
-    // Closing the sockets ends the reader thread.
+    // Closing the sockets ends the reader and keepalive threads.
+    keepalive_stop.store(true, Ordering::Release);
     if let Ok(c) = source.control.lock() {
         let _ = c.shutdown(Shutdown::Both);
     }
     let _ = reader_thread.join();
+    let _ = keepalive.join();
     result
 }
 
@@ -232,14 +252,20 @@ fn read_control(
                 continue;
             }
             Ok(Message::Done { digest, report }) => Event::Done { digest, report },
+            Ok(Message::Keepalive) => continue,
             Ok(Message::Error { message }) => Event::Remote(message),
             Ok(Message::Abort { reason }) => Event::Remote(reason),
             Ok(other) => Event::Unexpected(other.command()),
+            Err(e) if e.is_timeout() => Event::Silent,
             Err(e) => Event::Closed(e),
         };
         let stop = matches!(
             event,
-            Event::Closed(_) | Event::Remote(_) | Event::Unexpected(_) | Event::Done { .. }
+            Event::Closed(_)
+                | Event::Silent
+                | Event::Remote(_)
+                | Event::Unexpected(_)
+                | Event::Done { .. }
         );
         if events.send(event).is_err() || stop {
             return;
@@ -275,7 +301,16 @@ impl Source<'_> {
             Ok(Event::Remote(m)) => Err(MigrationError::Remote(m)),
             Ok(Event::Unexpected(got)) => Err(out_of_order(CONTROL_MESSAGES, got)),
             Ok(Event::Closed(e)) => Err(control_broke(Some(e))),
+            Ok(Event::Silent) => Err(self.silent()),
+            Err(TryRecvError::Disconnected) => Err(control_broke(None)),
             _ => Ok(()),
+        }
+    }
+
+    fn silent(&self) -> MigrationError {
+        MigrationError::Timeout {
+            awaited: Awaited::Silence("target"),
+            after: self.cfg.peer_timeout,
         }
     }
 
@@ -331,7 +366,7 @@ impl Source<'_> {
         self.progress.mark_switched();
         let state_ms = ms(t);
         let t = Instant::now();
-        match self.wait_event(PEER_TIMEOUT) {
+        match self.wait_event() {
             Ok(Reply::Resumed) => {}
             Ok(Reply::Done { .. }) => return Err(out_of_order("Resumed", Command::Done)),
             Err(MigrationError::Remote(message)) => {
@@ -362,37 +397,31 @@ impl Source<'_> {
     }
 
     /// Waits for the next control event; Done and Resumed are returned, anything else is an
-    /// error.
-    fn wait_event(&self, timeout: Duration) -> Result<Reply, MigrationError> {
+    /// error. It waits as long as the target keeps sending keepalives: a target that goes
+    /// silent ends the wait after the peer timeout.
+    fn wait_event(&self) -> Result<Reply, MigrationError> {
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        match events.recv_timeout(timeout) {
+        match events.recv() {
             Ok(Event::Remote(m)) => Err(MigrationError::Remote(m)),
             Ok(Event::Unexpected(got)) => Err(out_of_order(CONTROL_MESSAGES, got)),
             Ok(Event::Closed(e)) => Err(control_broke(Some(e))),
+            Ok(Event::Silent) => Err(self.silent()),
             Ok(Event::Resumed) => Ok(Reply::Resumed),
             Ok(Event::Done { digest, report }) => Ok(Reply::Done { digest, report }),
-            Err(RecvTimeoutError::Timeout) => Err(MigrationError::Timeout {
-                awaited: Awaited::ControlAnswer,
-                after: timeout,
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(control_broke(None)),
+            Err(_) => Err(control_broke(None)),
         }
     }
 
     /// Waits until the target has applied every page of `phase`.
     fn wait_applied(&self, phase: u32) -> Result<(), MigrationError> {
+        // As long as it takes while the target keeps sending keepalives (a large round over a
+        // capped link takes minutes); a target that stops, or a data channel it finds silent,
+        // ends the wait through the control events.
         let (lock, changed) = &*self.applied;
-        let deadline = Instant::now() + PEER_TIMEOUT;
         let mut a = lock.lock().unwrap_or_else(|e| e.into_inner());
         while *a < phase {
             drop(a);
             self.check_cancel()?;
-            if Instant::now() > deadline {
-                return Err(MigrationError::Timeout {
-                    awaited: Awaited::PhaseApplied(phase),
-                    after: PEER_TIMEOUT,
-                });
-            }
             a = lock.lock().unwrap_or_else(|e| e.into_inner());
             a = changed
                 .wait_timeout(a, Duration::from_millis(20))
@@ -408,7 +437,7 @@ impl Source<'_> {
         self.progress
             .update(|i| i.phase = MigrationPhase::Completing);
         let (digest, report) = loop {
-            match self.wait_event(PEER_TIMEOUT)? {
+            match self.wait_event()? {
                 Reply::Done { digest, report } => break (digest, report),
                 Reply::Resumed => continue,
             }

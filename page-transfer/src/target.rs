@@ -15,7 +15,7 @@ use crate::bitmap::{AtomicPageBitmap, PageMap};
 use crate::channel::{Channel, ServerSecurity};
 use crate::codec::PageDecoder;
 use crate::digest::{zero_page_hash, PageDigests};
-use crate::error::MigrationError;
+use crate::error::{Awaited, MigrationError};
 use crate::progress::{LatencyRecorder, Progress, Stage};
 use crate::protocol::{
     read_frame, read_message, write_message, Command, Message, PageKind, PagesView, ProtocolError,
@@ -57,6 +57,11 @@ struct Shared {
     requests: AtomicU64,
     stop: AtomicBool,
     progress: Arc<Progress>,
+    /// When each data channel last delivered a frame, ms since `epoch`.
+    last_frame: Vec<AtomicU64>,
+    epoch: Instant,
+    /// How long silence from the source is tolerated.
+    peer_timeout: Duration,
 }
 
 impl Shared {
@@ -96,7 +101,30 @@ impl Shared {
         self.received.iter().map(AtomicPageBitmap::count).sum()
     }
 
-    /// Waits until every data channel has marked `phase`.
+    /// Notes that data channel `slot` delivered a frame.
+    fn heard(&self, slot: usize) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_frame[slot].store(now, Ordering::Relaxed);
+    }
+
+    /// A data channel that has not marked `phase` and has been silent for the peer timeout:
+    /// its link stalls (the others may have finished the phase long ago).
+    fn check_stalled(&self, markers: &[u32], phase: u32) -> Result<(), MigrationError> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let limit = self.peer_timeout.as_millis() as u64;
+        for (slot, &marked) in markers.iter().enumerate() {
+            let last = self.last_frame[slot].load(Ordering::Relaxed);
+            if marked < phase && now.saturating_sub(last) > limit {
+                return Err(MigrationError::Timeout {
+                    awaited: Awaited::DataChannel(slot as u16 + 1),
+                    after: self.peer_timeout,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every data channel has marked `phase` (or one stalls).
     fn wait_markers(&self, phase: u32) -> Result<(), MigrationError> {
         let mut markers = self.markers.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -106,6 +134,7 @@ impl Shared {
             if markers.iter().all(|&m| m >= phase) {
                 return Ok(());
             }
+            self.check_stalled(&markers, phase)?;
             markers = self
                 .markers_changed
                 .wait_timeout(markers, Duration::from_millis(100))
@@ -235,7 +264,10 @@ fn receive_pages(shared: &Shared, mut stream: Channel, slot: usize) {
     let on_channel = |source| MigrationError::Channel { channel, source };
     let result: Result<(), MigrationError> = (|| loop {
         let command = match read_frame(&mut stream, &mut payload) {
-            Ok(c) => c,
+            Ok(c) => {
+                shared.heard(slot);
+                c
+            }
             Err(e) => {
                 if shared.stop.load(Ordering::Acquire) {
                     return Ok(());
@@ -394,16 +426,21 @@ pub fn receive(
     progress: Arc<Progress>,
     accept_timeout: Duration,
     security: &ServerSecurity,
+    peer_timeout: Duration,
 ) -> Result<Arc<dyn TargetVm>, MigrationError> {
     let mut streams = transport::accept(listener, migration_id, accept_timeout, security)?;
     progress.update(|i| i.encrypted = streams.iter().all(Channel::is_tls));
     let data = streams.split_off(1);
     let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
-    // The control channel may stay quiet for a whole pre-copy.
-    let _ = control.set_read_timeout(None);
+    // The source sends a keepalive every second on the control channel: silence for the peer
+    // timeout means it or the link is gone. A data channel may be quiet between phases; one
+    // that stays silent while a phase waits for it is caught by `check_stalled`.
+    let _ = control.set_read_timeout(Some(peer_timeout));
     for s in &data {
         let _ = s.set_read_timeout(None);
+        let _ = s.set_write_timeout(Some(peer_timeout));
     }
+    let _ = control.set_write_timeout(Some(peer_timeout));
 
     let (setup, verify) = match read_message(&mut control)? {
         Message::Setup {
@@ -470,6 +507,9 @@ pub fn receive(
         requests: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         progress,
+        last_frame: (0..data.len()).map(|_| AtomicU64::new(0)).collect(),
+        epoch: Instant::now(),
+        peer_timeout,
         map,
     };
     if setup.postcopy_from_start {
@@ -495,6 +535,8 @@ pub fn receive(
                 scope.spawn(move || receive_pages(shared, stream, slot))
             })
             .collect();
+        let keepalive =
+            scope.spawn(|| transport::send_keepalives(&shared.control_tx, &shared.stop));
         let mut fault_thread = None;
         let result = control_loop(&shared, &mut control, &mut started, &mut |shared| {
             fault_thread = Some(scope.spawn(move || serve_faults(shared)));
@@ -511,6 +553,7 @@ pub fn receive(
         if let Some(t) = fault_thread {
             let _ = t.join();
         }
+        let _ = keepalive.join();
         // Data channels end when the source closes them.
         for t in data_threads {
             let _ = t.join();
@@ -543,15 +586,28 @@ fn control_loop<'s>(
         let msg = match read_message(control) {
             Ok(m) => m,
             Err(e) => {
-                return Err(shared
-                    .take_failure()
-                    .unwrap_or(MigrationError::ControlBroke {
+                if let Some(failure) = shared.take_failure() {
+                    return Err(failure);
+                }
+                return Err(if e.is_timeout() {
+                    MigrationError::Timeout {
+                        awaited: Awaited::Silence("source"),
+                        after: shared.peer_timeout,
+                    }
+                } else {
+                    MigrationError::ControlBroke {
                         peer: "source",
                         source: Some(e),
-                    }))
+                    }
+                });
             }
         };
         match msg {
+            Message::Keepalive => {
+                let markers = shared.markers.lock().unwrap_or_else(|e| e.into_inner());
+                let ahead = markers.iter().copied().max().unwrap_or(0);
+                shared.check_stalled(&markers, ahead)?;
+            }
             Message::State { blob } => state = Some(blob),
             Message::Discard { runs } => {
                 if discards.len() + runs.len() > total_pages as usize {

@@ -6,6 +6,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use godwit_tls::{Role, TlsStream};
@@ -57,7 +59,7 @@ pub fn connect(
         })?;
         tcp.set_nodelay(channel < FIRST_BULK)
             .and_then(|()| tcp.set_read_timeout(Some(timeout)))
-            .and_then(|()| tcp.set_write_timeout(Some(crate::vm::PEER_TIMEOUT)))
+            .and_then(|()| tcp.set_write_timeout(Some(crate::vm::DEFAULT_PEER_TIMEOUT)))
             .map_err(MigrationError::io("configure a migration channel"))?;
         let mut s = secure(tcp, channel, security, timeout)?;
         write_message(
@@ -184,8 +186,8 @@ pub fn accept(
                 expected = Some(channels);
                 slots.resize_with(channels as usize, || None);
                 let _ = s.set_nodelay(channel < FIRST_BULK);
-                let _ = s.set_read_timeout(Some(crate::vm::PEER_TIMEOUT));
-                let _ = s.set_write_timeout(Some(crate::vm::PEER_TIMEOUT));
+                let _ = s.set_read_timeout(Some(crate::vm::DEFAULT_PEER_TIMEOUT));
+                let _ = s.set_write_timeout(Some(crate::vm::DEFAULT_PEER_TIMEOUT));
                 if slots[channel as usize].is_some() {
                     let _ = write_message(
                         &mut s,
@@ -258,4 +260,25 @@ pub fn send_frame(
 /// Reads one message, with a clear error when the peer is gone.
 pub fn recv(s: &mut impl Read) -> Result<Message, ProtocolError> {
     read_message(s)
+}
+
+/// Sends a keepalive on the control channel every [`protocol::KEEPALIVE_INTERVAL`] until `stop`, or
+/// until the channel fails (the engine's own sends report that).
+pub fn send_keepalives(control: &Mutex<Channel>, stop: &AtomicBool) {
+    let mut frame = Vec::new();
+    if Message::Keepalive.encode(&mut frame).is_err() {
+        return;
+    }
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+        if last.elapsed() < protocol::KEEPALIVE_INTERVAL {
+            continue;
+        }
+        last = Instant::now();
+        let mut c = control.lock().unwrap_or_else(|e| e.into_inner());
+        if protocol::write_frame(&mut *c, &frame).is_err() {
+            return;
+        }
+    }
 }

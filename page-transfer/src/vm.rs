@@ -109,5 +109,7 @@ pub trait TargetFactory: Send + Sync {
     fn prepare(&self, setup: &IncomingSetup) -> Result<Arc<dyn TargetVm>, VmAccessError>;
 }
 
-/// How long the engine waits on the peer before it calls the link dead.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default `peer_timeout` of both sides: how long silence from the peer is tolerated (no
+/// keepalive on the control channel, no frame on a data channel a phase waits for, a write
+/// that makes no progress) before the link is called dead.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);

@@ -13,6 +13,7 @@ use godwit_api::MigrationMode;
 use page_transfer::bitmap::PageBitmap;
 use page_transfer::channel::{ClientSecurity, Fault, ServerSecurity};
 use page_transfer::codec::Compression;
+use page_transfer::error::Awaited;
 use page_transfer::progress::Progress;
 use page_transfer::protocol::{
     read_message, write_frame, write_message, Message, PageKind, PagesWriter,
@@ -304,6 +305,7 @@ fn config(mode: MigrationMode) -> SourceConfig {
         verify: true,
         migration_id: *b"0123456789abcdef",
         connect_timeout: Duration::from_secs(5),
+        peer_timeout: Duration::from_secs(3),
         security: ClientSecurity::Plain,
     }
 }
@@ -352,6 +354,7 @@ fn run_secured(
             target_progress,
             Duration::from_secs(10),
             &server,
+            Duration::from_secs(3),
         );
         result.map(|_| ())
     });
@@ -725,7 +728,9 @@ fn a_reset_channel_before_the_switchover_fails_the_migration_and_the_source_runs
     }
 }
 
-/// Today this waits out the 60 s peer timeout (the reliability issue shortens it).
+/// A bulk channel that goes silent mid-round (its bytes vanish, the connection stays up):
+/// the target finds it stalled while the others finished the phase, within the peer timeout
+/// (3 s here), refuses, and the source runs on.
 #[test]
 fn a_link_that_goes_silent_fails_the_migration_and_the_source_runs_on() {
     let t = std::time::Instant::now();
@@ -739,8 +744,52 @@ fn a_link_that_goes_silent_fails_the_migration_and_the_source_runs_on() {
         t.elapsed().as_secs_f64(),
         r.source_result
     );
-    assert!(r.source_result.is_err());
-    assert!(r.target_result.is_err());
+    let err = page_transfer::error::chain(r.source_result.as_ref().unwrap_err());
+    assert!(err.contains("migration channel 2 went silent"), "{err}");
+    assert!(matches!(
+        r.target_result,
+        Err(MigrationError::Timeout {
+            awaited: Awaited::DataChannel(2),
+            ..
+        })
+    ));
+    assert!(!r.target.as_ref().unwrap().started.load(Ordering::Acquire));
+    assert!(!r.source.paused.load(Ordering::Acquire));
+}
+
+/// The control channel goes silent after the setup (the source's keepalives vanish, and the
+/// target's are never read): each side calls the other gone after the peer timeout, instead
+/// of waiting for ever, and the source runs on.
+#[test]
+fn a_silent_control_channel_ends_the_migration_on_both_sides() {
+    let mut cfg = config(MigrationMode::Precopy);
+    // Hello and Setup get through (about 90 bytes), nothing after them.
+    cfg.security = ClientSecurity::Faulty {
+        inner: Box::new(ClientSecurity::Plain),
+        channel: page_transfer::transport::CONTROL,
+        fault: Fault::Blackhole { after: 100 },
+    };
+    // Round 1 takes about 2 s (16 MiB of data at 8 MiB/s), so the fault strikes inside it, at the
+    // first keepalive after a second, long before the switchover.
+    cfg.compression = Compression::None;
+    cfg.bandwidth = Some(8 << 20);
+    let r = run(8192, 0, cfg, None, None);
+    assert!(
+        matches!(
+            r.target_result,
+            Err(MigrationError::Timeout {
+                awaited: Awaited::Silence("source"),
+                ..
+            })
+        ),
+        "{:?}",
+        r.target_result
+    );
+    let err = page_transfer::error::chain(r.source_result.as_ref().unwrap_err());
+    assert!(
+        err.contains("the target sent nothing on the control channel"),
+        "{err}"
+    );
     assert!(!r.target.as_ref().unwrap().started.load(Ordering::Acquire));
     assert!(!r.source.paused.load(Ordering::Acquire));
 }
@@ -876,6 +925,7 @@ fn a_target_whose_memory_does_not_match_the_sources_digest_never_starts_the_vm()
             progress,
             Duration::from_secs(10),
             &ServerSecurity::Plain,
+            Duration::from_secs(3),
         )
         .map(|_| ())
     });

@@ -93,6 +93,44 @@ fn vmms_end(agent: &Agent) {
 }
 
 #[test]
+fn a_stalled_link_fails_the_migration_within_the_peer_timeout_and_the_vm_runs_on() {
+    if !kvm_available(
+        "a_stalled_link_fails_the_migration_within_the_peer_timeout_and_the_vm_runs_on",
+    ) {
+        return;
+    }
+    // The first bulk channel goes silent 1 MiB in without closing (packets dropped): the
+    // target finds it stalled after the peer timeout (3 s here, 10 s by default) instead of
+    // waiting for ever, refuses, and the source runs on.
+    let timeout = ["--migration-peer-timeout-s", "3"];
+    let src = Agent::start_with(
+        "stall-src",
+        &[
+            &timeout[..],
+            &["--test-migration-fault", "blackhole@2:1048576"],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let dst = Agent::start_with("stall-dst", &timeout).unwrap();
+    dirty_vm(&src, "s");
+    let id = src
+        .migrate(
+            &dst,
+            "s",
+            json!({"mode": "precopy", "channels": 2, "compress": "none"}),
+        )
+        .unwrap();
+    let info = src.wait_migration(&id, WAIT).unwrap();
+    assert_eq!(info.status, MigrationStatus::Failed, "{info:?}");
+    let error = info.error.clone().unwrap_or_default();
+    assert!(error.contains("migration channel 2 went silent"), "{error}");
+    runs_on_with_right_memory(&src, "s");
+    assert!(absent(&dst, "s"));
+    vmms_end(&dst);
+}
+
+#[test]
 fn a_post_copy_that_breaks_leaves_the_target_answering_and_its_vm_deletable() {
     if !kvm_available("a_post_copy_that_breaks_leaves_the_target_answering_and_its_vm_deletable") {
         return;

@@ -41,6 +41,9 @@ struct Args {
     /// Seconds between probes of the VM's dirty rate; 0 = never.
     #[arg(long, default_value_t = 10)]
     dirty_probe_interval_s: u64,
+    /// Seconds a migration tolerates silence from the peer agent before it fails.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    migration_peer_timeout_s: u64,
     /// Space the agent leaves this VM's resource data, MiB.
     #[arg(long, default_value_t = 4096)]
     resource_capacity_mib: u64,
@@ -141,6 +144,7 @@ async fn serve(args: Args, tls: Option<godwit_tls::Credentials>) -> anyhow::Resu
             device_classes: args.devices.into_iter().collect(),
             tls,
             test_fault: args.test_migration_fault,
+            migration_peer_timeout: Duration::from_secs(args.migration_peer_timeout_s),
         },
         agent_url: args.agent_url,
     };

@@ -656,6 +656,7 @@ fn start_migration(
         verify: req.verify.unwrap_or(true),
         migration_id: id_bytes,
         connect_timeout: Duration::from_secs(10),
+        peer_timeout: vmm.config().migration_peer_timeout,
         security,
     };
     let resource_addr: Option<std::net::SocketAddr> =
@@ -832,6 +833,7 @@ pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccep
     let name = req.vm.clone();
     let migration_id = req.id.clone();
     let spawn_progress = progress.clone();
+    let peer_timeout = vmm.config().migration_peer_timeout;
     let spawned = std::thread::Builder::new()
         .name(format!("incoming-{name}"))
         .spawn(move || {
@@ -843,6 +845,7 @@ pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccep
                 progress.clone(),
                 ACCEPT_TIMEOUT,
                 &security,
+                peer_timeout,
             );
             vmm.release(&name);
             vmm.resources

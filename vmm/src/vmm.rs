@@ -43,6 +43,8 @@ pub struct HostConfig {
     /// Test hook: a fault injected into one channel of every migration this host sends
     /// (`page_transfer::channel::Fault::parse_spec`).
     pub test_fault: Option<(u16, page_transfer::channel::Fault)>,
+    /// How long a migration tolerates silence from the peer (`--migration-peer-timeout-s`).
+    pub migration_peer_timeout: Duration,
 }
 
 /// What the VMM holds.

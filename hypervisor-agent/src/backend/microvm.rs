@@ -51,6 +51,8 @@ pub struct MicrovmConfig {
     pub migration_ip: std::net::IpAddr,
     pub prefault: bool,
     pub dirty_probe_interval_s: u64,
+    /// `--migration-peer-timeout-s`, passed to every VMM.
+    pub migration_peer_timeout_s: u64,
     pub devices: Vec<String>,
     /// The host's certificate, passed to every VMM: migrations are mutual TLS.
     pub tls: Option<godwit_tls::TlsFiles>,
@@ -121,6 +123,10 @@ impl MicrovmBackend {
             .args([
                 "--dirty-probe-interval-s",
                 &self.cfg.dirty_probe_interval_s.to_string(),
+            ])
+            .args([
+                "--migration-peer-timeout-s",
+                &self.cfg.migration_peer_timeout_s.to_string(),
             ])
             .args([
                 "--resource-capacity-mib",
