@@ -73,6 +73,8 @@
 //!                                                          without post-copy)
 //!                                                      <- Done{digest, report} once every
 //!                                                         page is present
+//!   from SetupAck on, every second, control channel: <-> Keepalive  (silence for the
+//!                                                         peer timeout ends the migration)
 //!   at any time, either direction:                   <-> Abort{reason}
 //!   in answer to a frame the receiver cannot accept: <-> Error{message}
 //! ```
