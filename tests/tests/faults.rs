@@ -131,6 +131,46 @@ fn a_stalled_link_fails_the_migration_within_the_peer_timeout_and_the_vm_runs_on
 }
 
 #[test]
+fn a_switchover_that_gets_no_answer_is_settled_by_asking_the_target() {
+    if !kvm_available("a_switchover_that_gets_no_answer_is_settled_by_asking_the_target") {
+        return;
+    }
+    // The control channel goes silent 4 KiB in (after the setup): the state and switchover
+    // vanish, or the target's answer is never read. Either way the source cannot know from
+    // the migration whether the target runs the VM: it asks the target's agent, and the VM
+    // ends up running on exactly one host.
+    let timeout = ["--migration-peer-timeout-s", "3"];
+    let src = Agent::start_with(
+        "ask-src",
+        &[
+            &timeout[..],
+            &["--test-migration-fault", "blackhole@0:4096"],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let dst = Agent::start_with("ask-dst", &timeout).unwrap();
+    dirty_vm(&src, "q");
+    let id = src
+        .migrate(&dst, "q", json!({"mode": "stop-and-copy", "channels": 2}))
+        .unwrap();
+    let info = src.wait_migration(&id, WAIT).unwrap();
+    assert_eq!(info.status, MigrationStatus::Failed, "{info:?}");
+    let error = info.error.clone().unwrap_or_default();
+    assert!(error.contains("the target: its agent says"), "{error}");
+    if error.contains("never started the VM") {
+        runs_on_with_right_memory(&src, "q");
+        assert!(absent(&dst, "q"));
+        vmms_end(&dst);
+    } else {
+        assert!(error.contains("this paused copy was removed"), "{error}");
+        runs_on_with_right_memory(&dst, "q");
+        assert!(absent(&src, "q"));
+    }
+    eprintln!("switchover without an answer: {error}");
+}
+
+#[test]
 fn a_post_copy_that_breaks_leaves_the_target_answering_and_its_vm_deletable() {
     if !kvm_available("a_post_copy_that_breaks_leaves_the_target_answering_and_its_vm_deletable") {
         return;

@@ -13,6 +13,7 @@ pub mod guest;
 pub mod microvm;
 pub mod migration;
 pub mod process;
+pub mod resolve;
 pub mod resources;
 pub mod sealed;
 pub mod seccomp;

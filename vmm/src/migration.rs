@@ -34,10 +34,14 @@ use crate::microvm::memory::{self, GuestMemory};
 use crate::microvm::postcopy::{self, PostcopyMemory};
 use crate::microvm::state::{VmConfig, VmState};
 use crate::microvm::{KvmHost, MicroVm, PreparedVm};
+use crate::resolve::{self, Resolution};
 use crate::resources::plan::{self as resource_plan, MigrationPlan};
 use crate::resources::transfer::{Incoming, SourceTransfer};
 use crate::vm::{now_unix_ms, Vm};
 use crate::vmm::{HostConfig, Vmm};
+
+/// How often a source whose switchover went unanswered asks an unreachable target again.
+const RESOLVE_RETRY: Duration = Duration::from_secs(5);
 
 /// How long the target waits for the source's channels after accepting.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -704,6 +708,9 @@ fn start_migration(
     let worker = vmm.clone();
     let vm_name = name.to_owned();
     let mode = req.mode;
+    let target_api = req.target.clone();
+    let peer_timeout = cfg.peer_timeout;
+    let migration_id = id.clone();
     let spawn_progress = progress.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("migrate-{name}"))
@@ -747,22 +754,82 @@ fn start_migration(
                     } else {
                         (MigrationStatus::Failed, e.class())
                     };
-                    let mut text = chain(&e);
-                    if switched {
-                        text.push_str(
-                            "; the switchover had been sent, so the VM stays paused here: check \
-                             the target before resuming or deleting this copy",
-                        );
-                    }
-                    tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
+                    let text = chain(&e);
                     if !switched {
+                        tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
                         source.transfer.abort(&text);
                         resource_plan::undo_exports(&vmm.resources, &vm_name, &planned);
+                        progress.finish_as(status, Some(text), outcome);
+                        vmm.migrations.persist(&progress.info());
+                        // The operator can act on this copy again.
+                        source.vm.stop_migrating();
+                        return;
                     }
+                    // The switchover went out and no answer settled it: the target's agent
+                    // says whether it runs the VM. Until it does, the VM stays paused here and
+                    // locked (still marked migrating), so nobody resumes a second copy.
+                    let ask = || {
+                        resolve::ask(&vmm.resources.client, &target_api, &migration_id, &vm_name)
+                    };
+                    let deadline = std::time::Instant::now() + 3 * peer_timeout;
+                    let mut resolution = ask();
+                    while matches!(resolution, Resolution::Unknown(_))
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_secs(1));
+                        resolution = ask();
+                    }
+                    if let Resolution::Unknown(why) = &resolution {
+                        let text = format!(
+                            "{text}; the switchover had been sent and whether the target runs \
+                             the VM is unknown ({why}): it stays paused and locked here (resume, \
+                             delete and migrate are refused) while this host keeps asking the \
+                             target"
+                        );
+                        tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
+                        progress.finish_as(status, Some(text), outcome);
+                        vmm.migrations.persist(&progress.info());
+                        while let Resolution::Unknown(_) = resolution {
+                            std::thread::sleep(RESOLVE_RETRY);
+                            resolution = ask();
+                        }
+                    }
+                    let settled = match resolution {
+                        Resolution::TargetRuns => {
+                            source.transfer.complete(&BTreeMap::new());
+                            let _ = vmm.remove(&vm_name);
+                            let details = resource_plan::finish_source(
+                                &vmm.resources,
+                                &vm_name,
+                                &planned,
+                                &target_name,
+                            );
+                            source.transfer.complete(&details);
+                            vmm.set_ended(format!("VM {vm_name:?} moved to {target_name}"));
+                            "its agent says it runs the VM, so this paused copy was removed"
+                                .to_owned()
+                        }
+                        Resolution::NeverStarted => {
+                            if let Err(e) = source.resume() {
+                                tracing::error!(vm = %vm_name, error = %chain(&e), "cannot resume");
+                            }
+                            source.transfer.abort(&text);
+                            resource_plan::undo_exports(&vmm.resources, &vm_name, &planned);
+                            source.vm.stop_migrating();
+                            "its agent says it never started the VM, so it runs on here".to_owned()
+                        }
+                        Resolution::Split(why) => {
+                            // The operator decides; this copy holds the pages the target lacks.
+                            source.vm.stop_migrating();
+                            format!("{why}; the VM stays paused here")
+                        }
+                        Resolution::Unknown(_) => unreachable!("asked until known"),
+                    };
+                    let text =
+                        format!("{text}; the switchover had been sent; the target: {settled}");
+                    tracing::warn!(vm = %vm_name, error = %text, "migration did not complete");
                     progress.finish_as(status, Some(text), outcome);
                     vmm.migrations.persist(&progress.info());
-                    // Either way the operator can act on this copy again.
-                    source.vm.stop_migrating();
                 }
             }
         });
