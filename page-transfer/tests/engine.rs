@@ -758,8 +758,8 @@ fn a_link_that_goes_silent_fails_the_migration_and_the_source_runs_on() {
 }
 
 /// The control channel goes silent after the setup (the source's keepalives vanish, and the
-/// target's are never read): each side calls the other gone after the peer timeout, instead
-/// of waiting for ever, and the source runs on.
+/// target's are never read): the migration ends within the peer timeout on both sides,
+/// instead of waiting for ever, and the source runs on.
 #[test]
 fn a_silent_control_channel_ends_the_migration_on_both_sides() {
     let mut cfg = config(MigrationMode::Precopy);
@@ -774,13 +774,16 @@ fn a_silent_control_channel_ends_the_migration_on_both_sides() {
     cfg.compression = Compression::None;
     cfg.bandwidth = Some(8 << 20);
     let r = run(8192, 0, cfg, None, None);
+    // Both sides wait the same peer timeout: the target either calls the source silent first,
+    // or the source gives up first and closes the connection, which the target reads as a
+    // broken control channel (CI saw both). Either way it ends, and never starts the VM.
     assert!(
         matches!(
             r.target_result,
             Err(MigrationError::Timeout {
                 awaited: Awaited::Silence("source"),
                 ..
-            })
+            }) | Err(MigrationError::ControlBroke { peer: "source", .. })
         ),
         "{:?}",
         r.target_result
