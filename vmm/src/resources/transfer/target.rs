@@ -117,7 +117,11 @@ impl Incoming {
                     let expected = self
                         .resources
                         .iter()
-                        .find(|r| r.spec.name == item.name && carries_data(r.spec.kind, r.action))
+                        .find(|r| {
+                            r.spec.name == item.name
+                                && r.spec.kind == item.kind
+                                && carries_data(r.spec.kind, r.action)
+                        })
                         .ok_or_else(|| bad(format!("unexpected resource {:?}", item.name)))?;
                     let dir = self.staging.join(&item.name);
                     std::fs::create_dir_all(&dir)?;
@@ -163,8 +167,15 @@ impl Incoming {
                     if fb.file.contains('/') || fb.file.starts_with('.') || fb.file.is_empty() {
                         return Err(bad(format!("bad scratch file name {:?}", fb.file)));
                     }
+                    // Only into a scratch directory this stream staged: the name is joined
+                    // to a path, so "..", "/" or a disk's name must not get that far.
+                    let staged = self.resources.iter().any(|r| {
+                        r.spec.name == fb.name
+                            && r.spec.kind == ResourceKind::Scratch
+                            && carries_data(r.spec.kind, r.action)
+                    });
                     let dir = self.staging.join(&fb.name);
-                    if !dir.is_dir() {
+                    if !staged || !dir.is_dir() {
                         return Err(bad(format!("file for unknown scratch {:?}", fb.name)));
                     }
                     let f = std::fs::File::create(dir.join(&fb.file))?;

@@ -309,6 +309,47 @@ fn garbage_and_lies_from_a_source_are_refused() {
             "bad scratch file name",
         ),
         (
+            "a disk announced as scratch",
+            vec![(
+                T_ITEM,
+                json(serde_json::json!({"name": "root", "kind": "scratch", "bytes": 0})),
+            )],
+            "unexpected resource",
+        ),
+        (
+            "file for the staging directory's parent",
+            vec![
+                scratch.clone(),
+                (
+                    T_FILE_BEGIN,
+                    json(serde_json::json!({"name": "..", "file": "a", "size": 1})),
+                ),
+            ],
+            "file for unknown scratch",
+        ),
+        (
+            "file for an absolute directory",
+            vec![
+                scratch.clone(),
+                (
+                    T_FILE_BEGIN,
+                    json(serde_json::json!({"name": "/tmp", "file": "a", "size": 1})),
+                ),
+            ],
+            "file for unknown scratch",
+        ),
+        (
+            "file for a disk",
+            vec![
+                disk(1 << 20),
+                (
+                    T_FILE_BEGIN,
+                    json(serde_json::json!({"name": "root", "file": "a", "size": 1})),
+                ),
+            ],
+            "file for unknown scratch",
+        ),
+        (
             "more data than announced",
             vec![
                 scratch.clone(),
