@@ -352,12 +352,11 @@ pub(crate) fn splice(a: Channel, b: Channel) {
     let _ = t.join();
 }
 
-/// Reads one header line (at most `max` bytes) from a fresh connection without consuming
-/// anything after it.
-pub fn read_header_line(conn: &Channel, max: usize) -> io::Result<String> {
+/// Reads one header line (at most `max` bytes) from a fresh connection (`&Channel`, or any
+/// reader) without consuming anything after it.
+pub fn read_header_line(mut r: impl Read, max: usize) -> io::Result<String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
-    let mut r = conn;
     while line.len() < max {
         if r.read(&mut byte)? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());

@@ -2,12 +2,11 @@
 //! the source sends, and binding the arriving VM's resources on this host.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use godwit_api::{IncomingResource, ResourceAction, ResourceKind};
-use page_transfer::channel::Channel;
 
 use super::*;
 use crate::microvm::block::{self, BlockBackend, FileDisk};
@@ -69,8 +68,10 @@ impl Incoming {
         lock(&self.state).committed
     }
 
-    /// Serves the source's resource connection to the end.
-    pub fn receive(&self, mut conn: Channel) {
+    /// Serves the source's resource connection to the end. `conn` is any byte stream: the
+    /// resource listener hands over a [`Channel`](page_transfer::channel::Channel), set to
+    /// TCP_NODELAY when it was accepted; the fuzz target (`fuzz/`) an in-memory one.
+    pub fn receive(&self, mut conn: impl Read + Write) {
         let result = self.receive_inner(&mut conn).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 io::Error::new(e.kind(), "the source closed the resource connection early")
@@ -93,9 +94,8 @@ impl Incoming {
         let _ = std::fs::remove_dir_all(&self.staging);
     }
 
-    fn receive_inner(&self, conn: &mut Channel) -> io::Result<()> {
+    fn receive_inner(&self, conn: &mut (impl Read + Write)) -> io::Result<()> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-        conn.set_nodelay(true)?;
         let (ty, payload) = read_frame(conn)?;
         if ty != T_HELLO {
             return Err(bad(format!(
