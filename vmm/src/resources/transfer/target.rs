@@ -145,7 +145,8 @@ impl Incoming {
                     let (disk, hashes) = disks
                         .get_mut(c.name)
                         .ok_or_else(|| bad(format!("chunk for unknown disk {:?}", c.name)))?;
-                    if c.block + u64::from(c.count) > disk.blocks() {
+                    let end = c.block.checked_add(u64::from(c.count));
+                    if end.is_none_or(|end| end > disk.blocks()) {
                         return Err(bad(format!("chunk past the end of disk {}", c.name)));
                     }
                     let zeros;

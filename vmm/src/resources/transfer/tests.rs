@@ -413,3 +413,55 @@ fn garbage_and_lies_from_a_source_are_refused() {
     let (_, committed, staging_left) = feed(&[disk(1 << 20)]);
     assert!(!committed && !staging_left);
 }
+
+/// A connection that reads `input` (then its peer has closed it) and keeps what is written to
+/// it.
+struct Replay<'a> {
+    input: &'a [u8],
+    output: Vec<u8>,
+}
+
+impl std::io::Read for Replay<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl std::io::Write for Replay<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Found by the resource_protocol fuzz target (fuzz/): a chunk of 14 blocks at block 2^64 - 2
+/// overflowed the bounds check: a panic where overflow is checked, and where it is not, an error
+/// only because the wrapped file offset made the write fail.
+#[test]
+fn a_chunk_whose_end_overflows_is_refused() {
+    let mut input: &[u8] = b"GODWIT-RES id\n\
+        \t\x1d\0\0\0{\"version\":1,\"min_version\":1}\
+        \x01-\0\0\0{\"name\":\"root\",\"kind\":\"disk\",\"bytes\":1048576}\
+        \x02\x13\0\0\0\x04\0root\xfe\xff\xff\xff\xff\xff\xff\xff\x0e\0\0\0\x01";
+    let header = super::super::endpoint::read_header_line(&mut input, 200).unwrap();
+    assert_eq!(header, "GODWIT-RES id");
+    let dst = tempfile::tempdir().unwrap();
+    let (incoming, _, _) = target(dst.path(), 1);
+    let mut conn = Replay {
+        input,
+        output: Vec::new(),
+    };
+    incoming.receive(&mut conn);
+    let mut answers = &conn.output[..];
+    assert_eq!(read_frame(&mut answers).unwrap().0, T_HELLO_ACK);
+    let (ty, ack) = read_frame(&mut answers).unwrap();
+    assert_eq!(ty, T_ACK);
+    let ack: Ack = serde_json::from_slice(&ack).unwrap();
+    assert!(!ack.ok);
+    let error = ack.error.unwrap_or_default();
+    assert!(error.contains("chunk past the end of disk root"), "{error}");
+    assert!(!incoming.committed());
+}
