@@ -620,6 +620,10 @@ pub struct MigrateRequest {
     /// Hash every page on both sides and compare (costs CPU). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<bool>,
+    /// A post-copy whose connections fail reconnects by itself for this many seconds, then
+    /// waits (`postcopy-paused`) for `godwit migrate resume`. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_recovery_s: Option<u64>,
 }
 
 /// `{"id": ...}` answer to a migrate request.
@@ -649,6 +653,10 @@ pub enum MigrationPhase {
     StopAndCopy,
     /// The guest runs on the target; missing pages are served on demand and pushed.
     Postcopy,
+    /// Post-copy whose connections failed: the guest runs on the target and waits for the
+    /// pages it still lacks while the source reconnects (automatically for a while, then on
+    /// `godwit migrate resume ID`).
+    PostcopyPaused,
     /// Waiting for the target's final confirmation.
     Completing,
     Done,
@@ -714,11 +722,15 @@ pub struct MigrationInfo {
     pub mode: MigrationMode,
     pub status: MigrationStatus,
     pub phase: MigrationPhase,
-    /// Why it failed or was cancelled.
+    /// Why it failed or was cancelled; while `postcopy-paused`, why it paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Auto mode switched from pre-copy to post-copy.
     pub switched_to_postcopy: bool,
+    /// Times the post-copy paused on failed connections and resumed over new ones (a pause
+    /// in progress counts).
+    #[serde(default)]
+    pub postcopy_pauses: u32,
     pub started_unix_ms: u64,
     /// Connect, handshake and target preparation.
     pub setup_ms: f64,
@@ -818,6 +830,10 @@ pub struct IncomingMigration {
     /// (exports, forwarders, kept data); the target tells them when the VM is deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_hosts: Vec<String>,
+    /// API URL of the source agent: a paused post-copy target asks it whether the source
+    /// still means to resume. Absent from an older source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_api: Option<String>,
 }
 
 /// The target's answer: where to open the migration channels.

@@ -456,6 +456,16 @@ impl Agent {
     }
 
     pub async fn cancel_migration(&self, id: &str) -> Result<MigrationInfo, Error> {
+        self.migration_handle(id)?.cancel(id).await
+    }
+
+    /// `godwit migrate resume`: a paused post-copy sent from here reconnects now.
+    pub async fn resume_migration(&self, id: &str) -> Result<MigrationInfo, Error> {
+        self.migration_handle(id)?.resume_migration(id).await
+    }
+
+    /// The live VMM that runs migration `id`.
+    fn migration_handle(&self, id: &str) -> Result<Arc<dyn crate::backend::VmHandle>, Error> {
         let (vm, _) = self
             .migrations
             .get(id)
@@ -465,7 +475,7 @@ impl Agent {
             .get(&vm)
             .filter(|s| s.handle.exited().is_none())
             .ok_or_else(|| Error::MigrationGone { id: id.into() })?;
-        slot.handle.cancel(id).await
+        Ok(slot.handle.clone())
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), Error> {

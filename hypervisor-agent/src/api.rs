@@ -39,6 +39,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/migrations/incoming", post(incoming_migration))
         .route("/v1/migrations/{id}", get(get_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/migrations/{id}/resume", post(resume_migration))
         .route("/v1/devices/entropy", get(read_entropy))
         .route("/v1/resources/{vm}", axum::routing::delete(release_moved))
         .fallback(|| async {
@@ -128,6 +129,13 @@ async fn cancel_migration(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
     Ok(Json(a.cancel_migration(&id).await?))
+}
+
+async fn resume_migration(
+    State(a): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(a.resume_migration(&id).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -34,11 +34,12 @@ pub const MODES: [MigrationMode; 4] = [
 ];
 
 /// The phases a running migration can be in.
-const RUNNING_PHASES: [MigrationPhase; 5] = [
+const RUNNING_PHASES: [MigrationPhase; 6] = [
     MigrationPhase::Setup,
     MigrationPhase::Precopy,
     MigrationPhase::StopAndCopy,
     MigrationPhase::Postcopy,
+    MigrationPhase::PostcopyPaused,
     MigrationPhase::Completing,
 ];
 
@@ -50,6 +51,7 @@ pub fn phase_label(phase: MigrationPhase) -> &'static str {
         MigrationPhase::Precopy => "precopy",
         MigrationPhase::StopAndCopy => "stop-and-copy",
         MigrationPhase::Postcopy => "postcopy",
+        MigrationPhase::PostcopyPaused => "postcopy-paused",
         MigrationPhase::Completing => "completing",
         MigrationPhase::Done => "done",
     }

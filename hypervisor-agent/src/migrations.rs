@@ -220,6 +220,7 @@ fn placeholder(id: &str, vm: &str) -> MigrationInfo {
         phase: godwit_api::MigrationPhase::Setup,
         error: None,
         switched_to_postcopy: false,
+        postcopy_pauses: 0,
         started_unix_ms: 0,
         setup_ms: 0.0,
         total_ms: 0.0,

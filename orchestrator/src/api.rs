@@ -39,6 +39,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/v1/migrations", get(migrations))
         .route("/v1/migrations/{id}", get(migration))
+        .route("/v1/migrations/{id}/resume", post(resume_migration))
         .route("/v1/plan", get(plan))
         .route("/v1/decisions", get(decisions))
         .route("/v1/balancer", get(get_balancer).put(put_balancer))
@@ -392,6 +393,24 @@ async fn migration(
     Path(id): Path<String>,
 ) -> Result<Json<godwit_api::ClusterMigration>, OrchError> {
     Ok(Json(s.migration(&id)?))
+}
+
+/// A paused post-copy (`postcopy-paused`) reconnects now: asked of its source agent, which
+/// answers with its record (409 when the migration is not paused).
+async fn resume_migration(
+    AxState(s): AxState<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<godwit_api::MigrationInfo>, OrchError> {
+    let record = s.migration(&id)?;
+    let agent = s.up_agent(&record.from)?;
+    let info = driver::post(
+        &s,
+        &agent.url,
+        &format!("/v1/migrations/{id}/resume"),
+        &serde_json::json!({}),
+    )
+    .await?;
+    Ok(Json(info))
 }
 
 async fn plan(AxState(s): AxState<Shared>) -> Result<Json<godwit_api::PlanView>, OrchError> {

@@ -69,6 +69,14 @@ impl Client {
         self.get(&format!("/v1/migrations/{id}"))
     }
 
+    /// Asks a paused post-copy to reconnect now; the source agent's record of it.
+    pub fn resume_migration(&self, id: &str) -> Result<godwit_api::MigrationInfo> {
+        self.post(
+            &format!("/v1/migrations/{id}/resume"),
+            &serde_json::json!({}),
+        )
+    }
+
     pub fn plan(&self) -> Result<PlanView> {
         self.get("/v1/plan")
     }

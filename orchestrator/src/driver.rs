@@ -162,6 +162,7 @@ pub async fn start_migration(
         max_rounds: None,
         precopy_timeout_s: None,
         verify: None,
+        postcopy_recovery_s: None,
     };
     let started: MigrationStarted =
         post(state, &src.url, &format!("/v1/vms/{vm}/migrate"), &req).await?;

@@ -62,6 +62,13 @@ impl PageBitmap {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
+    /// Clears `n` pages from `first` (those past the end are ignored).
+    pub fn clear_range(&mut self, first: u64, n: u64) {
+        for page in first..first.saturating_add(n).min(self.pages) {
+            self.words[(page / 64) as usize] &= !(1 << (page % 64));
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
@@ -254,6 +261,12 @@ impl PageMap {
     /// Index of a page counting across all regions in address order.
     pub fn global(&self, region: usize, page: u64) -> u64 {
         self.first_page[region] + page
+    }
+
+    /// (region, page) of a global page index below [`PageMap::total_pages`].
+    pub fn from_global(&self, global: u64) -> (usize, u64) {
+        let region = self.first_page.partition_point(|&first| first <= global) - 1;
+        (region, global - self.first_page[region])
     }
 
     pub fn regions(&self) -> &[crate::vm::Region] {

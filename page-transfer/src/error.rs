@@ -156,6 +156,12 @@ pub enum MigrationError {
     /// The source said it had sent everything, and pages are still missing.
     #[error("All sent, yet {missing} of {total} pages are missing")]
     PagesMissing { missing: u64, total: u64 },
+    /// A paused post-copy was given up on while it waited for its source to reconnect: the
+    /// pages the target lacks are lost with the source's copy.
+    #[error(
+        "Gave up waiting for the source to resume the post-copy: {reason} (it paused on: {cause})"
+    )]
+    GaveUp { reason: String, cause: String },
 }
 
 /// What a migration waited for in vain.
@@ -184,6 +190,24 @@ impl fmt::Display for Awaited {
 }
 
 impl MigrationError {
+    /// The connections failed (broke, went silent, delivered a damaged frame, could not be
+    /// opened), not a decision of either side: a post-copy can resume over new ones.
+    pub fn is_link_failure(&self) -> bool {
+        use MigrationError as E;
+        if self.cancelled_by_peer() {
+            return false;
+        }
+        matches!(
+            self,
+            E::Channel { .. }
+                | E::ControlBroke { .. }
+                | E::Send { .. }
+                | E::Connect { .. }
+                | E::Tls { .. }
+                | E::Timeout { .. }
+        )
+    }
+
     /// The source cancelled the migration on purpose (the target's view of a cancel).
     pub fn cancelled_by_peer(&self) -> bool {
         matches!(
@@ -216,7 +240,7 @@ impl MigrationError {
             | E::SwitchoverIncomplete { .. }
             | E::PagesMissing { .. } => "protocol",
             E::Vm(_) => "vm",
-            E::Remote(_) | E::SwitchoverRefused(_) => "peer",
+            E::Remote(_) | E::SwitchoverRefused(_) | E::GaveUp { .. } => "peer",
             E::NotConverged { .. } => "not_converged",
             E::Timeout { .. } => "timeout",
             E::DigestMismatch { .. } => "digest_mismatch",

@@ -65,6 +65,7 @@ impl Progress {
                 phase: MigrationPhase::Setup,
                 error: None,
                 switched_to_postcopy: false,
+                postcopy_pauses: 0,
                 started_unix_ms,
                 setup_ms: 0.0,
                 total_ms: 0.0,
@@ -102,6 +103,15 @@ impl Progress {
 
     pub fn switched(&self) -> bool {
         self.switched.load(Ordering::Acquire)
+    }
+
+    /// The switchover went out as a post-copy one: the target may run the VM while pages it
+    /// lacks are still only here.
+    pub fn in_postcopy(&self) -> bool {
+        self.switched() && {
+            let i = self.info();
+            i.mode == godwit_api::MigrationMode::Postcopy || i.switched_to_postcopy
+        }
     }
 
     pub fn elapsed_ms(&self) -> f64 {

@@ -172,6 +172,13 @@ pub enum Command {
     /// Either direction on the control channel, empty: "still here", sent every
     /// [`KEEPALIVE_INTERVAL`], so that a peer that went silent is told from a quiet one.
     Keepalive = 16,
+    /// Source to target on the control channel of a new set of connections, in place of
+    /// Setup: resume the post-copy migration the Hello's id names. Empty payload.
+    Resume = 17,
+    /// Target to source, the answer to Resume: `last u8 (0 or 1), run count u32`, then per run
+    /// `gpa u64, pages u32`: pages the target has; the source sends the others. Repeated
+    /// while `last` is 0.
+    Present = 18,
 }
 
 /// How often each side sends [`Command::Keepalive`] on the control channel.
@@ -179,7 +186,7 @@ pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 
 impl Command {
     /// Every command, in wire order.
-    pub const ALL: [Command; 16] = [
+    pub const ALL: [Command; 18] = [
         Command::Hello,
         Command::HelloAck,
         Command::Setup,
@@ -196,6 +203,8 @@ impl Command {
         Command::Abort,
         Command::Error,
         Command::Keepalive,
+        Command::Resume,
+        Command::Present,
     ];
 
     /// The command's name as it appears in error messages.
@@ -217,6 +226,8 @@ impl Command {
             Command::Abort => "Abort",
             Command::Error => "Error",
             Command::Keepalive => "Keepalive",
+            Command::Resume => "Resume",
+            Command::Present => "Present",
         }
     }
 
@@ -226,7 +237,8 @@ impl Command {
             Command::Hello => MAX_HELLO_PAYLOAD,
             Command::HelloAck => 2,
             Command::Setup => 2 + 4 + MAX_REGIONS * 16 + 4 + MAX_SETUP_BLOB,
-            Command::SetupAck | Command::Resumed | Command::Keepalive => 0,
+            Command::SetupAck | Command::Resumed | Command::Keepalive | Command::Resume => 0,
+            Command::Present => 1 + 4 + MAX_RUNS * 12,
             Command::Pages => MAX_PAGES_PAYLOAD,
             Command::Marker | Command::PageRequest => 12,
             Command::State => 4 + MAX_STATE,
@@ -257,6 +269,8 @@ impl Command {
             Command::Abort => "The payload length of an Abort frame",
             Command::Error => "The payload length of an Error frame",
             Command::Keepalive => "The payload length of a Keepalive frame",
+            Command::Resume => "The payload length of a Resume frame",
+            Command::Present => "The payload length of a Present frame",
         }
     }
 }
@@ -762,6 +776,15 @@ pub enum Message {
     Resumed,
     /// Still here (either direction, control channel).
     Keepalive,
+    /// Resume the interrupted post-copy migration over these connections (source to target).
+    Resume,
+    /// Pages the target has, as (gpa, page count) runs (its answer to [`Message::Resume`]).
+    Present {
+        /// The last of the answer's messages.
+        last: bool,
+        /// At most [`MAX_RUNS`] runs, each page aligned and at least one page long.
+        runs: Vec<(u64, u32)>,
+    },
     /// Pages that are stale on the target, as (gpa, page count) runs: drop them so they fault.
     Discard {
         /// At most [`MAX_RUNS`] runs, each page aligned and at least one page long.
@@ -838,6 +861,8 @@ impl Message {
             Message::Switchover { .. } => Command::Switchover,
             Message::Resumed => Command::Resumed,
             Message::Keepalive => Command::Keepalive,
+            Message::Resume => Command::Resume,
+            Message::Present { .. } => Command::Present,
             Message::Discard { .. } => Command::Discard,
             Message::PageRequest { .. } => Command::PageRequest,
             Message::AllSent { .. } => Command::AllSent,
@@ -902,7 +927,11 @@ impl Message {
                 }
                 put_bytes(buf, vm);
             }
-            Message::SetupAck | Message::Resumed | Message::Keepalive => {}
+            Message::SetupAck | Message::Resumed | Message::Keepalive | Message::Resume => {}
+            Message::Present { last, runs } => {
+                buf.push(u8::from(*last));
+                put_runs(buf, runs, PRESENT_RUNS, "Present")?;
+            }
             Message::Pages { pages } => {
                 check_limit(PAGES_COUNT, pages.len(), MAX_PAGES_PER_BATCH)?;
                 put_u32(buf, pages.len() as u32);
@@ -930,16 +959,7 @@ impl Message {
                 put_u32(buf, *markers_phase);
                 put_string(buf, digest, SWITCHOVER_DIGEST)?;
             }
-            Message::Discard { runs } => {
-                check_limit(DISCARD_RUNS, runs.len(), MAX_RUNS)?;
-                put_u32(buf, runs.len() as u32);
-                for (i, &(gpa, pages)) in runs.iter().enumerate() {
-                    check_run(gpa, pages)
-                        .map_err(|e| ProtocolError::Malformed(format!("Discard run {i} {e}")))?;
-                    put_u64(buf, gpa);
-                    put_u32(buf, pages);
-                }
-            }
+            Message::Discard { runs } => put_runs(buf, runs, DISCARD_RUNS, "Discard")?,
             Message::PageRequest { gpa, pages } => {
                 check_run(*gpa, *pages)
                     .map_err(|e| ProtocolError::Malformed(format!("The page request {e}")))?;
@@ -1026,20 +1046,14 @@ impl Message {
             },
             Command::Resumed => Message::Resumed,
             Command::Keepalive => Message::Keepalive,
-            Command::Discard => {
-                let count = r.u32()? as usize;
-                check_limit(DISCARD_RUNS, count, MAX_RUNS)?;
-                r.expect_items(count, 12, "runs")?;
-                let mut runs = Vec::with_capacity(count);
-                for i in 0..count {
-                    let (gpa, pages) = (r.u64()?, r.u32()?);
-                    check_run(gpa, pages).map_err(|e| {
-                        ProtocolError::Malformed(format!("Run {i} of the Discard {e}"))
-                    })?;
-                    runs.push((gpa, pages));
-                }
-                Message::Discard { runs }
-            }
+            Command::Resume => Message::Resume,
+            Command::Present => Message::Present {
+                last: r.bool("last")?,
+                runs: r.runs(PRESENT_RUNS, "Present")?,
+            },
+            Command::Discard => Message::Discard {
+                runs: r.runs(DISCARD_RUNS, "Discard")?,
+            },
             Command::PageRequest => {
                 let (gpa, pages) = (r.u64()?, r.u32()?);
                 check_run(gpa, pages)
@@ -1068,6 +1082,25 @@ const SETUP_BLOB: &str = "The VM blob length of a Setup message";
 const PAGES_COUNT: &str = "The page count of a Pages batch";
 const STATE_BLOB: &str = "The blob length of a State message";
 const DISCARD_RUNS: &str = "The run count of a Discard message";
+const PRESENT_RUNS: &str = "The run count of a Present message";
+
+/// Appends `runs` (count first), each checked as a page run of a `what` message.
+fn put_runs(
+    buf: &mut Vec<u8>,
+    runs: &[(u64, u32)],
+    field: &'static str,
+    what: &str,
+) -> Result<(), ProtocolError> {
+    check_limit(field, runs.len(), MAX_RUNS)?;
+    put_u32(buf, runs.len() as u32);
+    for (i, &(gpa, pages)) in runs.iter().enumerate() {
+        check_run(gpa, pages)
+            .map_err(|e| ProtocolError::Malformed(format!("{what} run {i} {e}")))?;
+        put_u64(buf, gpa);
+        put_u32(buf, pages);
+    }
+    Ok(())
+}
 const DONE_DIGEST: &str = "The digest length of a Done message";
 const SWITCHOVER_DIGEST: &str = "The digest length of a Switchover message";
 const DONE_REPORT: &str = "The report length of a Done message";
@@ -1259,6 +1292,21 @@ impl<'a> PayloadReader<'a> {
                 self.command
             ))),
         }
+    }
+
+    /// A count, then that many page runs (`gpa u64, pages u32`) of a `what` message.
+    fn runs(&mut self, field: &'static str, what: &str) -> Result<Vec<(u64, u32)>, ProtocolError> {
+        let count = self.u32()? as usize;
+        check_limit(field, count, MAX_RUNS)?;
+        self.expect_items(count, 12, "runs")?;
+        let mut runs = Vec::with_capacity(count);
+        for i in 0..count {
+            let (gpa, pages) = (self.u64()?, self.u32()?);
+            check_run(gpa, pages)
+                .map_err(|e| ProtocolError::Malformed(format!("Run {i} of the {what} {e}")))?;
+            runs.push((gpa, pages));
+        }
+        Ok(runs)
     }
 
     fn bytes(&mut self, what: &'static str, limit: usize) -> Result<&'a [u8], ProtocolError> {
@@ -1558,6 +1606,15 @@ mod tests {
             },
             Message::Resumed,
             Message::Keepalive,
+            Message::Resume,
+            Message::Present {
+                last: false,
+                runs: vec![(0, 16), (0x10_0000, 1)],
+            },
+            Message::Present {
+                last: true,
+                runs: vec![],
+            },
             Message::Discard {
                 runs: vec![(0x3000, 1), (0x10_0000, 512)],
             },
@@ -1629,6 +1686,7 @@ mod tests {
             assert_eq!(Command::try_from(*c as u16).unwrap(), *c);
         }
         assert_eq!(Command::Keepalive as u16, 16);
+        assert_eq!(Command::Present as u16, 18);
         assert_eq!(MAGIC.to_le_bytes(), *b"GDWM");
         for kind in PageKind::ALL {
             assert_eq!(PageKind::try_from(kind as u8), Ok(kind));
@@ -1727,7 +1785,7 @@ mod tests {
         assert!(err
             .to_string()
             .starts_with("The frame starts with 0x50545448"));
-        for cmd in [0u16, 17, 0xFFFF] {
+        for cmd in [0u16, 19, 0xFFFF] {
             assert!(matches!(
                 patched(4, &cmd.to_le_bytes()),
                 ProtocolError::UnknownCommand(c) if c == cmd

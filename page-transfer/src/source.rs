@@ -107,6 +107,9 @@ struct Source<'a> {
     paused_at: Option<Instant>,
     /// The switchover went out: the VM belongs to the target, cancel no longer applies.
     switched: AtomicBool,
+    /// The VM runs on the target and the post-copy push is on: a failure of the connections
+    /// pauses the migration rather than end it (see [`resume_postcopy`]).
+    in_postcopy: bool,
     /// With verification: the hash of every page as last sent, so at the switchover the
     /// digest of the paused memory (every page has been sent since it was last written).
     sent: Option<PageDigests>,
@@ -160,6 +163,130 @@ pub fn migrate(
         }
     }
     progress.update(|i| i.setup_ms = progress.elapsed_ms());
+    // Post-copy sends no switchover digest: nothing to fold.
+    let sent = (cfg.verify && cfg.mode != MigrationMode::Postcopy)
+        .then(|| PageDigests::new(map.total_pages()));
+    let connections = Connections {
+        control,
+        urgent,
+        bulk,
+    };
+    drive(
+        vm,
+        cfg,
+        progress,
+        cancel,
+        map,
+        connections,
+        sent,
+        false,
+        |s| s.run(),
+    )
+}
+
+/// Resumes a post-copy migration whose connections failed (`postcopy-paused`), with the VM
+/// paused here since its switchover: opens new connections to the target's migration
+/// listener at `addr`, sends Resume, and on the target's answer (the pages it has) pushes the
+/// rest while serving its faults first, then completes as [`migrate`] does. A failed try
+/// leaves the migration paused on both sides (when the connections failed again, see
+/// [`MigrationError::is_link_failure`]) and may be tried again.
+pub fn resume_postcopy(
+    vm: &dyn SourceVm,
+    addr: &str,
+    cfg: &SourceConfig,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<(), MigrationError> {
+    let map = PageMap::new(vm.regions());
+    let mut streams = transport::connect(
+        addr,
+        cfg.migration_id,
+        cfg.channels,
+        cfg.connect_timeout,
+        &cfg.security,
+    )?;
+    let bulk = streams.split_off(FIRST_BULK as usize);
+    let urgent = streams.pop().ok_or(MigrationError::NoChannel("urgent"))?;
+    let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
+    write_message(&mut control, &Message::Resume).map_err(MigrationError::channel(CONTROL))?;
+    let mut missing = (0..map.regions().len())
+        .map(|i| PageBitmap::full(map.pages(i)))
+        .collect::<Vec<_>>();
+    loop {
+        match read_message(&mut control).map_err(MigrationError::channel(CONTROL))? {
+            Message::Present { last, runs } => {
+                for (gpa, pages) in runs {
+                    let Some((region, first)) = map.locate(gpa) else {
+                        return Err(MigrationError::OutsideMemory {
+                            what: "has pages",
+                            gpa,
+                        });
+                    };
+                    let n = u64::from(pages).min(map.pages(region) - first);
+                    missing[region].clear_range(first, n);
+                }
+                if last {
+                    break;
+                }
+            }
+            Message::Error { message } | Message::Abort { reason: message } => {
+                return Err(MigrationError::Remote(message))
+            }
+            other => {
+                return Err(MigrationError::channel(CONTROL)(ProtocolError::unexpected(
+                    "Present", &other,
+                )))
+            }
+        }
+    }
+    progress.update(|i| {
+        i.phase = MigrationPhase::Postcopy;
+        i.error = None;
+    });
+    let connections = Connections {
+        control,
+        urgent,
+        bulk,
+    };
+    drive(
+        vm,
+        cfg,
+        progress,
+        cancel,
+        map,
+        connections,
+        None,
+        true,
+        |s| s.postcopy_push(missing),
+    )
+}
+
+/// One set of a migration's connections, handshaken.
+struct Connections {
+    control: Channel,
+    urgent: Channel,
+    bulk: Vec<Channel>,
+}
+
+/// Runs `body` over `connections` with the keepalive and control reader threads around it,
+/// then recovers from its failure (see [`Source::recover`]) and closes the connections.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    vm: &dyn SourceVm,
+    cfg: &SourceConfig,
+    progress: &Progress,
+    cancel: &AtomicBool,
+    map: PageMap,
+    connections: Connections,
+    sent: Option<PageDigests>,
+    switched: bool,
+    body: impl FnOnce(&mut Source) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    let Connections {
+        control,
+        urgent,
+        bulk,
+    } = connections;
     // From here on the target sends a keepalive every second: silence for the peer timeout
     // means it or the link is gone. A write that makes no progress for as long fails too.
     let _ = control.set_read_timeout(Some(cfg.peer_timeout));
@@ -186,9 +313,6 @@ pub fn migrate(
         .spawn(move || read_control(reader, event_tx, request_tx, reader_applied))
         .map_err(MigrationError::Spawn)?;
 
-    // Post-copy sends no switchover digest: nothing to fold.
-    let sent = (cfg.verify && cfg.mode != MigrationMode::Postcopy)
-        .then(|| PageDigests::new(map.total_pages()));
     let mut source = Source {
         vm,
         cfg,
@@ -206,9 +330,10 @@ pub fn migrate(
         applied,
         phase: 0,
         paused_at: None,
-        switched: AtomicBool::new(false),
+        switched: AtomicBool::new(switched),
+        in_postcopy: switched,
     };
-    let result = source.run().map_err(|e| source.explain(e));
+    let result = body(&mut source).map_err(|e| source.explain(e));
     if let Err(e) = &result {
         source.recover(e);
     }
@@ -216,6 +341,9 @@ pub fn migrate(
     keepalive_stop.store(true, Ordering::Release);
     if let Ok(c) = source.control.lock() {
         let _ = c.shutdown(Shutdown::Both);
+    }
+    for s in std::iter::once(&source.urgent).chain(&source.bulk) {
+        let _ = s.shutdown(Shutdown::Both);
     }
     let _ = reader_thread.join();
     let _ = keepalive.join();
@@ -623,6 +751,7 @@ impl Source<'_> {
     /// Pushes `pages` on the bulk channels while the urgent channel serves the target's
     /// fault requests first.
     fn postcopy_push(&mut self, pages: Vec<PageBitmap>) -> Result<(), MigrationError> {
+        self.in_postcopy = true;
         self.phase += 1;
         let total: u64 = pages.iter().map(PageBitmap::count).sum();
         self.progress.set_remaining_pages(total);
@@ -894,6 +1023,11 @@ impl Source<'_> {
 
     /// After a failure: before switchover the VM goes on here and the target drops its copy.
     fn recover(&mut self, error: &MigrationError) {
+        if self.in_postcopy && error.is_link_failure() {
+            // The target keeps the VM and waits for new connections: an Abort that still got
+            // through would end the migration there and lose the pages it lacks.
+            return;
+        }
         let reason = match error {
             MigrationError::Cancelled => crate::protocol::CANCEL_REASON.to_owned(),
             // The target records this text as the reason: it gets the causes too.

@@ -19,7 +19,7 @@ use crate::error::{Awaited, MigrationError};
 use crate::progress::{LatencyRecorder, Progress, Stage};
 use crate::protocol::{
     read_frame, read_message, write_message, Command, Message, PageKind, PagesView, ProtocolError,
-    PAGE_SIZE,
+    MAX_CHANNELS, MAX_RUNS, PAGE_SIZE,
 };
 use crate::transport;
 use crate::vm::{IncomingSetup, Region, TargetFactory, TargetVm, VmAccessError};
@@ -47,7 +47,9 @@ struct Shared {
     /// The failure is the source's cancel (its abort carried `CANCEL_REASON`).
     cancelled: AtomicBool,
     /// For waking the control loop out of its read.
-    control: Channel,
+    control: Mutex<Channel>,
+    /// The data channels of the current connections, for closing them when post-copy pauses.
+    data_channels: Mutex<Vec<Channel>>,
     /// Every message to the source goes through here, so frames never interleave.
     control_tx: Mutex<Channel>,
     pending: Mutex<HashMap<u64, Instant>>,
@@ -79,7 +81,8 @@ impl Shared {
         drop(f);
         self.markers_changed.notify_all();
         // Wake the control loop out of its read.
-        let _ = self.control.shutdown(Shutdown::Read);
+        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = control.shutdown(Shutdown::Read);
     }
 
     /// Takes the recorded failure, as the error it stands for: a cancel if the source
@@ -417,30 +420,49 @@ fn serve_faults(shared: &Shared) {
     }
 }
 
+/// How the target waits for its source (see [`receive`]).
+pub struct ReceiveOptions<'a> {
+    /// How long the source has to open its connections.
+    pub accept_timeout: Duration,
+    pub security: &'a ServerSecurity,
+    /// How long silence from the source is tolerated on a connection.
+    pub peer_timeout: Duration,
+    /// Asked about once a second while a post-copy migration waits for its source to
+    /// reconnect (`postcopy-paused`): `Some(reason)` gives up, and the VM, which lacks pages
+    /// only the source has, is stopped with that reason.
+    pub give_up: &'a (dyn Fn() -> Option<String> + Sync),
+}
+
+impl std::fmt::Debug for ReceiveOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveOptions")
+            .field("accept_timeout", &self.accept_timeout)
+            .field("security", &self.security)
+            .field("peer_timeout", &self.peer_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Accepts one migration on `listener` and runs it to the end. On success the VM runs here
 /// with all its pages; on failure before the VM started, it has been thrown away.
+///
+/// A post-copy whose connections fail after the VM started here does not end: the VM keeps
+/// running (a vCPU that touches a missing page waits for it), the migration reads
+/// `postcopy-paused`, and the target accepts a new set of connections for the same migration
+/// on `listener`, on which the source sends [`Message::Resume`]; the target answers with the
+/// pages it has, and the source sends the rest. It ends only when the source says so (Abort),
+/// or `give_up` does.
 pub fn receive(
     listener: &TcpListener,
     migration_id: [u8; 16],
     factory: &dyn TargetFactory,
     progress: Arc<Progress>,
-    accept_timeout: Duration,
-    security: &ServerSecurity,
-    peer_timeout: Duration,
+    opts: &ReceiveOptions,
 ) -> Result<Arc<dyn TargetVm>, MigrationError> {
-    let mut streams = transport::accept(listener, migration_id, accept_timeout, security)?;
+    let peer_timeout = opts.peer_timeout;
+    let streams = transport::accept(listener, migration_id, opts.accept_timeout, opts.security)?;
     progress.update(|i| i.encrypted = streams.iter().all(Channel::is_tls));
-    let data = streams.split_off(1);
-    let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
-    // The source sends a keepalive every second on the control channel: silence for the peer
-    // timeout means it or the link is gone. A data channel may be quiet between phases; one
-    // that stays silent while a phase waits for it is caught by `check_stalled`.
-    let _ = control.set_read_timeout(Some(peer_timeout));
-    for s in &data {
-        let _ = s.set_read_timeout(None);
-        let _ = s.set_write_timeout(Some(peer_timeout));
-    }
-    let _ = control.set_write_timeout(Some(peer_timeout));
+    let (mut control, data) = split_channels(streams, peer_timeout)?;
 
     let (setup, verify) = match read_message(&mut control)? {
         Message::Setup {
@@ -494,11 +516,12 @@ pub fn receive(
         requested: bitmaps(),
         digests: verify.then(|| PageDigests::new(map.total_pages())),
         postcopy: AtomicBool::new(false),
-        markers: Mutex::new(vec![0; data.len()]),
+        markers: Mutex::new(Vec::new()),
         markers_changed: Condvar::new(),
         failure: Mutex::new(None),
         cancelled: AtomicBool::new(false),
-        control: control.clone(),
+        control: Mutex::new(control.clone()),
+        data_channels: Mutex::new(Vec::new()),
         control_tx: Mutex::new(control.clone()),
         pending: Mutex::new(HashMap::new()),
         pending_count: AtomicUsize::new(0),
@@ -507,7 +530,7 @@ pub fn receive(
         requests: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         progress,
-        last_frame: (0..data.len()).map(|_| AtomicU64::new(0)).collect(),
+        last_frame: (0..MAX_CHANNELS).map(|_| AtomicU64::new(0)).collect(),
         epoch: Instant::now(),
         peer_timeout,
         map,
@@ -526,51 +549,237 @@ pub fn receive(
         .update(|i| i.phase = MigrationPhase::Precopy);
 
     let mut started = false;
-    let result = std::thread::scope(|scope| {
-        let data_threads: Vec<_> = data
-            .into_iter()
-            .enumerate()
-            .map(|(slot, stream)| {
-                let shared = &shared;
-                scope.spawn(move || receive_pages(shared, stream, slot))
-            })
-            .collect();
-        let keepalive =
-            scope.spawn(|| transport::send_keepalives(&shared.control_tx, &shared.stop));
-        let mut fault_thread = None;
-        let result = control_loop(&shared, &mut control, &mut started, &mut |shared| {
-            fault_thread = Some(scope.spawn(move || serve_faults(shared)));
-        });
-        if let (Err(e), false) = (&result, started) {
-            // The protocol's promise to a source waiting on its switchover: an error instead
-            // of Resumed means the VM did not start here and this copy is gone, so the source
-            // may resume its own. Discard first, then say so.
-            vm.abort();
-            let _ = shared.send(&Message::error(crate::error::chain(e)));
+    let mut connections = (control, data);
+    let result = loop {
+        let (control, data) = connections;
+        let result = run_connections(&shared, control, data, &mut started);
+        match result {
+            Err(e) if started && shared.postcopy.load(Ordering::Acquire) && e.is_link_failure() => {
+                match await_source(listener, migration_id, opts, &shared, &e) {
+                    Ok(c) => connections = c,
+                    Err(e) => break Err(e),
+                }
+            }
+            other => break other,
         }
-        shared.stop.store(true, Ordering::Release);
-        let _ = control.shutdown(Shutdown::Both);
-        if let Some(t) = fault_thread {
-            let _ = t.join();
-        }
-        let _ = keepalive.join();
-        // Data channels end when the source closes them.
-        for t in data_threads {
-            let _ = t.join();
-        }
-        result
-    });
+    };
     match result {
         Ok(()) => Ok(vm),
         Err(e) => {
-            // Before the start it was discarded above. After it, only a post-copy can still
-            // be missing pages; abort stops that VM rather than let it read holes.
+            // Before the start it was discarded in run_connections. After it, only a
+            // post-copy can still be missing pages; abort stops that VM rather than let it
+            // read holes.
             if started && shared.postcopy.load(Ordering::Acquire) {
                 vm.abort();
             }
             Err(e)
         }
     }
+}
+
+/// Channel 0 and the data channels, with the timeouts the engine runs them with.
+fn split_channels(
+    mut streams: Vec<Channel>,
+    peer_timeout: Duration,
+) -> Result<(Channel, Vec<Channel>), MigrationError> {
+    let data = streams.split_off(1);
+    let control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
+    // The source sends a keepalive every second on the control channel: silence for the peer
+    // timeout means it or the link is gone. A data channel may be quiet between phases; one
+    // that stays silent while a phase waits for it is caught by `check_stalled`.
+    let _ = control.set_read_timeout(Some(peer_timeout));
+    for s in &data {
+        let _ = s.set_read_timeout(None);
+        let _ = s.set_write_timeout(Some(peer_timeout));
+    }
+    let _ = control.set_write_timeout(Some(peer_timeout));
+    Ok((control, data))
+}
+
+/// Runs the migration over one set of connections until it ends or they fail.
+fn run_connections(
+    shared: &Shared,
+    mut control: Channel,
+    data: Vec<Channel>,
+    started: &mut bool,
+) -> Result<(), MigrationError> {
+    *shared.control.lock().unwrap_or_else(|e| e.into_inner()) = control.clone();
+    *shared.control_tx.lock().unwrap_or_else(|e| e.into_inner()) = control.clone();
+    *shared
+        .data_channels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = data.clone();
+    *shared.markers.lock().unwrap_or_else(|e| e.into_inner()) = vec![0; data.len()];
+    let now = shared.epoch.elapsed().as_millis() as u64;
+    for t in &shared.last_frame {
+        t.store(now, Ordering::Relaxed);
+    }
+    shared
+        .failure
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    shared.stop.store(false, Ordering::Release);
+    std::thread::scope(|scope| {
+        let data_threads: Vec<_> = data
+            .into_iter()
+            .enumerate()
+            .map(|(slot, stream)| scope.spawn(move || receive_pages(shared, stream, slot)))
+            .collect();
+        let keepalive =
+            scope.spawn(|| transport::send_keepalives(&shared.control_tx, &shared.stop));
+        // Resumed connections serve faults from the start.
+        let mut fault_thread = started.then(|| scope.spawn(move || serve_faults(shared)));
+        let result = control_loop(shared, &mut control, started, &mut |shared| {
+            fault_thread = Some(scope.spawn(move || serve_faults(shared)));
+        });
+        if let (Err(e), false) = (&result, *started) {
+            // The protocol's promise to a source waiting on its switchover: an error instead
+            // of Resumed means the VM did not start here and this copy is gone, so the source
+            // may resume its own. Discard first, then say so.
+            shared.vm.abort();
+            let _ = shared.send(&Message::error(crate::error::chain(e)));
+        }
+        shared.stop.store(true, Ordering::Release);
+        let _ = control.shutdown(Shutdown::Both);
+        if result.is_err() {
+            // Their threads end now rather than when the source closes them.
+            for s in shared
+                .data_channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        if let Some(t) = fault_thread {
+            let _ = t.join();
+        }
+        let _ = keepalive.join();
+        // On success, data channels end when the source closes them.
+        for t in data_threads {
+            let _ = t.join();
+        }
+        result
+    })
+}
+
+/// Post-copy paused: the VM runs on here and its vCPUs wait for the pages it lacks while the
+/// source reconnects. Returns the new connections once the source sent Resume and got the
+/// pages this side has; fails when `give_up` says so.
+fn await_source(
+    listener: &TcpListener,
+    migration_id: [u8; 16],
+    opts: &ReceiveOptions,
+    shared: &Shared,
+    cause: &MigrationError,
+) -> Result<(Channel, Vec<Channel>), MigrationError> {
+    let why = crate::error::chain(cause);
+    shared.progress.update(|i| {
+        i.phase = MigrationPhase::PostcopyPaused;
+        i.error = Some(format!(
+            "post-copy paused: {why}; waiting for the source to reconnect"
+        ));
+        i.postcopy_pauses += 1;
+    });
+    // Requests in flight on the old connections are lost: ask again once resumed.
+    for (region, requested) in shared.requested.iter().enumerate() {
+        let received = shared.received[region].snapshot();
+        for page in 0..received.pages() {
+            if !received.get(page) {
+                requested.clear(page);
+            }
+        }
+    }
+    let mut asked = Instant::now();
+    loop {
+        let streams = transport::accept_until(listener, migration_id, opts.security, &mut || {
+            if asked.elapsed() < Duration::from_secs(1) {
+                return Ok(());
+            }
+            asked = Instant::now();
+            match (opts.give_up)() {
+                Some(reason) => Err(MigrationError::GaveUp {
+                    reason,
+                    cause: why.clone(),
+                }),
+                None => Ok(()),
+            }
+        })?;
+        let (mut control, data) = split_channels(streams, opts.peer_timeout)?;
+        // A source that fails between its connections and its Resume tries again.
+        match read_message(&mut control) {
+            Ok(Message::Resume) => {}
+            Ok(other) => {
+                let e = ProtocolError::unexpected("Resume", &other);
+                let _ = write_message(&mut control, &Message::error(e.to_string()));
+                continue;
+            }
+            Err(_) => continue,
+        }
+        if send_present(shared, &mut control).is_err() {
+            continue;
+        }
+        shared.progress.update(|i| {
+            i.phase = MigrationPhase::Postcopy;
+            i.error = None;
+        });
+        // The faults waiting since the pause are asked for again on the new connections
+        // (their requests may have been lost with the old ones).
+        let pending: Vec<u64> = shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for global in pending {
+            let (region, page) = shared.map.from_global(global);
+            if !shared.received[region].get(page) && !shared.requested[region].test_and_set(page) {
+                let msg = Message::PageRequest {
+                    gpa: shared.map.gpa(region, page),
+                    pages: 1,
+                };
+                let mut c = &control;
+                if write_message(&mut c, &msg).is_err() {
+                    break;
+                }
+                shared.requests.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        return Ok((control, data));
+    }
+}
+
+/// Answers Resume: the pages this side has, as runs, `MAX_RUNS` to a message.
+fn send_present(shared: &Shared, control: &mut Channel) -> Result<(), ProtocolError> {
+    let mut runs = Vec::new();
+    for (region, received) in shared.received.iter().enumerate() {
+        for (first, n) in received.snapshot().runs(u64::from(u32::MAX)) {
+            runs.push((shared.map.gpa(region, first), n as u32));
+        }
+    }
+    let mut chunks = runs.chunks(MAX_RUNS).peekable();
+    if chunks.peek().is_none() {
+        return write_message(
+            control,
+            &Message::Present {
+                last: true,
+                runs: Vec::new(),
+            },
+        );
+    }
+    while let Some(chunk) = chunks.next() {
+        write_message(
+            control,
+            &Message::Present {
+                last: chunks.peek().is_none(),
+                runs: chunk.to_vec(),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn control_loop<'s>(

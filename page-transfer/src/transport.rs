@@ -133,6 +133,27 @@ pub fn accept(
     security: &ServerSecurity,
 ) -> Result<Vec<Channel>, MigrationError> {
     let deadline = Instant::now() + timeout;
+    accept_until(listener, migration_id, security, &mut || {
+        if Instant::now() > deadline {
+            Err(MigrationError::Timeout {
+                awaited: Awaited::Channels,
+                after: timeout,
+            })
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// [`accept`], for as long as `go_on` (asked between connections, every few milliseconds)
+/// says to: its error ends the wait. A new channel 0 starts the set afresh, so a source that
+/// retries after a failed attempt is not refused for the channels its last try left open.
+pub fn accept_until(
+    listener: &TcpListener,
+    migration_id: [u8; 16],
+    security: &ServerSecurity,
+    go_on: &mut dyn FnMut() -> Result<(), MigrationError>,
+) -> Result<Vec<Channel>, MigrationError> {
     listener
         .set_nonblocking(true)
         .map_err(MigrationError::io("poll the migration listener"))?;
@@ -144,12 +165,7 @@ pub fn accept(
                 break;
             }
         }
-        if Instant::now() > deadline {
-            return Err(MigrationError::Timeout {
-                awaited: Awaited::Channels,
-                after: timeout,
-            });
-        }
+        go_on()?;
         let tcp = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -183,6 +199,10 @@ pub fn accept(
         };
         match handshake(&mut s, migration_id, expected, refusal) {
             Ok((channel, channels)) => {
+                if channel == CONTROL {
+                    // A new attempt: what an earlier one left open is dropped.
+                    slots.clear();
+                }
                 expected = Some(channels);
                 slots.resize_with(channels as usize, || None);
                 let _ = s.set_nodelay(channel < FIRST_BULK);
@@ -239,7 +259,8 @@ fn handshake(
     if !(FIRST_BULK + 1..=MAX_CHANNELS).contains(&channels) || channel >= channels {
         return Err(format!("channel {channel} of {channels} is out of range"));
     }
-    if expected.is_some_and(|n| n != channels) {
+    // Channel 0 opens a new set (see accept_until).
+    if channel != CONTROL && expected.is_some_and(|n| n != channels) {
         return Err(format!("channel count changed to {channels}"));
     }
     let version = protocol::negotiate(version, min_version).map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use godwit_api::MigrationMode;
+use godwit_api::{MigrationMode, MigrationPhase};
 use page_transfer::bitmap::PageBitmap;
 use page_transfer::channel::{ClientSecurity, Fault, ServerSecurity};
 use page_transfer::codec::Compression;
@@ -18,8 +18,8 @@ use page_transfer::progress::Progress;
 use page_transfer::protocol::{
     read_message, write_frame, write_message, Message, PageKind, PagesWriter,
 };
-use page_transfer::source::{migrate, SourceConfig};
-use page_transfer::target::receive;
+use page_transfer::source::{migrate, resume_postcopy, SourceConfig};
+use page_transfer::target::{receive, ReceiveOptions};
 use page_transfer::vm::{IncomingSetup, Region, SourceVm, TargetFactory, TargetVm, VmAccessError};
 use page_transfer::MigrationError;
 
@@ -291,6 +291,7 @@ struct Run {
     source_result: Result<(), MigrationError>,
     target_result: Result<(), MigrationError>,
     info: godwit_api::MigrationInfo,
+    target_info: godwit_api::MigrationInfo,
 }
 
 fn config(mode: MigrationMode) -> SourceConfig {
@@ -335,6 +336,28 @@ fn run_secured(
     cancel_after: Option<Duration>,
     server: ServerSecurity,
 ) -> Run {
+    run_resuming(
+        pages,
+        guest_per_ms,
+        cfg,
+        refuse,
+        cancel_after,
+        server,
+        Vec::new(),
+    )
+}
+
+/// [`run_secured`]; a post-copy whose connections fail is resumed with each of `resumes` in
+/// turn (once the target reads `postcopy-paused`) while it keeps failing so.
+fn run_resuming(
+    pages: usize,
+    guest_per_ms: usize,
+    cfg: SourceConfig,
+    refuse: Option<&str>,
+    cancel_after: Option<Duration>,
+    server: ServerSecurity,
+    resumes: Vec<SourceConfig>,
+) -> Run {
     let source = MemSource::new(pages);
     let source_guest = (guest_per_ms > 0).then(|| source.run_guest(guest_per_ms));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -346,15 +369,23 @@ fn run_secured(
     let target_progress = Arc::new(Progress::new("m", "vm", "a", "b", cfg.mode, 0));
     let f = factory.clone();
     let id = cfg.migration_id;
+    // A paused post-copy target waits for its source until the source is done trying.
+    let source_done = Arc::new(AtomicBool::new(false));
+    let (done, tp) = (source_done.clone(), target_progress.clone());
     let target_thread = std::thread::spawn(move || {
+        let give_up =
+            || (done.load(Ordering::Acquire)).then(|| "the source stopped trying".to_owned());
         let result = receive(
             &listener,
             id,
             &*f,
-            target_progress,
-            Duration::from_secs(10),
-            &server,
-            Duration::from_secs(3),
+            tp,
+            &ReceiveOptions {
+                accept_timeout: Duration::from_secs(10),
+                security: &server,
+                peer_timeout: Duration::from_secs(3),
+                give_up: &give_up,
+            },
         );
         result.map(|_| ())
     });
@@ -379,8 +410,22 @@ fn run_secured(
                 cancel.store(true, Ordering::Relaxed);
             });
         }
-        migrate(&*source, &addr, &cfg, &progress, &cancel)
+        let mut result = migrate(&*source, &addr, &cfg, &progress, &cancel);
+        for resume in &resumes {
+            match &result {
+                Err(e) if e.is_link_failure() => {}
+                _ => break,
+            }
+            let paused = std::time::Instant::now();
+            while target_progress.info().phase != MigrationPhase::PostcopyPaused {
+                assert!(paused.elapsed() < Duration::from_secs(10), "{result:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result = resume_postcopy(&*source, &addr, resume, &progress, &cancel);
+        }
+        result
     });
+    source_done.store(true, Ordering::Release);
     let target_result = target_thread.join().unwrap();
     let target = factory.made.lock().unwrap().clone();
     source.stop.store(true, Ordering::Relaxed);
@@ -399,6 +444,7 @@ fn run_secured(
         source_result,
         target_result,
         info: progress.info(),
+        target_info: target_progress.info(),
     }
 }
 
@@ -829,16 +875,59 @@ fn a_flipped_byte_on_the_wire_never_reaches_guest_memory() {
         assert_no_damaged_page_installed(&r);
     }
     // During the post-copy push the VM already runs on the target: the damaged frame is
-    // refused, the target stops its VM rather than run on holes (until post-copy recovery
-    // resumes such a migration), and no page it holds is wrong.
+    // refused and the migration pauses; a source that never comes back leaves the target
+    // to stop its VM rather than run on holes, and no page it holds is wrong.
     let r = run_with_bulk_fault(MigrationMode::Postcopy, Fault::Corrupt { at: 300 << 10 }, 0);
     let err = page_transfer::error::chain(r.target_result.as_ref().unwrap_err());
     assert!(err.contains("is damaged"), "{err}");
+    assert!(err.contains("Gave up waiting for the source"), "{err}");
     assert!(r.source_result.is_err());
     let target = r.target.as_ref().unwrap();
     assert!(target.started.load(Ordering::Acquire));
     assert!(target.aborted.load(Ordering::Acquire));
     assert_no_damaged_page_installed(&r);
+    // A source that resumes gets the migration through: the damaged page is sent again.
+    let mut cfg = config(MigrationMode::Postcopy);
+    cfg.compression = Compression::None;
+    let clean = cfg.clone();
+    cfg.security = ClientSecurity::Faulty {
+        inner: Box::new(ClientSecurity::Plain),
+        channel: page_transfer::transport::FIRST_BULK,
+        fault: Fault::Corrupt { at: 300 << 10 },
+    };
+    let r = run_resuming(8192, 0, cfg, None, None, ServerSecurity::Plain, vec![clean]);
+    assert_identical(&r);
+    assert_eq!(r.target_info.postcopy_pauses, 1);
+}
+
+/// The case: the link resets three times during one post-copy migration (a bulk
+/// channel, after 2 MiB on each new set of connections); each time the target keeps the
+/// running VM, the source reconnects and sends only what the target lacks, and the fourth
+/// set of connections completes it with every page identical.
+#[test]
+fn a_postcopy_whose_link_resets_three_times_resumes_and_completes() {
+    let mut cfg = config(MigrationMode::Postcopy);
+    cfg.compression = Compression::None;
+    let clean = cfg.clone();
+    cfg.security = ClientSecurity::Faulty {
+        inner: Box::new(ClientSecurity::Plain),
+        channel: page_transfer::transport::FIRST_BULK,
+        fault: Fault::Reset { after: 2 << 20 },
+    };
+    let resumes = vec![cfg.clone(), cfg.clone(), clean];
+    let r = run_resuming(8192, 0, cfg, None, None, ServerSecurity::Plain, resumes);
+    assert_identical(&r);
+    assert_eq!(r.target_info.postcopy_pauses, 3);
+    assert_eq!(r.target_info.error, None);
+    // The guest on the target faulted while it ran, paused or not.
+    assert!(
+        r.target
+            .as_ref()
+            .unwrap()
+            .guest_reads
+            .load(Ordering::Relaxed)
+            > 0
+    );
 }
 
 /// A source speaking the protocol by hand: `pages` on every data channel, then the state and
@@ -926,9 +1015,12 @@ fn a_target_whose_memory_does_not_match_the_sources_digest_never_starts_the_vm()
             id,
             &*f,
             progress,
-            Duration::from_secs(10),
-            &ServerSecurity::Plain,
-            Duration::from_secs(3),
+            &ReceiveOptions {
+                accept_timeout: Duration::from_secs(10),
+                security: &ServerSecurity::Plain,
+                peer_timeout: Duration::from_secs(3),
+                give_up: &|| None,
+            },
         )
         .map(|_| ())
     });

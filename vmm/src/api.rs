@@ -48,6 +48,7 @@ pub fn router(vmm: Shared, stop: Arc<tokio::sync::Notify>) -> Router {
         .route("/v1/migrations/incoming", post(incoming_migration))
         .route("/v1/migrations/{id}", get(get_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/migrations/{id}/resume", post(resume_migration))
         .route("/v1/resources/{vm}", axum::routing::delete(release_moved))
         .fallback(|| async {
             AgentError::NotFound("No such API endpoint; see docs/agent-api.md".into())
@@ -113,6 +114,13 @@ async fn cancel_migration(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, AgentError> {
     Ok(Json(blocking(&m, move |m| m.migrations.cancel(&id)).await?))
+}
+
+async fn resume_migration(
+    State(m): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, AgentError> {
+    Ok(Json(blocking(&m, move |m| m.migrations.resume(&id)).await?))
 }
 
 /// A VM that moved away from here was deleted where it ran: release what this host keeps

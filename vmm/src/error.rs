@@ -79,6 +79,9 @@ pub enum VmmError {
     StillHere { name: String },
     #[error("Migration {id} cannot be cancelled: {why}")]
     CannotCancel { id: String, why: CancelRefusal },
+    /// `migrate resume` of a migration that is not a paused post-copy sent from here.
+    #[error("Migration {id} cannot be resumed: {why}")]
+    CannotResume { id: String, why: String },
     #[error(
         "Not enough host memory for {want_mib} MiB: {used_mib} MiB of {limit_mib} MiB usable are \
          already assigned to VMs"
@@ -234,6 +237,7 @@ impl VmmError {
             | E::Paused { .. }
             | E::StillHere { .. }
             | E::CannotCancel { .. }
+            | E::CannotResume { .. }
             | E::NoDevice { .. }
             | E::ServesMoved { .. }
             | E::Publish { .. }

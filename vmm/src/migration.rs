@@ -13,7 +13,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use godwit_api::{
     CompressMode, IncomingAccepted, IncomingMigration, MigrateRequest, MigrationInfo,
@@ -24,7 +24,9 @@ use page_transfer::channel::{ClientSecurity, ServerSecurity};
 use page_transfer::codec::Compression;
 use page_transfer::progress::Progress;
 use page_transfer::source::SourceConfig;
+use page_transfer::target::ReceiveOptions;
 use page_transfer::vm::{IncomingSetup, Region, SourceVm, TargetFactory, TargetVm, VmAccessError};
+use page_transfer::MigrationError;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -43,6 +45,13 @@ use crate::vmm::{HostConfig, Vmm};
 /// How often a source whose switchover went unanswered asks an unreachable target again.
 const RESOLVE_RETRY: Duration = Duration::from_secs(5);
 
+/// How long a source whose post-copy lost its connections reconnects before it waits for
+/// `godwit migrate resume` (`postcopy_recovery_s` of the migrate request).
+pub const DEFAULT_POSTCOPY_RECOVERY_S: u64 = 60;
+/// How long a paused post-copy target waits for a source whose agent no longer knows the
+/// migration before it gives up on it.
+const SOURCE_GONE_AFTER: Duration = Duration::from_secs(30);
+
 /// How long the target waits for the source's channels after accepting.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most migration records kept for `GET /v1/migrations`.
@@ -53,6 +62,8 @@ const MAX_RECORDS: usize = 1000;
 pub struct MigrationRecord {
     pub progress: Arc<Progress>,
     cancel: AtomicBool,
+    /// `godwit migrate resume`: try a paused post-copy again now.
+    resume: AtomicBool,
     order: u64,
     /// This agent is the migration's target (cancel belongs to the source).
     incoming: bool,
@@ -90,6 +101,7 @@ impl Migrations {
         let record = Arc::new(MigrationRecord {
             progress,
             cancel: AtomicBool::new(false),
+            resume: AtomicBool::new(false),
             order: now_unix_ms(),
             incoming,
         });
@@ -609,6 +621,7 @@ fn start_migration(
         mode: req.mode,
         source: vmm.config().name.clone(),
         resources: plan.incoming.clone(),
+        source_api: Some(vmm.resources.api_url()),
         previous_hosts: if vm_resources.items.is_empty() {
             Vec::new()
         } else {
@@ -710,6 +723,10 @@ fn start_migration(
     let mode = req.mode;
     let target_api = req.target.clone();
     let peer_timeout = cfg.peer_timeout;
+    let recovery_window = Duration::from_secs(
+        req.postcopy_recovery_s
+            .unwrap_or(DEFAULT_POSTCOPY_RECOVERY_S),
+    );
     let migration_id = id.clone();
     let spawn_progress = progress.clone();
     let spawned = std::thread::Builder::new()
@@ -720,6 +737,26 @@ fn start_migration(
             let result =
                 page_transfer::source::migrate(&source, &addr, &cfg, &progress, &record.cancel);
             let switched = progress.switched();
+            let result = match result {
+                // The target runs the VM (or may: post-copy's switchover answer can be what
+                // was lost) and lacks pages only this copy has: reconnect and go on.
+                Err(e) if switched && e.is_link_failure() && progress.in_postcopy() => {
+                    let paused = PausedPostcopy {
+                        vmm: &vmm,
+                        source: &source,
+                        addr: &addr,
+                        cfg: &cfg,
+                        progress: &progress,
+                        record: &record,
+                        target_api: &target_api,
+                        migration_id: &migration_id,
+                        vm_name: &vm_name,
+                        window: recovery_window,
+                    };
+                    paused.recover(e)
+                }
+                other => other,
+            };
             match result {
                 Ok(()) => {
                     // Every resource action is over once the target confirmed: the record
@@ -842,6 +879,150 @@ fn start_migration(
     Ok(MigrationStarted { id })
 }
 
+/// A post-copy whose connections failed, on the source: the VM runs on the target (or may)
+/// and waits for the pages only this paused copy has.
+struct PausedPostcopy<'a> {
+    vmm: &'a Arc<Vmm>,
+    source: &'a VmSource,
+    addr: &'a str,
+    cfg: &'a SourceConfig,
+    progress: &'a Progress,
+    record: &'a MigrationRecord,
+    target_api: &'a str,
+    migration_id: &'a str,
+    vm_name: &'a str,
+    /// How long it reconnects by itself before it waits for `godwit migrate resume`.
+    window: Duration,
+}
+
+impl PausedPostcopy<'_> {
+    /// Reconnects, every second for the window (and again for a window after each
+    /// `godwit migrate resume`), until a resumed migration completes. Returns the error to
+    /// settle by when the target's migration ended without it (its agent says so) or a try
+    /// failed for another reason than the connections.
+    fn recover(&self, first: MigrationError) -> Result<(), MigrationError> {
+        let mut last = first;
+        let mut deadline = Instant::now() + self.window;
+        self.pause(&last, deadline);
+        let mut asked = Instant::now() - RESOLVE_RETRY;
+        // A resume by hand tries at least once, whatever the window.
+        let mut by_hand = false;
+        loop {
+            if self.record.resume.swap(false, Ordering::AcqRel) {
+                deadline = Instant::now() + self.window;
+                by_hand = true;
+                self.pause(&last, deadline);
+            }
+            let waiting = !by_hand && Instant::now() >= deadline;
+            if waiting && asked.elapsed() < RESOLVE_RETRY {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            // A target whose migration ended waits for nobody: settle by what it says.
+            asked = Instant::now();
+            let resolution = resolve::ask(
+                &self.vmm.resources.client,
+                self.target_api,
+                self.migration_id,
+                self.vm_name,
+            );
+            if !matches!(resolution, Resolution::Unknown(_)) {
+                return Err(last);
+            }
+            if waiting {
+                continue;
+            }
+            by_hand = false;
+            tracing::info!(vm = %self.vm_name, "resuming the paused post-copy");
+            match page_transfer::source::resume_postcopy(
+                self.source,
+                self.addr,
+                self.cfg,
+                self.progress,
+                &self.record.cancel,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_link_failure() => {
+                    // Resumed and broke again, or could not reconnect.
+                    let resumed = self.progress.info().phase == MigrationPhase::Postcopy;
+                    last = e;
+                    if resumed {
+                        self.pause(&last, deadline);
+                    } else {
+                        self.progress
+                            .update(|i| i.error = Some(paused_text(&last, deadline)));
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn pause(&self, why: &MigrationError, deadline: Instant) {
+        self.progress.update(|i| {
+            if i.phase != MigrationPhase::PostcopyPaused {
+                tracing::warn!(vm = %self.vm_name, error = %chain(why), "post-copy paused");
+                i.postcopy_pauses += 1;
+            }
+            i.phase = MigrationPhase::PostcopyPaused;
+            i.error = Some(paused_text(why, deadline));
+        });
+    }
+}
+
+/// A paused post-copy's `error`: why, and what happens next.
+fn paused_text(why: &MigrationError, deadline: Instant) -> String {
+    let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+    let next = if left > 0 {
+        format!("reconnecting to the target for {left} s more")
+    } else {
+        "waiting for `godwit migrate resume`".to_owned()
+    };
+    format!(
+        "post-copy paused: {}; the VM runs on the target and waits for the pages it lacks; {next}",
+        chain(why)
+    )
+}
+
+/// On a paused post-copy target: whether the source's agent at `source_api` says the
+/// migration is over there (so nobody will resume it). Only definite answers count: its
+/// record ended, or it has had none for [`SOURCE_GONE_AFTER`] (`unknown_since`).
+fn source_gone(
+    auth: &godwit_daemon::client::ClientAuth,
+    source_api: &str,
+    id: &str,
+    unknown_since: &Mutex<Option<Instant>>,
+) -> Option<String> {
+    let client = auth.blocking_client(Duration::from_secs(5)).ok()?;
+    let resp = client
+        .get(format!("{}/v1/migrations/{id}", auth.url(source_api)))
+        .send()
+        .ok()?;
+    let mut since = unknown_since.lock().unwrap_or_else(|e| e.into_inner());
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        let first = *since.get_or_insert_with(Instant::now);
+        return (first.elapsed() >= SOURCE_GONE_AFTER).then(|| {
+            format!(
+                "the source's agent at {source_api} has had no record of the migration for {} s",
+                SOURCE_GONE_AFTER.as_secs()
+            )
+        });
+    }
+    *since = None;
+    let info: MigrationInfo = resp.error_for_status().ok()?.json().ok()?;
+    (info.status != MigrationStatus::Running).then(|| {
+        format!(
+            "the source's agent says the migration is {}{}",
+            serde_json::to_value(info.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            info.error.map(|e| format!(": {e}")).unwrap_or_default()
+        )
+    })
+}
+
 /// The target side: takes the VMM's slot for the VM, listens for the source's channels and
 /// runs the engine in the background.
 pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccepted, VmmError> {
@@ -901,18 +1082,30 @@ pub fn incoming(vmm: &Arc<Vmm>, req: &IncomingMigration) -> Result<IncomingAccep
     let migration_id = req.id.clone();
     let spawn_progress = progress.clone();
     let peer_timeout = vmm.config().migration_peer_timeout;
+    let source_api = req.source_api.clone();
+    let client = vmm.resources.client.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("incoming-{name}"))
         .spawn(move || {
             let vmm = worker;
+            let unknown_since = Mutex::new(None);
+            let give_up = || {
+                // Without the source's address (an older source) it waits until the VM is
+                // deleted here.
+                let api = source_api.as_deref()?;
+                source_gone(&client, api, &migration_id, &unknown_since)
+            };
             let result = page_transfer::target::receive(
                 &listener,
                 id_bytes,
                 &factory,
                 progress.clone(),
-                ACCEPT_TIMEOUT,
-                &security,
-                peer_timeout,
+                &ReceiveOptions {
+                    accept_timeout: ACCEPT_TIMEOUT,
+                    security: &security,
+                    peer_timeout,
+                    give_up: &give_up,
+                },
             );
             vmm.release(&name);
             vmm.resources
@@ -1001,6 +1194,37 @@ impl Migrations {
 
     pub fn list(&self) -> Vec<MigrationInfo> {
         self.all().iter().map(|r| r.progress.info()).collect()
+    }
+
+    /// Asks a paused post-copy sent from here to reconnect now, for another recovery window.
+    pub fn resume(&self, id: &str) -> Result<MigrationInfo, VmmError> {
+        let record = self
+            .get(id)
+            .ok_or_else(|| VmmError::NoSuchMigration { id: id.into() })?;
+        let info = record.progress.info();
+        let refuse = |why: String| {
+            Err(VmmError::CannotResume {
+                id: id.to_owned(),
+                why,
+            })
+        };
+        if record.incoming {
+            return refuse("this host is its target; resume it on the source agent".into());
+        }
+        if info.status != MigrationStatus::Running {
+            return refuse(format!("it is already {:?}", info.status));
+        }
+        if info.phase != MigrationPhase::PostcopyPaused {
+            return refuse(format!(
+                "it is not paused (phase {}); only a post-copy whose connections failed is",
+                serde_json::to_value(info.phase)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ));
+        }
+        record.resume.store(true, Ordering::Release);
+        Ok(info)
     }
 
     /// Cancels a migration that has not reached switchover.

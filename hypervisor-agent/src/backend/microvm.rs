@@ -534,6 +534,17 @@ impl VmHandle for VmmProcess {
             .await
     }
 
+    async fn resume_migration(&self, id: &str) -> Result<MigrationInfo, Error> {
+        self.client
+            .call(
+                Method::POST,
+                &format!("/v1/migrations/{id}/resume"),
+                None::<&()>,
+                DEFAULT_TIMEOUT,
+            )
+            .await
+    }
+
     async fn delete(&self) -> Result<(), Error> {
         self.vm_call::<()>(Method::DELETE, "", None::<&()>, DEFAULT_TIMEOUT)
             .await?;

@@ -106,6 +106,8 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
     async fn migrations(&self) -> Result<Vec<MigrationInfo>, Error>;
     async fn migration(&self, id: &str) -> Result<MigrationInfo, Error>;
     async fn cancel(&self, id: &str) -> Result<MigrationInfo, Error>;
+    /// Asks a paused post-copy to reconnect now.
+    async fn resume_migration(&self, id: &str) -> Result<MigrationInfo, Error>;
     /// Deletes the VM and everything bound to it here.
     async fn delete(&self) -> Result<(), Error>;
     /// Releases what is kept here for the VM that moved away and was deleted elsewhere.

@@ -16,6 +16,7 @@ fn info(vm: &str, mode: MigrationMode, phase: MigrationPhase) -> MigrationInfo {
         phase,
         error: None,
         switched_to_postcopy: false,
+        postcopy_pauses: 0,
         started_unix_ms: 0,
         setup_ms: 1.0,
         total_ms: 1500.0,

@@ -76,22 +76,9 @@ enum Command {
     /// Create, list, show and remove VMs.
     #[command(subcommand)]
     Vm(VmCommand),
-    /// Live-migrate a VM to another host, with a progress bar.
-    Migrate {
-        vm: String,
-        /// Target host name.
-        #[arg(long)]
-        to: String,
-        /// precopy, stop-and-copy, postcopy or auto; default: chosen by policy.
-        #[arg(long)]
-        mode: Option<String>,
-        /// Bandwidth cap, MiB/s.
-        #[arg(long)]
-        bandwidth: Option<f64>,
-        /// Return at once instead of following the migration.
-        #[arg(long)]
-        no_wait: bool,
-    },
+    /// Live-migrate a VM to another host, with a progress bar; `migrate resume ID` resumes a
+    /// paused post-copy.
+    Migrate(MigrateArgs),
     /// Migrations the orchestrator drove: list them, or show one with its resources.
     Migrations {
         #[command(subcommand)]
@@ -124,6 +111,38 @@ enum VmCommand {
     #[command(alias = "delete")]
     Rm {
         name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct MigrateArgs {
+    #[command(subcommand)]
+    action: Option<MigrateAction>,
+    /// The VM to move.
+    #[arg(required = true)]
+    vm: Option<String>,
+    /// Target host name.
+    #[arg(long, required = true)]
+    to: Option<String>,
+    /// precopy, stop-and-copy, postcopy or auto; default: chosen by policy.
+    #[arg(long)]
+    mode: Option<String>,
+    /// Bandwidth cap, MiB/s.
+    #[arg(long)]
+    bandwidth: Option<f64>,
+    /// Return at once instead of following the migration.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateAction {
+    /// A post-copy whose connections failed (phase postcopy-paused, after its source stopped
+    /// reconnecting by itself) reconnects now, for another recovery window.
+    Resume {
+        /// The migration's id (as `godwit migrations` lists it).
+        id: String,
     },
 }
 
@@ -298,13 +317,29 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Migrate {
-            vm,
-            to,
+        Command::Migrate(MigrateArgs {
+            action: Some(MigrateAction::Resume { id }),
+            ..
+        }) => {
+            let info = c.resume_migration(&id)?;
+            if json {
+                return print_json(&info);
+            }
+            println!(
+                "migration {id} of {} resumes: its source reconnects to {} now",
+                info.vm, info.target
+            );
+            Ok(())
+        }
+        Command::Migrate(MigrateArgs {
+            vm: Some(vm),
+            to: Some(to),
             mode,
             bandwidth,
             no_wait,
-        } => migrate(&c, &vm, &to, mode, bandwidth, no_wait, json),
+            ..
+        }) => migrate(&c, &vm, &to, mode, bandwidth, no_wait, json),
+        Command::Migrate(_) => bail!("migrate needs a VM and --to HOST, or `resume ID`"),
         Command::Migrations { command: None }
         | Command::Migrations {
             command: Some(MigrationsCommand::List),
