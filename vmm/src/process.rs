@@ -90,7 +90,14 @@ pub async fn run(
 
     let stop = Arc::new(tokio::sync::Notify::new());
     let app = crate::api::router(vmm.clone(), stop.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (quit, quit_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = quit_rx.await;
+            })
+            .await
+    });
 
     let sampler_vmm = vmm.clone();
     let mut tick = tokio::time::interval(crate::SAMPLE_INTERVAL);
@@ -134,7 +141,14 @@ pub async fn run(
         }
     };
     tracing::info!(%reason, "VMM exiting");
-    server.abort();
+    // The request that ended it (the delete of its VM, say) still gets its answer.
+    let _ = quit.send(());
+    if tokio::time::timeout(Duration::from_secs(5), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+    }
     let m = vmm.clone();
     let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
     let record = ExitRecord {
