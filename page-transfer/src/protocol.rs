@@ -73,6 +73,11 @@
 //!                                                          without post-copy)
 //!                                                      <- Done{digest, report} once every
 //!                                                         page is present
+//!   post-copy whose connections failed, on a new set of connections (same id):
+//!   control channel: Resume                            ->  (in place of Setup)
+//!                                                      <- Present{last, runs}...  (pages it has)
+//!                                                      <- PageRequest{...}  (faults it waits on)
+//!   the push of the pages the target lacks, AllSent, Done, as in post-copy
 //!   from SetupAck on, every second, control channel: <-> Keepalive  (silence for the
 //!                                                         peer timeout ends the migration)
 //!   at any time, either direction:                   <-> Abort{reason}
