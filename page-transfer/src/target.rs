@@ -271,6 +271,12 @@ fn receive_pages(shared: &Shared, mut stream: Channel, slot: usize) {
                 shared.heard(slot);
                 c
             }
+            // The source closed the channel between frames: it sent all it meant to on it.
+            // If a phase still waits for it, `check_stalled` says so after the peer timeout;
+            // a source that died also closed the control channel, which ends the migration
+            // at once, unless it died after a switchover that had everything: then the VM
+            // runs here rather than being thrown away whole.
+            Err(ProtocolError::Closed) => return Ok(()),
             Err(e) => {
                 if shared.stop.load(Ordering::Acquire) {
                     return Ok(());

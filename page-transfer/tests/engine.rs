@@ -933,6 +933,18 @@ fn a_postcopy_whose_link_resets_three_times_resumes_and_completes() {
 /// A source speaking the protocol by hand: `pages` on every data channel, then the state and
 /// a switchover carrying `digest`. Returns the control messages the target sent back.
 fn hand_source(addr: &str, id: [u8; 16], pages: u64, digest: &str) -> Vec<Message> {
+    hand_source_until(addr, id, pages, digest, false)
+}
+
+/// [`hand_source`]; with `hang_up`, it closes every connection right after the switchover
+/// (a source that dies then) and returns nothing.
+fn hand_source_until(
+    addr: &str,
+    id: [u8; 16],
+    pages: u64,
+    digest: &str,
+    hang_up: bool,
+) -> Vec<Message> {
     let mut streams = page_transfer::transport::connect(
         addr,
         id,
@@ -980,6 +992,9 @@ fn hand_source(addr: &str, id: [u8; 16], pages: u64, digest: &str) -> Vec<Messag
         },
     )
     .unwrap();
+    if hang_up {
+        return Vec::new();
+    }
     let mut got = Vec::new();
     while let Ok(m) = read_message(&mut control) {
         let end = matches!(m, Message::Resumed | Message::Error { .. });
@@ -989,6 +1004,60 @@ fn hand_source(addr: &str, id: [u8; 16], pages: u64, digest: &str) -> Vec<Messag
         }
     }
     got
+}
+
+/// The target receives `pages` pages, the state and a switchover from a hand source that
+/// closes everything right after it (`hang_up`); returns the target's result and its VM.
+fn target_of_a_vanishing_source(pages: u64) -> (Result<(), MigrationError>, Arc<MemTarget>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let factory = Arc::new(Factory {
+        made: Mutex::new(None),
+        refuse: None,
+    });
+    let f = factory.clone();
+    let id = *b"0a1b2c3d4e5f6a7b";
+    let target = std::thread::spawn(move || {
+        let progress = Arc::new(Progress::new(
+            "m",
+            "vm",
+            "a",
+            "b",
+            MigrationMode::StopAndCopy,
+            0,
+        ));
+        receive(
+            &listener,
+            id,
+            &*f,
+            progress,
+            &ReceiveOptions {
+                accept_timeout: Duration::from_secs(10),
+                security: &ServerSecurity::Plain,
+                peer_timeout: Duration::from_secs(3),
+                give_up: &|| None,
+            },
+        )
+        .map(|_| ())
+    });
+    hand_source_until(&addr, id, pages, "", true);
+    let result = target.join().unwrap();
+    let vm = factory.made.lock().unwrap().clone().unwrap();
+    (result, vm)
+}
+
+/// A stop-and-copy target that has every page, the state and the switchover when its source
+/// dies runs the VM: the data channels closing cleanly after their last marker is not a
+/// failure (it used to be, and the VM, whole, was thrown away).
+#[test]
+fn a_target_with_everything_runs_the_vm_when_its_source_dies_after_the_switchover() {
+    for _ in 0..20 {
+        let (result, vm) = target_of_a_vanishing_source(64);
+        assert!(vm.started.load(Ordering::Acquire), "{result:?}");
+        assert!(!vm.aborted.load(Ordering::Acquire), "{result:?}");
+        // It cannot tell the source, nor hear AllSent: its record ends failed, the VM runs.
+        assert!(result.is_err());
+    }
 }
 
 #[test]
