@@ -167,9 +167,21 @@ impl LocalAgent {
     /// As `start`, with extra agent arguments. The agent stops its VMs when it stops (a local
     /// cluster leaves no VMM process behind).
     pub fn start_with(name: &str, data_dir: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_at(name, data_dir, log, "127.0.0.1:0", extra)
+    }
+
+    /// As `start_with`, listening on `listen` (`HOST:PORT`): an agent restarted on its data
+    /// directory and address is the same host to its peers.
+    pub fn start_at(
+        name: &str,
+        data_dir: &Path,
+        log: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut args = vec![
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--name",
             name,
             "--data-dir",
@@ -184,6 +196,14 @@ impl LocalAgent {
             data_dir: data_dir.to_owned(),
             process: Some(process),
         })
+    }
+
+    /// Kills the agent process alone (SIGKILL), as a crash would: its VMMs run on.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
     }
 
     /// Stops the agent (and so its VMs) with SIGTERM and waits for it.
