@@ -287,7 +287,10 @@ fn run_case(case: &Case, mode: &'static str, memory_mib: u64) -> Result<Row> {
     let deadline = Instant::now() + CASE_TIMEOUT;
     let mut records = (None, None);
     while Instant::now() < deadline {
-        records = (src.client.migration(&id).ok(), dst.client.migration(&id).ok());
+        records = (
+            src.client.migration(&id).ok(),
+            dst.client.migration(&id).ok(),
+        );
         let ended = |r: &Option<MigrationInfo>| {
             r.as_ref()
                 .is_some_and(|i| i.status != MigrationStatus::Running)
