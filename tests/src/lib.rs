@@ -10,6 +10,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod soak;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
