@@ -7,12 +7,14 @@
 //! `godwit-bench resources`: what moving a disk (MV) or leaving it behind (GR) costs.
 //! `godwit-bench faults`: the fault matrix: migrations broken on purpose, and where each VM
 //! ended up.
+//! `godwit-bench soak`: a thousand checked migrations of self-verifying guests, every mode.
 
 #![forbid(unsafe_code)]
 
 mod faults;
 mod migration;
 mod resources;
+mod soak;
 mod tls;
 
 use std::time::{Duration, Instant};
@@ -87,6 +89,28 @@ enum Bench {
         #[arg(long)]
         channels: Option<u32>,
     },
+    /// Self-verifying guests moved back and forth between two local agents, cycling through
+    /// every mode, compression on and off and now and then a 100 MiB/s cap; every migration
+    /// is checked (completed, digests equal, the VM on one host only, its guest's verifier at
+    /// 0 errors and going on) and the first that fails stops the soak.
+    Soak {
+        /// Migrations in all (VM k of the run moves at migrations k, k + vms, ...).
+        #[arg(long, default_value_t = 1000)]
+        migrations: usize,
+        /// Guest memory, MiB (the guest writes half of it).
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        /// Guests moved in turn (even ones write compressible pages, odd ones random pages
+        /// with a hot set).
+        #[arg(long, default_value_t = 2)]
+        vms: usize,
+        /// Each guest's write rate, MiB/s.
+        #[arg(long, default_value_t = 16.0)]
+        rate_mib_s: f64,
+        /// Also write every migration's record (and the failure, if any) to this JSON file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// The fault matrix: every mode with a reset, a stall (blackhole) or a flipped byte on
     /// the control, urgent and first bulk channel, and with the source or target VMM or agent
     /// killed (-9) while memory moves; checks where the VM ends up (one running copy, its
@@ -149,6 +173,19 @@ fn main() {
             modes,
             json,
         } => resources::run(memory_mib, disk_mib, runs, &modes, json.as_deref()),
+        Bench::Soak {
+            migrations,
+            memory_mib,
+            vms,
+            rate_mib_s,
+            json,
+        } => soak::run(&soak::Options {
+            migrations,
+            memory_mib,
+            vms,
+            rate_mib_s,
+            json: json.as_deref(),
+        }),
     };
     if let Err(e) = result {
         eprintln!("godwit-bench: {e:#}");
