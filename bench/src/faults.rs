@@ -226,17 +226,26 @@ fn transfer_phase(mode: &str) -> MigrationPhase {
 }
 
 fn run_case(case: &Case, mode: &'static str, memory_mib: u64) -> Result<Row> {
-    let root = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix("godwit-bench-faults-")
         .tempdir()?;
-    let ca = LocalCa::open(root.path())?;
+    // GODWIT_BENCH_KEEP=1 keeps each case's directory (agent and VMM logs) for a post-mortem.
+    let (_cleanup, root) = if std::env::var_os("GODWIT_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("{} {mode}: {}", case.name, kept.display());
+        (None, kept)
+    } else {
+        let path = tmp.path().to_owned();
+        (Some(tmp), path)
+    };
+    let ca = LocalCa::open(&root)?;
     let auth = ca.admin()?;
     let src_extra = match &case.fault {
         Fault::Channel(spec) => vec!["--test-migration-fault".to_owned(), spec.clone()],
         Fault::Kill(_) => vec![],
     };
-    let mut src = Host::start("fault-a", root.path(), &ca, &auth, &src_extra)?;
-    let mut dst = Host::start("fault-b", root.path(), &ca, &auth, &[])?;
+    let mut src = Host::start("fault-a", &root, &ca, &auth, &src_extra)?;
+    let mut dst = Host::start("fault-b", &root, &ca, &auth, &[])?;
     src.client.create_vm(&CreateVm {
         name: VM.into(),
         vcpus: 1,

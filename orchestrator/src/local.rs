@@ -153,6 +153,8 @@ fn path_arg(p: &Path) -> Result<&str> {
 #[derive(Debug)]
 pub struct LocalAgent {
     process: Option<Process>,
+    /// Dropping it kills the VMMs of its data directory (not after `kill`).
+    kills_vmms: bool,
     pub url: String,
     pub name: String,
     data_dir: PathBuf,
@@ -191,6 +193,7 @@ impl LocalAgent {
         args.extend_from_slice(extra);
         let process = Process::start("hypervisor-agent", &args, log)?;
         Ok(LocalAgent {
+            kills_vmms: true,
             url: process.url.clone(),
             name: name.to_owned(),
             data_dir: data_dir.to_owned(),
@@ -198,8 +201,10 @@ impl LocalAgent {
         })
     }
 
-    /// Kills the agent process alone (SIGKILL), as a crash would: its VMMs run on.
+    /// Kills the agent process alone (SIGKILL), as a crash would: its VMMs run on, also when
+    /// this is dropped (an agent started again on the data directory adopts them).
     pub fn kill(&mut self) {
+        self.kills_vmms = false;
         if let Some(mut p) = self.process.take() {
             let _ = p.child.kill();
             let _ = p.child.wait();
@@ -219,7 +224,9 @@ impl Drop for LocalAgent {
     fn drop(&mut self) {
         // Killed rather than stopped: its VMMs are killed too.
         drop(self.process.take());
-        godwit_daemon::run_dir::kill_vmms(&self.data_dir);
+        if self.kills_vmms {
+            godwit_daemon::run_dir::kill_vmms(&self.data_dir);
+        }
     }
 }
 
