@@ -731,6 +731,11 @@ pub struct MigrationInfo {
     /// in progress counts).
     #[serde(default)]
     pub postcopy_pauses: u32,
+    /// The agent ended this record because the VMM process that ran the migration died
+    /// before it wrote one: `phase` is the last one the agent saw, not necessarily where the
+    /// migration got to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub orphaned: bool,
     pub started_unix_ms: u64,
     /// Connect, handshake and target preparation.
     pub setup_ms: f64,

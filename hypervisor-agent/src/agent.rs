@@ -431,8 +431,9 @@ impl Agent {
                 return Ok(info);
             }
         }
-        if last.started_unix_ms == 0 {
-            // Known by id only, and its VMM cannot say more yet.
+        if last.started_unix_ms == 0 && last.status == MigrationStatus::Running {
+            // Known by id only, and its VMM cannot say more yet. (One whose VMM died first
+            // is answered: failed, orphaned, with why.)
             return Err(not_found());
         }
         Ok(last)

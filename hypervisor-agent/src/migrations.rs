@@ -153,6 +153,7 @@ impl MigrationBook {
         info.status = MigrationStatus::Failed;
         info.error = Some(why.to_owned());
         info.outcome = Some("vm".to_owned());
+        info.orphaned = true;
         let _ = std::fs::create_dir_all(&self.dir);
         if let Ok(bytes) = serde_json::to_vec_pretty(&info) {
             let _ = std::fs::write(self.dir.join(format!("{id}.json")), bytes);
@@ -221,6 +222,7 @@ fn placeholder(id: &str, vm: &str) -> MigrationInfo {
         error: None,
         switched_to_postcopy: false,
         postcopy_pauses: 0,
+        orphaned: false,
         started_unix_ms: 0,
         setup_ms: 0.0,
         total_ms: 0.0,

@@ -66,6 +66,7 @@ impl Progress {
                 error: None,
                 switched_to_postcopy: false,
                 postcopy_pauses: 0,
+                orphaned: false,
                 started_unix_ms,
                 setup_ms: 0.0,
                 total_ms: 0.0,

@@ -33,6 +33,12 @@ pub fn decide(record: Option<&MigrationInfo>, vm: Option<&VmInfo>) -> Resolution
             Resolution::Unknown("the migration still runs on the target".into())
         }
         MigrationStatus::Completed => Resolution::TargetRuns,
+        // Its VMM died before it said how far it got: it may have started the VM (and died
+        // with it), so the phase proves nothing.
+        MigrationStatus::Failed if record.orphaned => Resolution::Split(format!(
+            "the target's VMM process died during the migration, before it recorded whether it              had started the VM ({})",
+            record.error.as_deref().unwrap_or("no reason recorded")
+        )),
         MigrationStatus::Failed | MigrationStatus::Cancelled => {
             // The target's record moves past pre-copy only when it starts the VM.
             if matches!(
@@ -149,6 +155,14 @@ mod tests {
             Resolution::Split(why) if why.contains("post-copy migration failed")
         ));
         assert!(matches!(decide(Some(&started), None), Resolution::Split(_)));
+        // A record its agent ended when the VMM died: its phase is stale, nothing is proved.
+        let mut orphan = record(S::Failed, P::Setup);
+        orphan.orphaned = true;
+        orphan.error = Some("The VM's VMM process died: killed by signal 9".into());
+        assert!(matches!(
+            decide(Some(&orphan), None),
+            Resolution::Split(why) if why.contains("signal 9")
+        ));
         assert_eq!(
             decide(Some(&record(S::Completed, P::Done)), None),
             Resolution::TargetRuns

@@ -17,6 +17,7 @@ fn info(vm: &str, mode: MigrationMode, phase: MigrationPhase) -> MigrationInfo {
         error: None,
         switched_to_postcopy: false,
         postcopy_pauses: 0,
+        orphaned: false,
         started_unix_ms: 0,
         setup_ms: 1.0,
         total_ms: 1500.0,
