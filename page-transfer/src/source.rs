@@ -129,20 +129,11 @@ pub fn migrate(
     progress.update(|i| i.memory_bytes = map.total_pages() * PAGE);
     progress.set_remaining_pages(map.total_pages());
 
-    let mut streams = transport::connect(
-        addr,
-        cfg.migration_id,
-        cfg.channels,
-        cfg.connect_timeout,
-        &cfg.security,
-    )?;
-    progress.update(|i| i.encrypted = streams.iter().all(Channel::is_tls));
-    let bulk = streams.split_off(FIRST_BULK as usize);
-    let urgent = streams.pop().ok_or(MigrationError::NoChannel("urgent"))?;
-    let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
-
+    let mut connections = Connections::open(addr, cfg)?;
+    progress.update(|i| i.encrypted = connections.all().all(Channel::is_tls));
+    let control = &mut connections.control;
     write_message(
-        &mut control,
+        control,
         &Message::Setup {
             mode: mode_code(cfg.mode),
             verify: cfg.verify,
@@ -151,7 +142,7 @@ pub fn migrate(
         },
     )
     .map_err(MigrationError::channel(CONTROL))?;
-    match read_message(&mut control).map_err(MigrationError::channel(CONTROL))? {
+    match read_message(control).map_err(MigrationError::channel(CONTROL))? {
         Message::SetupAck => {}
         Message::Error { message } | Message::Abort { reason: message } => {
             return Err(MigrationError::Remote(message))
@@ -166,11 +157,6 @@ pub fn migrate(
     // Post-copy sends no switchover digest: nothing to fold.
     let sent = (cfg.verify && cfg.mode != MigrationMode::Postcopy)
         .then(|| PageDigests::new(map.total_pages()));
-    let connections = Connections {
-        control,
-        urgent,
-        bulk,
-    };
     drive(
         vm,
         cfg,
@@ -198,22 +184,14 @@ pub fn resume_postcopy(
     cancel: &AtomicBool,
 ) -> Result<(), MigrationError> {
     let map = PageMap::new(vm.regions());
-    let mut streams = transport::connect(
-        addr,
-        cfg.migration_id,
-        cfg.channels,
-        cfg.connect_timeout,
-        &cfg.security,
-    )?;
-    let bulk = streams.split_off(FIRST_BULK as usize);
-    let urgent = streams.pop().ok_or(MigrationError::NoChannel("urgent"))?;
-    let mut control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
-    write_message(&mut control, &Message::Resume).map_err(MigrationError::channel(CONTROL))?;
+    let mut connections = Connections::open(addr, cfg)?;
+    let control = &mut connections.control;
+    write_message(control, &Message::Resume).map_err(MigrationError::channel(CONTROL))?;
     let mut missing = (0..map.regions().len())
         .map(|i| PageBitmap::full(map.pages(i)))
         .collect::<Vec<_>>();
     loop {
-        match read_message(&mut control).map_err(MigrationError::channel(CONTROL))? {
+        match read_message(control).map_err(MigrationError::channel(CONTROL))? {
             Message::Present { last, runs } => {
                 for (gpa, pages) in runs {
                     let Some((region, first)) = map.locate(gpa) else {
@@ -243,11 +221,6 @@ pub fn resume_postcopy(
         i.phase = MigrationPhase::Postcopy;
         i.error = None;
     });
-    let connections = Connections {
-        control,
-        urgent,
-        bulk,
-    };
     drive(
         vm,
         cfg,
@@ -268,6 +241,33 @@ struct Connections {
     bulk: Vec<Channel>,
 }
 
+impl Connections {
+    /// Opens, secures and handshakes every channel to the target at `addr`.
+    fn open(addr: &str, cfg: &SourceConfig) -> Result<Connections, MigrationError> {
+        let mut streams = transport::connect(
+            addr,
+            cfg.migration_id,
+            cfg.channels,
+            cfg.connect_timeout,
+            &cfg.security,
+        )?;
+        let bulk = streams.split_off(FIRST_BULK as usize);
+        let urgent = streams.pop().ok_or(MigrationError::NoChannel("urgent"))?;
+        let control = streams.pop().ok_or(MigrationError::NoChannel("control"))?;
+        Ok(Connections {
+            control,
+            urgent,
+            bulk,
+        })
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Channel> {
+        std::iter::once(&self.control)
+            .chain([&self.urgent])
+            .chain(&self.bulk)
+    }
+}
+
 /// Runs `body` over `connections` with the keepalive and control reader threads around it,
 /// then recovers from its failure (see [`Source::recover`]) and closes the connections.
 #[allow(clippy::too_many_arguments)]
@@ -282,17 +282,17 @@ fn drive(
     switched: bool,
     body: impl FnOnce(&mut Source) -> Result<(), MigrationError>,
 ) -> Result<(), MigrationError> {
+    // From here on the target sends a keepalive every second: silence for the peer timeout
+    // means it or the link is gone. A write that makes no progress for as long fails too.
+    let _ = connections.control.set_read_timeout(Some(cfg.peer_timeout));
+    for s in connections.all() {
+        let _ = s.set_write_timeout(Some(cfg.peer_timeout));
+    }
     let Connections {
         control,
         urgent,
         bulk,
     } = connections;
-    // From here on the target sends a keepalive every second: silence for the peer timeout
-    // means it or the link is gone. A write that makes no progress for as long fails too.
-    let _ = control.set_read_timeout(Some(cfg.peer_timeout));
-    for s in std::iter::once(&control).chain([&urgent]).chain(&bulk) {
-        let _ = s.set_write_timeout(Some(cfg.peer_timeout));
-    }
     let control = Arc::new(Mutex::new(control));
     let keepalive_stop = Arc::new(AtomicBool::new(false));
     let keepalive = {

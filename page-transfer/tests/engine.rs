@@ -1006,9 +1006,9 @@ fn hand_source_until(
     got
 }
 
-/// The target receives `pages` pages, the state and a switchover from a hand source that
-/// closes everything right after it (`hang_up`); returns the target's result and its VM.
-fn target_of_a_vanishing_source(pages: u64) -> (Result<(), MigrationError>, Arc<MemTarget>) {
+/// A target receiving migration `id` in the background (for a hand source): its address,
+/// its factory (which holds the VM it made) and its thread.
+fn spawn_target(id: [u8; 16]) -> (String, Arc<Factory>, JoinHandle<Result<(), MigrationError>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let factory = Arc::new(Factory {
@@ -1016,60 +1016,6 @@ fn target_of_a_vanishing_source(pages: u64) -> (Result<(), MigrationError>, Arc<
         refuse: None,
     });
     let f = factory.clone();
-    let id = *b"0a1b2c3d4e5f6a7b";
-    let target = std::thread::spawn(move || {
-        let progress = Arc::new(Progress::new(
-            "m",
-            "vm",
-            "a",
-            "b",
-            MigrationMode::StopAndCopy,
-            0,
-        ));
-        receive(
-            &listener,
-            id,
-            &*f,
-            progress,
-            &ReceiveOptions {
-                accept_timeout: Duration::from_secs(10),
-                security: &ServerSecurity::Plain,
-                peer_timeout: Duration::from_secs(3),
-                give_up: &|| None,
-            },
-        )
-        .map(|_| ())
-    });
-    hand_source_until(&addr, id, pages, "", true);
-    let result = target.join().unwrap();
-    let vm = factory.made.lock().unwrap().clone().unwrap();
-    (result, vm)
-}
-
-/// A stop-and-copy target that has every page, the state and the switchover when its source
-/// dies runs the VM: the data channels closing cleanly after their last marker is not a
-/// failure (it used to be, and the VM, whole, was thrown away).
-#[test]
-fn a_target_with_everything_runs_the_vm_when_its_source_dies_after_the_switchover() {
-    for _ in 0..20 {
-        let (result, vm) = target_of_a_vanishing_source(64);
-        assert!(vm.started.load(Ordering::Acquire), "{result:?}");
-        assert!(!vm.aborted.load(Ordering::Acquire), "{result:?}");
-        // It cannot tell the source, nor hear AllSent: its record ends failed, the VM runs.
-        assert!(result.is_err());
-    }
-}
-
-#[test]
-fn a_target_whose_memory_does_not_match_the_sources_digest_never_starts_the_vm() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let factory = Arc::new(Factory {
-        made: Mutex::new(None),
-        refuse: None,
-    });
-    let f = factory.clone();
-    let id = *b"fedcba9876543210";
     let target = std::thread::spawn(move || {
         let progress = Arc::new(Progress::new(
             "m",
@@ -1093,6 +1039,38 @@ fn a_target_whose_memory_does_not_match_the_sources_digest_never_starts_the_vm()
         )
         .map(|_| ())
     });
+    (addr, factory, target)
+}
+
+/// The target receives `pages` pages, the state and a switchover from a hand source that
+/// closes everything right after it (`hang_up`); returns the target's result and its VM.
+fn target_of_a_vanishing_source(pages: u64) -> (Result<(), MigrationError>, Arc<MemTarget>) {
+    let id = *b"0a1b2c3d4e5f6a7b";
+    let (addr, factory, target) = spawn_target(id);
+    hand_source_until(&addr, id, pages, "", true);
+    let result = target.join().unwrap();
+    let vm = factory.made.lock().unwrap().clone().unwrap();
+    (result, vm)
+}
+
+/// A stop-and-copy target that has every page, the state and the switchover when its source
+/// dies runs the VM: the data channels closing cleanly after their last marker is not a
+/// failure (it used to be, and the VM, whole, was thrown away).
+#[test]
+fn a_target_with_everything_runs_the_vm_when_its_source_dies_after_the_switchover() {
+    for _ in 0..20 {
+        let (result, vm) = target_of_a_vanishing_source(64);
+        assert!(vm.started.load(Ordering::Acquire), "{result:?}");
+        assert!(!vm.aborted.load(Ordering::Acquire), "{result:?}");
+        // It cannot tell the source, nor hear AllSent: its record ends failed, the VM runs.
+        assert!(result.is_err());
+    }
+}
+
+#[test]
+fn a_target_whose_memory_does_not_match_the_sources_digest_never_starts_the_vm() {
+    let id = *b"fedcba9876543210";
+    let (addr, factory, target) = spawn_target(id);
     let got = hand_source(&addr, id, 4, "xxh3-blake3:not-the-digest-of-these-pages");
     let result = target.join().unwrap();
     let vm = factory.made.lock().unwrap().clone().unwrap();
