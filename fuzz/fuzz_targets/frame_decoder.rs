@@ -13,20 +13,26 @@
 //! - `PagesView` accepts exactly the batches `Message::decode` accepts, and `PagesWriter`
 //!   rebuilds the frame `Message::encode` makes;
 //! - a decoded page is a whole page, and a zstd page survives re-encoding;
-//! - a gpa the Setup's map places maps back to itself;
+//! - a gpa the Setup's map places maps back to itself, and so does its global page index;
+//! - a Present answer (resuming a post-copy) clears, from the source's record of missing
+//!   pages, the pages of its runs that are guest memory and no others;
 //! - a negotiated version is one both sides speak.
 #![no_main]
 
 use std::cell::RefCell;
 
 use libfuzzer_sys::fuzz_target;
-use page_transfer::bitmap::PageMap;
+use page_transfer::bitmap::{PageBitmap, PageMap};
 use page_transfer::codec::{Compression, PageDecoder, PageEncoder};
 use page_transfer::protocol::{
     negotiate, read_frame, read_message, Command, FrameHeader, Message, PageKind, PagesView,
     PagesWriter, HEADER_LEN, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use page_transfer::vm::Region;
+
+/// Largest Setup (in pages) whose Present answers are followed through a bitmap of missing
+/// pages: the source makes one of its own memory, the peer's Setup could ask for petabytes.
+const MAX_BITMAP_PAGES: u64 = 1 << 20;
 
 struct Codec {
     decoder: PageDecoder,
@@ -92,6 +98,13 @@ fn receive(stream: &[u8], codec: &mut Codec) {
                         .map(|(gpa, size)| Region { gpa, size })
                         .collect(),
                 ));
+            }
+            Message::Present { runs, .. } => {
+                if let Some(map) = map.as_ref() {
+                    if map.total_pages() <= MAX_BITMAP_PAGES {
+                        present(map, &runs);
+                    }
+                }
             }
             Message::Hello {
                 version,
@@ -163,7 +176,29 @@ fn pages(view: PagesView<'_>, map: Option<&PageMap>, codec: &mut Codec) {
         if let Some((region, index)) = map.locate(gpa) {
             assert!(index < map.pages(region));
             assert_eq!(map.gpa(region, index), gpa, "gpa {gpa:#x} maps elsewhere");
-            assert!(map.global(region, index) < map.total_pages());
+            let global = map.global(region, index);
+            assert!(global < map.total_pages());
+            assert_eq!(map.from_global(global), (region, index));
         }
+    }
+}
+
+/// What the source does with a Present answer (page-transfer/src/source.rs): each run clears
+/// its pages, up to the end of the region it starts in, from the bitmap of missing pages.
+fn present(map: &PageMap, runs: &[(u64, u32)]) {
+    let mut missing: Vec<PageBitmap> = (0..map.regions().len())
+        .map(|i| PageBitmap::full(map.pages(i)))
+        .collect();
+    for &(gpa, pages) in runs {
+        // The source fails the resume on a run outside memory; the others still count here.
+        let Some((region, first)) = map.locate(gpa) else {
+            continue;
+        };
+        let n = u64::from(pages).min(map.pages(region) - first);
+        let before = missing[region].count();
+        missing[region].clear_range(first, n);
+        let cleared = before - missing[region].count();
+        assert!(cleared <= n, "{cleared} pages cleared by a run of {n}");
+        assert!(!missing[region].get(first) && !missing[region].get(first + n - 1));
     }
 }

@@ -87,6 +87,11 @@ pub fn frame_decoder() -> Vec<Seed> {
         },
         Message::Resumed,
         Message::Keepalive,
+        Message::Resume,
+        Message::Present {
+            last: true,
+            runs: vec![(0, 4), (1 << 20, 1)],
+        },
         Message::PageRequest {
             gpa: 0x4000,
             pages: 2,
