@@ -55,10 +55,9 @@ pub struct Step {
 }
 
 impl Step {
-    /// The `n`th migration of a soak (from 0): the modes in turn, compression on for four
-    /// migrations and off for the next four (so every mode runs with both), and every seventh
-    /// capped at 100 MiB/s (7 is prime to 8, so the cap falls on every mode and both
-    /// compressions in turn).
+    /// A VM's `n`th move (from 0): the modes in turn, compression on for four moves and off
+    /// for the next four (so every mode runs with both), and every fifth capped at 100 MiB/s
+    /// (5 is prime to 8, so the cap falls on every mode and both compressions in turn).
     pub fn nth(n: usize) -> Step {
         Step {
             mode: MODES[n % MODES.len()],
@@ -67,7 +66,7 @@ impl Step {
             } else {
                 CompressMode::None
             },
-            bandwidth_mib_s: (n % 7 == 6).then_some(100.0),
+            bandwidth_mib_s: (n % 5 == 4).then_some(100.0),
         }
     }
 }
@@ -396,8 +395,9 @@ impl Started<'_> {
 
 /// Moves the VMs named in `vms` (all running on `hosts[0]`) back and forth between the two
 /// hosts, `migrations` times in all: migration `n` moves VM `n % vms.len()` to the other host
-/// as [`Step::nth`] says, and is checked before the next starts. `each` sees every record as it
-/// passes. Stops at the first violation.
+/// as [`Step::nth`] says for that VM's own count of moves (so each VM goes through every
+/// mode, whatever the number of VMs), and is checked before the next starts. `each` sees
+/// every record as it passes. Stops at the first violation.
 pub fn run(
     hosts: [Host<'_>; 2],
     vms: &[String],
@@ -414,7 +414,7 @@ pub fn run(
             vm: vms[k].clone(),
             src,
             dst,
-            step: Step::nth(n),
+            step: Step::nth(n / vms.len()),
         }
         .start()?
         .check()?;
