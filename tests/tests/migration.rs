@@ -63,8 +63,16 @@ fn migrate_and_check(src: &Agent, dst: &Agent, name: &str, body: Value) -> Migra
             .unwrap();
         assert_eq!(after.guest.verify_errors, 0, "{after:?}");
     }
-    // The target's own record of the migration completed too.
-    let theirs: MigrationInfo = dst.get(&format!("/v1/migrations/{id}")).unwrap();
+    // The target's own record of the migration completed too (it is marked so just after the
+    // target sent its Done, so it may trail the source's by a moment on a busy machine).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let theirs = loop {
+        let theirs: MigrationInfo = dst.get(&format!("/v1/migrations/{id}")).unwrap();
+        if theirs.status != MigrationStatus::Running || Instant::now() > deadline {
+            break theirs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(theirs.status, MigrationStatus::Completed, "{theirs:?}");
     info
 }
