@@ -743,6 +743,20 @@ thread_local! {
     static NOISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// An uncompressed post-copy config with `fault` on the first bulk channel of every set of
+/// connections, and the same config without it (for a resume that gets through).
+fn postcopy_with_bulk_fault(fault: Fault) -> (SourceConfig, SourceConfig) {
+    let mut cfg = config(MigrationMode::Postcopy);
+    cfg.compression = Compression::None;
+    let clean = cfg.clone();
+    cfg.security = ClientSecurity::Faulty {
+        inner: Box::new(ClientSecurity::Plain),
+        channel: page_transfer::transport::FIRST_BULK,
+        fault,
+    };
+    (cfg, clean)
+}
+
 /// A `mode` migration of 8192 pages, uncompressed (so offsets are guest bytes), with `fault`
 /// injected into the source's first bulk channel (plain TCP underneath) and a guest writing
 /// `guest_per_ms` pages a millisecond.
@@ -887,14 +901,7 @@ fn a_flipped_byte_on_the_wire_never_reaches_guest_memory() {
     assert!(target.aborted.load(Ordering::Acquire));
     assert_no_damaged_page_installed(&r);
     // A source that resumes gets the migration through: the damaged page is sent again.
-    let mut cfg = config(MigrationMode::Postcopy);
-    cfg.compression = Compression::None;
-    let clean = cfg.clone();
-    cfg.security = ClientSecurity::Faulty {
-        inner: Box::new(ClientSecurity::Plain),
-        channel: page_transfer::transport::FIRST_BULK,
-        fault: Fault::Corrupt { at: 300 << 10 },
-    };
+    let (cfg, clean) = postcopy_with_bulk_fault(Fault::Corrupt { at: 300 << 10 });
     let r = run_resuming(8192, 0, cfg, None, None, ServerSecurity::Plain, vec![clean]);
     assert_identical(&r);
     assert_eq!(r.target_info.postcopy_pauses, 1);
@@ -906,14 +913,7 @@ fn a_flipped_byte_on_the_wire_never_reaches_guest_memory() {
 /// set of connections completes it with every page identical.
 #[test]
 fn a_postcopy_whose_link_resets_three_times_resumes_and_completes() {
-    let mut cfg = config(MigrationMode::Postcopy);
-    cfg.compression = Compression::None;
-    let clean = cfg.clone();
-    cfg.security = ClientSecurity::Faulty {
-        inner: Box::new(ClientSecurity::Plain),
-        channel: page_transfer::transport::FIRST_BULK,
-        fault: Fault::Reset { after: 2 << 20 },
-    };
+    let (cfg, clean) = postcopy_with_bulk_fault(Fault::Reset { after: 2 << 20 });
     let resumes = vec![cfg.clone(), cfg.clone(), clean];
     let r = run_resuming(8192, 0, cfg, None, None, ServerSecurity::Plain, resumes);
     assert_identical(&r);

@@ -971,6 +971,14 @@ impl PausedPostcopy<'_> {
     }
 }
 
+/// How the API spells an enum value (`failed`, `postcopy-paused`).
+fn api_name(v: impl Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// A paused post-copy's `error`: why, and what happens next.
 fn paused_text(why: &MigrationError, deadline: Instant) -> String {
     let left = deadline.saturating_duration_since(Instant::now()).as_secs();
@@ -1014,10 +1022,7 @@ fn source_gone(
     (info.status != MigrationStatus::Running).then(|| {
         format!(
             "the source's agent says the migration is {}{}",
-            serde_json::to_value(info.status)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            api_name(info.status),
             info.error.map(|e| format!(": {e}")).unwrap_or_default()
         )
     })
@@ -1217,10 +1222,7 @@ impl Migrations {
         if info.phase != MigrationPhase::PostcopyPaused {
             return refuse(format!(
                 "it is not paused (phase {}); only a post-copy whose connections failed is",
-                serde_json::to_value(info.phase)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
+                api_name(info.phase)
             ));
         }
         record.resume.store(true, Ordering::Release);
